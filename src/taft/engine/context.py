@@ -1,0 +1,125 @@
+"""State of one tangent forward: the parameters (w0, Δw), the backward mode, and rule dispatch."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from taft.engine.dual import Dual
+from taft.engine.registry import find_rule
+
+
+class TangentContext:
+    """Carries w0 and Δw through one forward and dispatches modules to their rules.
+
+    ``params`` maps every parameter name the forward may touch to its value at w0; ``deltas`` maps the
+    linearized names to Δw. Two backward modes:
+
+    * ``vjp=True`` (training default): the tangent is computed under ``no_grad`` and the primal uses
+      ``w0 + (Δw − sg(Δw))`` — equal to w0 in value, so the output is still f(w0) + J·Δw, but autograd sees
+      the plain network at w0 and the gradient wrt Δw is its vector-Jacobian product Jᵀg. Memory is that of
+      ordinary fine-tuning; nothing of the tangent pass is kept for backward.
+    * ``vjp=False``: autograd differentiates through the tangent pass itself (the reference).
+    """
+
+    def __init__(
+        self,
+        params: Mapping[str, Tensor],
+        deltas: Mapping[str, Tensor],
+        *,
+        vjp: bool = True,
+        force_fallback: bool = False,
+    ) -> None:
+        self.params = params
+        self.deltas = deltas
+        self.vjp = vjp
+        self.force_fallback = force_fallback
+        self.fallback_modules: list[str] = []
+        self._straight_through = vjp and torch.is_grad_enabled()
+        self._cache: dict[str, Dual] = {}
+
+    # -- parameters -----------------------------------------------------------------------------------
+    def param(self, name: str) -> Dual:
+        """(primal, tangent) of parameter ``name``; tangent ``None`` when it is not linearized."""
+        hit = self._cache.get(name)
+        if hit is not None:
+            return hit
+        try:
+            w0 = self.params[name]
+        except KeyError:
+            raise KeyError(f"TangentContext.param: no parameter named {name!r}") from None
+        delta = self.deltas.get(name)
+        if delta is None:
+            out = Dual(w0, None)
+        elif self._straight_through:
+            out = Dual(w0 + (delta - delta.detach()), delta.detach())
+        elif self.vjp:
+            out = Dual(w0, delta.detach())
+        else:
+            out = Dual(w0, delta)
+        self._cache[name] = out
+        return out
+
+    def maybe_param(self, name: str) -> Dual | None:
+        return self.param(name) if name in self.params else None
+
+    def names_under(self, prefix: str) -> list[str]:
+        if not prefix:
+            return list(self.params)
+        p = prefix + "."
+        return [k for k in self.params if k.startswith(p)]
+
+    def linearized_under(self, prefix: str) -> bool:
+        if not prefix:
+            return bool(self.deltas)
+        p = prefix + "."
+        return any(k.startswith(p) for k in self.deltas)
+
+    @contextlib.contextmanager
+    def tangent_mode(self) -> Iterator[None]:
+        """Wrap tangent arithmetic: in vjp mode it must not enter the autograd graph."""
+        if self.vjp:
+            with torch.no_grad():
+                yield
+        else:
+            yield
+
+    # -- dispatch -------------------------------------------------------------------------------------
+    def call(self, module: nn.Module, name: str, *args, **kwargs) -> Dual:
+        """Run ``module`` (qualified name ``name``) on Dual inputs and return a Dual.
+
+        Modules with no tangent coming in and no linearized parameter inside run as the plain model."""
+        entry = find_rule(module)
+        has_tangent = any(isinstance(a, Dual) and a.tangent is not None for a in (*args, *kwargs.values()))
+        if not has_tangent and not self.linearized_under(name):
+            return Dual(self._plain(module, name, entry, args, kwargs), None)
+        if entry is None or self.force_fallback:
+            from taft.engine.fallback import jvp_fallback
+
+            self.fallback_modules.append(name)
+            return jvp_fallback(self, module, name, entry, args, kwargs)
+        return entry.fn(self, module, name, *args, **kwargs)
+
+    def _plain(self, module, name, entry, args, kwargs) -> Tensor:
+        prim_args = [a.primal if isinstance(a, Dual) else a for a in args]
+        prim_kwargs = {k: (v.primal if isinstance(v, Dual) else v) for k, v in kwargs.items()}
+        local = {k[len(name) + 1 :] if name else k: self.params[k] for k in self.names_under(name)}
+        with torch.no_grad():
+            out = torch.func.functional_call(module, local, tuple(prim_args), prim_kwargs, strict=False)
+        return primary_output(out, entry)
+
+
+def primary_output(out, entry=None) -> Tensor:
+    """The one tensor a module call stands for (first element of HF tuples / ModelOutputs)."""
+    if entry is not None and entry.plain_output is not None:
+        return entry.plain_output(out)
+    if isinstance(out, Tensor):
+        return out
+    if isinstance(out, Mapping):
+        return next(iter(out.values()))
+    if isinstance(out, tuple | list):
+        return out[0]
+    raise TypeError(f"cannot take a tensor output from {type(out).__name__}")

@@ -1,0 +1,46 @@
+"""Generic tangent for modules without a closed-form rule: ``torch.func.jvp`` over ``functional_call``.
+
+PyTorch's fused SDPA kernels have no forward-mode derivative, so the fallback runs attention through the math
+backend (same values up to rounding, and exact derivatives).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from taft.engine.context import TangentContext, primary_output
+from taft.engine.dual import Dual
+
+
+def jvp_fallback(ctx: TangentContext, module, name: str, entry, args, kwargs) -> Dual:
+    strip = len(name) + 1 if name else 0
+    fixed, lin_p, lin_t = {}, {}, {}
+    for full in ctx.names_under(name):
+        d = ctx.param(full)
+        if d.tangent is None:
+            fixed[full[strip:]] = d.primal
+        else:
+            lin_p[full[strip:]], lin_t[full[strip:]] = d.primal, d.tangent
+
+    slots = [(i, a) for i, a in enumerate(args) if isinstance(a, Dual) and a.tangent is not None]
+    kslots = [(k, v) for k, v in kwargs.items() if isinstance(v, Dual) and v.tangent is not None]
+    base_args = [a.primal if isinstance(a, Dual) else a for a in args]
+    base_kwargs = {k: (v.primal if isinstance(v, Dual) else v) for k, v in kwargs.items()}
+
+    def f(lin_params, *xs):
+        a, kw = list(base_args), dict(base_kwargs)
+        for (i, _), x in zip(slots, xs[: len(slots)], strict=True):
+            a[i] = x
+        for (k, _), x in zip(kslots, xs[len(slots) :], strict=True):
+            kw[k] = x
+        out = torch.func.functional_call(module, {**fixed, **lin_params}, tuple(a), kw, strict=False)
+        return primary_output(out, entry)
+
+    primals = (lin_p, *(d.primal for _, d in slots), *(d.primal for _, d in kslots))
+    tangents = (lin_t, *(d.tangent for _, d in slots), *(d.tangent for _, d in kslots))
+    with sdpa_kernel(SDPBackend.MATH):
+        y, ty = torch.func.jvp(f, primals, tangents)
+    if ctx.vjp:
+        ty = ty.detach()
+    return Dual(y, ty)

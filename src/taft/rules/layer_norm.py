@@ -1,0 +1,45 @@
+"""LayerNorm over the last dimension.
+
+``x̂ = (x − μ)/σ``, ``σ = √(var(x) + ε)``, ``y = γ·x̂ + β``;
+``ẏ = γ/σ·(ẋ − mean(ẋ) − x̂·mean(x̂·ẋ)) + γ̇·x̂ + β̇``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from taft.engine.dual import Dual, add_tangents
+from taft.engine.registry import register_rule
+
+
+def layer_norm_dual(ctx, x: Dual, gamma: Dual | None, beta: Dual | None, eps: float) -> Dual:
+    xp = x.primal
+    mu = xp.mean(-1, keepdim=True)  # (..., 1)
+    xc = xp - mu
+    rstd = torch.rsqrt(xc.pow(2).mean(-1, keepdim=True) + eps)  # (..., 1)
+    xhat = xc * rstd  # (..., D)
+    y = xhat
+    if gamma is not None:
+        y = y * gamma.primal
+    if beta is not None:
+        y = y + beta.primal
+    with ctx.tangent_mode():
+        t_x = None
+        if x.tangent is not None:
+            dx = x.tangent
+            dxhat = rstd * (dx - dx.mean(-1, keepdim=True) - xhat * (xhat * dx).mean(-1, keepdim=True))
+            t_x = dxhat if gamma is None else dxhat * gamma.primal
+        t_g = None if gamma is None or gamma.tangent is None else xhat * gamma.tangent
+        t_b = None if beta is None or beta.tangent is None else beta.tangent.expand(y.shape)
+        t = add_tangents(t_x, t_g, t_b)
+    return Dual(y, t)
+
+
+@register_rule(nn.LayerNorm)
+def layer_norm_rule(ctx, module: nn.LayerNorm, name: str, x: Dual) -> Dual:
+    if len(module.normalized_shape) != 1:
+        raise NotImplementedError("layer_norm rule: only normalization over the last dimension")
+    gamma = ctx.param(f"{name}.weight") if module.weight is not None else None
+    beta = ctx.param(f"{name}.bias") if module.bias is not None else None
+    return layer_norm_dual(ctx, x, gamma, beta, module.eps)

@@ -1,0 +1,105 @@
+"""Which parameters are linearized: presets plus peft-style patterns.
+
+A scope is written as a comma-separated list, e.g. ``"last:1"``, ``"attn"``, ``"head"``, ``"all"``,
+``"re:.*\\.bias"`` (regex, full match), ``"LayerNorm.weight"`` (name suffix), and ``"!pattern"`` to exclude.
+The union of presets and include patterns, minus excludes, is linearized.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+
+from taft.engine.family import Family
+
+PRESETS = ("all", "last", "attn", "head")
+
+
+class ScopeError(ValueError):
+    pass
+
+
+@dataclass
+class Scope:
+    presets: list[str] = field(default_factory=list, metadata={"help": "all | last[:k] | attn | head"})
+    include: list[str] = field(default_factory=list, metadata={"help": "regex (re:...) or name suffix"})
+    exclude: list[str] = field(default_factory=list, metadata={"help": "patterns removed from the scope"})
+
+    @classmethod
+    def parse(cls, spec: str | Scope) -> Scope:
+        if isinstance(spec, Scope):
+            return spec
+        out = cls()
+        for raw in (s.strip() for s in spec.split(",")):
+            if not raw:
+                continue
+            if raw.startswith("!"):
+                out.exclude.append(raw[1:])
+            elif raw.split(":")[0] in PRESETS and not raw.startswith("re:"):
+                out.presets.append(raw)
+            else:
+                out.include.append(raw)
+        if not (out.presets or out.include):
+            raise ScopeError(f"scope {spec!r}: names nothing to linearize; use one of {PRESETS} or a pattern")
+        return out
+
+    def __str__(self) -> str:
+        return ",".join([*self.presets, *self.include, *(f"!{e}" for e in self.exclude)])
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _matcher(pattern: str):
+    if pattern.startswith("re:"):
+        rx = re.compile(pattern[3:])
+        return lambda n: rx.fullmatch(n) is not None
+    return lambda n: n == pattern or n.endswith("." + pattern)
+
+
+def _under(name: str, prefixes) -> bool:
+    return any(p == "" or name == p or name.startswith(p + ".") for p in prefixes)
+
+
+def resolve_scope(scope: Scope, family: Family, names: list[str]) -> list[str]:
+    """Linearized parameter names, in model order. ``names`` are the parameters that reach the output."""
+    chosen: set[str] = set()
+    stages = family.stages()
+    for preset in scope.presets:
+        kind, _, arg = preset.partition(":")
+        if kind == "all":
+            chosen.update(names)
+        elif kind == "last":
+            k = int(arg) if arg else 1
+            blocks = [s for s in stages if s.block]
+            if not blocks:
+                raise ScopeError(f"scope 'last:{k}': {family.arch} models have no known blocks; use patterns")
+            if not 1 <= k <= len(blocks):
+                raise ScopeError(f"scope 'last:{k}': k must be in 1..{len(blocks)} for this model")
+            prefixes = [p for s in blocks[-k:] for p in s.prefixes] + family.head_prefixes()
+            chosen.update(n for n in names if _under(n, prefixes))
+        elif kind == "attn":
+            w = family.attn_linear_weights()
+            if not w:
+                raise ScopeError(f"scope 'attn': no attention weights known for {family.arch}; use patterns")
+            chosen.update(w)
+        elif kind == "head":
+            heads = family.head_prefixes()
+            if not heads:
+                raise ScopeError(f"scope 'head': {family.arch} model has no head; wrap it in a classifier")
+            chosen.update(n for n in names if _under(n, heads))
+    for pat in scope.include:
+        hit = [n for n in names if _matcher(pat)(n)]
+        if not hit:
+            raise ScopeError(
+                f"scope pattern {pat!r} matches no parameter. Available names:\n  " + "\n  ".join(names)
+            )
+        chosen.update(hit)
+    for pat in scope.exclude:
+        m = _matcher(pat)
+        if not any(m(n) for n in names):
+            raise ScopeError(f"scope exclusion {pat!r} matches no parameter. Available names:\n  " + "\n  ".join(names))
+        chosen = {n for n in chosen if not m(n)}
+    if not chosen:
+        raise ScopeError(f"scope {scope}: selects no parameter after exclusions")
+    return [n for n in names if n in chosen]

@@ -1,0 +1,213 @@
+"""``TangentModel``: the first-order Taylor expansion of a pretrained model around w0.
+
+``f_lin(x; w0 + Δw) = f(x; w0) + J(x; w0)·Δw``, computed in one forward pass of closed-form rules.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor, nn
+
+import taft.rules  # noqa: F401  (registers the closed-form rules)
+from taft.engine.context import TangentContext
+from taft.engine.dual import Dual
+from taft.engine.family import Family, State, family_for
+from taft.scope import Scope, ScopeError, resolve_scope
+
+CLS_NAME = "taft.cls"
+
+
+def _key(name: str) -> str:
+    # ParameterDict keys cannot contain '.'; ':' never occurs in torch parameter names.
+    return name.replace(".", ":")
+
+
+def _under(name: str, prefixes) -> bool:
+    return any(p == "" or name == p or name.startswith(p + ".") for p in prefixes)
+
+
+class TangentModel(nn.Module):
+    """Wrap ``model`` so that only Δw (initialized to exactly 0) is trained, in the model's tangent space.
+
+    Args:
+        model: any ``nn.Module``. Known families (HF BERT/ViT/CLIP vision, timm ViT, open_clip ViT and taft
+            classifiers around them) run closed-form rules; others run the ``torch.func.jvp`` fallback.
+            The module is never modified.
+        scope: which parameters are linearized (see :mod:`taft.scope`), e.g. ``"last:1"``, ``"attn"``.
+        reinit: re-initialize the linearized blocks (seeded) before linearizing (the paper's PT=F).
+        linearize_cls: feed a fresh, linearized CLS token into the first linearized block (CLS=T).
+        backward: ``"vjp"`` computes ∂L/∂Δw as the plain network's VJP at w0 (training memory of ordinary
+            fine-tuning); ``"tangent"`` differentiates through the tangent pass (the reference).
+        force_fallback: run every module through the ``torch.func.jvp`` fallback (the reference for tests).
+
+    Cost: one forward of the suffix that starts at the first linearized stage, about 2-3x a plain forward of
+    that suffix; stages before it run as the plain model under ``no_grad``.
+
+    >>> tm = TangentModel(bert, "last:1")                       # doctest: +SKIP
+    >>> out = tm(input_ids, attention_mask)                     # f(x; w0) + J·Δw   # doctest: +SKIP
+    >>> f0, jvp = tm.forward_parts(input_ids, attention_mask)   # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        scope: str | Scope = "all",
+        *,
+        reinit: bool = False,
+        linearize_cls: bool = False,
+        backward: str = "vjp",
+        force_fallback: bool = False,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if backward not in ("vjp", "tangent"):
+            raise ValueError(f"TangentModel(backward={backward!r}): expected 'vjp' or 'tangent'")
+        self.base = model
+        self.family: Family = family_for(model)
+        self.scope = Scope.parse(scope)
+        self.reinit = reinit
+        self.linearize_cls = linearize_cls
+        self.backward = backward
+        self.force_fallback = force_fallback
+        self.seed = seed
+        self.fallback_modules: list[str] = []
+
+        self._stages = self.family.stages()
+        all_names = [n for n, _ in model.named_parameters()]
+        used = [n for n in all_names if any(_under(n, s.prefixes) for s in self._stages)]
+        self.linearized: list[str] = resolve_scope(self.scope, self.family, used)
+        self.start = next(i for i, s in enumerate(self._stages) if any(_under(n, s.prefixes) for n in self.linearized))
+
+        w0 = self._initial_w0(model)
+        self.cls_stage: int | None = None
+        if linearize_cls:
+            blocks = [
+                i
+                for i, s in enumerate(self._stages)
+                if s.block and i >= self.start and any(_under(n, s.prefixes) for n in self.linearized)
+            ]
+            if not blocks:
+                raise ScopeError("linearize_cls=True needs at least one linearized block in the scope")
+            self.cls_stage = blocks[0]
+            w0[CLS_NAME] = self.family.cls_init().to(next(model.parameters()))
+            self.linearized.append(CLS_NAME)
+        self.w0 = nn.Module()
+        for n, t in w0.items():
+            self.w0.register_buffer(_key(n), t)
+        self.delta = nn.ParameterDict({_key(n): nn.Parameter(torch.zeros_like(w0[n])) for n in self.linearized})
+
+    def _initial_w0(self, model: nn.Module) -> dict[str, Tensor]:
+        """Frozen copies of the base values of linearized (and re-initialized) parameters."""
+        params = dict(model.named_parameters())
+        w0: dict[str, Tensor] = {}
+        if self.reinit:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self.seed)
+                for s in self._stages[self.start :]:
+                    if not s.block or not any(_under(n, s.prefixes) for n in self.linearized):
+                        continue
+                    for prefix in s.prefixes:
+                        fresh = copy.deepcopy(model.get_submodule(prefix))
+                        self.family.reinit_module(fresh)
+                        for n, p in fresh.named_parameters():
+                            w0[f"{prefix}.{n}"] = p.detach().clone()
+        for n in self.linearized:
+            w0.setdefault(n, params[n].detach().clone())
+        return w0
+
+    # -- Δw as a name -> tensor dict --------------------------------------------------------------------
+    def delta_dict(self) -> dict[str, Tensor]:
+        """Δw keyed by the original parameter names (the trainable tensors themselves, not copies)."""
+        return {n: self.delta[_key(n)] for n in self.linearized}
+
+    def w0_dict(self) -> dict[str, Tensor]:
+        return {n: getattr(self.w0, _key(n)) for n in self.linearized}
+
+    @torch.no_grad()
+    def load_delta(self, delta: Mapping[str, Tensor]) -> None:
+        """Copy ``delta`` into Δw after checking names, shapes, dtype, device and finiteness."""
+        expected, given = set(self.linearized), set(delta)
+        if expected != given:
+            missing, extra = sorted(expected - given), sorted(given - expected)
+            raise ValueError(f"load_delta: tensor names differ from the linearized scope; missing={missing} extra={extra}")
+        for n in self.linearized:
+            tgt, src = self.delta[_key(n)], delta[n]
+            if src.shape != tgt.shape:
+                raise ValueError(f"load_delta: {n!r} has shape {tuple(src.shape)}, expected {tuple(tgt.shape)}")
+            if src.dtype != tgt.dtype:
+                raise ValueError(
+                    f"load_delta: {n!r} has dtype {src.dtype}, the model is {tgt.dtype}; "
+                    f"convert one of them (tensor.to({tgt.dtype}) or model.to({src.dtype}))"
+                )
+            if src.device != tgt.device:
+                raise ValueError(f"load_delta: {n!r} is on {src.device}, the model on {tgt.device}; move it first")
+            if not torch.isfinite(src).all():
+                raise ValueError(f"load_delta: {n!r} contains NaN or inf; refusing to load it")
+        for n in self.linearized:
+            self.delta[_key(n)].copy_(delta[n])
+
+    # -- forward ----------------------------------------------------------------------------------------
+    def base_params(self) -> dict[str, Tensor]:
+        """Every parameter at w0 (re-initialized values included, the fresh CLS token too), detached."""
+        params = {n: p.detach() for n, p in self.base.named_parameters()}
+        params.update({k.replace(":", "."): t for k, t in self.w0.named_buffers(recurse=False)})
+        return params
+
+    def _context(self, with_deltas: bool = True) -> TangentContext:
+        deltas = self.delta_dict() if with_deltas else {}
+        return TangentContext(
+            self.base_params(), deltas, vjp=self.backward == "vjp", force_fallback=self.force_fallback
+        )
+
+    def prefix(self, *args, **kwargs) -> State:
+        """Run the frozen stages before the first linearized one (plain model, no grad). Cacheable."""
+        state = self.family.prepare(*args, **kwargs)
+        if self.start == 0:
+            return state
+        ctx = self._context(with_deltas=False)
+        with torch.no_grad():
+            for i in range(self.start):
+                state = self.family.run_stage(ctx, i, state)
+        return state
+
+    def suffix_parts(self, state: State) -> tuple[Tensor, Tensor]:
+        """(f(x; w0), J·Δw) from a prefix state."""
+        ctx = self._context()
+        for i in range(self.start, len(self._stages)):
+            if i == self.cls_stage:
+                state = State(self._insert_cls(ctx, state.h), state.aux)
+            state = self.family.run_stage(ctx, i, state)
+        self.fallback_modules = ctx.fallback_modules
+        out = self.family.output(state)
+        t = out.tangent if out.tangent is not None else torch.zeros_like(out.primal)
+        return out.primal, t
+
+    def _insert_cls(self, ctx: TangentContext, h: Dual) -> Dual:
+        cls = ctx.param(CLS_NAME)
+        B, _, D = h.primal.shape
+        p = torch.cat([cls.primal.expand(B, 1, D), h.primal[:, 1:]], dim=1)  # (B, T, D)
+        with ctx.tangent_mode():
+            rest = h.tangent[:, 1:] if h.tangent is not None else torch.zeros_like(h.primal[:, 1:])
+            t = torch.cat([cls.tangent.expand(B, 1, D), rest], dim=1)
+        return Dual(p, t)
+
+    def suffix(self, state: State) -> Tensor:
+        f0, t = self.suffix_parts(state)
+        return f0 + t
+
+    def forward_parts(self, *args, **kwargs) -> tuple[Tensor, Tensor]:
+        """``(f(x; w0), J(x; w0)·Δw)`` separately, in one pass."""
+        return self.suffix_parts(self.prefix(*args, **kwargs))
+
+    def forward(self, *args, **kwargs) -> Tensor:
+        f0, t = self.forward_parts(*args, **kwargs)
+        return f0 + t
+
+    def extra_repr(self) -> str:
+        return (
+            f"arch={self.family.arch}, scope={self.scope}, linearized={len(self.linearized)} tensors, "
+            f"start_stage={self._stages[self.start].name}, backward={self.backward}"
+        )
