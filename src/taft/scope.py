@@ -11,11 +11,12 @@ import re
 from dataclasses import asdict, dataclass, field
 
 from taft.engine.family import Family
+from taft.errors import TaftError
 
 PRESETS = ("all", "last", "attn", "head")
 
 
-class ScopeError(ValueError):
+class ScopeError(TaftError):
     pass
 
 

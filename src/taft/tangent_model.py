@@ -132,7 +132,7 @@ class TangentModel(nn.Module):
         expected, given = set(self.linearized), set(delta)
         if expected != given:
             missing, extra = sorted(expected - given), sorted(given - expected)
-            raise ValueError(f"load_delta: tensor names differ from the linearized scope; missing={missing} extra={extra}")
+            raise ValueError(f"load_delta: names differ from the linearized scope; missing={missing} extra={extra}")
         for n in self.linearized:
             tgt, src = self.delta[_key(n)], delta[n]
             if src.shape != tgt.shape:

@@ -39,7 +39,9 @@ def example_id(text: str, label: int, seen: dict[tuple[int, str], int], *, split
     return f"{split}:{base}" if split else base
 
 
-def resolve_selection(selection: Sequence[str] | Sequence[int] | torch.Tensor, ids: Sequence[str]) -> list[int]:
+def resolve_selection(
+    selection: Sequence[str] | Sequence[int] | torch.Tensor, ids: Sequence[str]
+) -> list[int]:
     """Turn a list of example ids *or* of integer positions into positions into ``ids``.
 
     Shared by every dataset's ``subset`` so that text and image datasets accept the same selections. A
@@ -50,13 +52,15 @@ def resolve_selection(selection: Sequence[str] | Sequence[int] | torch.Tensor, i
         index = {id_: i for i, id_ in enumerate(ids)}
         unknown = [x for x in items if x not in index]
         if unknown:
-            raise DataError(f"unknown example id(s) {unknown[:5]} ({len(unknown)} in all) in subset selection")
+            raise DataError(
+                f"unknown example id(s) {unknown[:5]} ({len(unknown)} in all) in a subset selection"
+            )
         positions = [index[x] for x in items]
     else:
         try:
             positions = [operator.index(x) for x in items]
         except TypeError as e:
-            raise DataError("a subset selection must be all example ids (str) or all integer positions") from e
+            raise DataError("a subset selection must be all ids (str) or all integer positions") from e
         bad = [p for p in positions if not 0 <= p < len(ids)]
         if bad:
             raise DataError(f"subset position(s) {bad[:5]} out of range for a dataset of {len(ids)} examples")
@@ -131,7 +135,8 @@ class TextDataset:
     def subset(self, ids_or_indices: Sequence[str] | Sequence[int] | torch.Tensor) -> TextDataset:
         """The examples picked by id or by position, in the order given; label space is kept."""
         positions = resolve_selection(ids_or_indices, self.ids)
-        return TextDataset(self.name, [self.examples[p] for p in positions], self.num_classes, self.class_names)
+        chosen = [self.examples[p] for p in positions]
+        return TextDataset(self.name, chosen, self.num_classes, self.class_names)
 
 
 class Subsettable(Protocol):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import re
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -83,30 +84,46 @@ def read_label_sentence_file(
     name: str | None = None,
     split: str | None = None,
     class_names: Sequence[str] | None = None,
+    encoding_errors: str = "replace",
 ) -> TextDataset:
     """Read ``LABEL<space>sentence`` lines (UTF-8, blank lines skipped).
 
     ``name`` and ``split`` default to the parts of ``<name>.<split>.txt``; ``num_classes`` defaults to
-    ``len(class_names)`` or ``max(label) + 1``.
+    ``len(class_names)`` or ``max(label) + 1``. Lines that are not valid UTF-8 are decoded with
+    ``encoding_errors`` (default ``"replace"``, with a warning naming the lines; ``"strict"`` raises): the
+    real ``trec.train.txt`` has one stray byte, and dropping a whole benchmark over it helps nobody.
     """
     path = check_file(path)
     default_name, default_split = infer_name_and_split(path)
     records: list[tuple[str, str, int]] = []
-    try:
-        with path.open(encoding="utf-8") as f:
-            for lineno, raw in enumerate(f, 1):
-                line = raw.strip()
-                if not line:
-                    continue
-                parts = line.split(maxsplit=1)
-                if len(parts) != 2 or not _INT.fullmatch(parts[0]):
-                    raise DataError(
-                        f"{path}: cannot parse line {lineno}: {_clip(line)!r}; expected `LABEL<space>sentence` "
-                        f"with an integer LABEL, e.g. `1 a gripping , funny film`"
-                    )
-                records.append((f"line {lineno}", parts[1], int(parts[0])))
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path} is not valid UTF-8 (byte {e.start}): {e.reason}") from e
+    undecodable: list[int] = []
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                if encoding_errors == "strict":
+                    msg = f"{path}: line {lineno} is not valid UTF-8 ({e.reason}): {raw[:120]!r}"
+                    raise DataError(msg) from e
+                line = raw.decode("utf-8", errors=encoding_errors)
+                undecodable.append(lineno)
+            line = line.removeprefix("\ufeff").strip() if lineno == 1 else line.strip()
+            if not line:
+                continue
+            parts = line.split(maxsplit=1)
+            if len(parts) != 2 or not _INT.fullmatch(parts[0]):
+                raise DataError(
+                    f"{path}: cannot parse line {lineno}: {_clip(line)!r}; "
+                    f"expected `LABEL<space>sentence` with an integer LABEL, e.g. `1 a gripping , funny film`"
+                )
+            records.append((f"line {lineno}", parts[1], int(parts[0])))
+    if undecodable:
+        warnings.warn(
+            f"{path}: {len(undecodable)} line(s) not valid UTF-8 (lines {undecodable[:5]}); invalid bytes "
+            f"decoded with errors={encoding_errors!r}",
+            UnicodeWarning,
+            stacklevel=2,
+        )
     return records_to_dataset(
         records,
         source=path,
@@ -226,7 +243,8 @@ def read_jsonl(
             try:
                 obj = json.loads(raw)
             except json.JSONDecodeError as e:
-                raise DataError(f"{path}: invalid JSON on line {lineno} ({e.msg}): {_clip(raw.strip())!r}") from e
+                shown = _clip(raw.strip())
+                raise DataError(f"{path}: invalid JSON on line {lineno} ({e.msg}): {shown!r}") from e
             if not isinstance(obj, dict):
                 raise DataError(f"{path}: line {lineno} is not a JSON object: {_clip(raw.strip())!r}")
             _require_columns(path, list(obj), text_column, label_column, where=f", line {lineno}")

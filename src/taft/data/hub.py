@@ -76,9 +76,9 @@ def load_hf_dataset(
         dd = datasets.load_dataset(name, config)
     except Exception as e:  # network, auth, missing dataset: all end the same way for the user
         raise DataError(
-            f"could not load Hugging Face dataset {shown}: {type(e).__name__}: {e}. If the hub is unreachable "
-            f"(offline machine), download the data elsewhere and pass a local path: a folder of "
-            f"<task>.train.txt files, or a .txt/.csv/.jsonl file."
+            f"could not load Hugging Face dataset {shown}: {type(e).__name__}: {e}. "
+            f"If the hub is unreachable (offline machine), download the data and pass a local path: "
+            f"a folder of <task>.train.txt files, or a .txt/.csv/.jsonl file."
         ) from e
     available = list(dd.keys())
     if "train" not in available:

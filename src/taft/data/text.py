@@ -184,7 +184,7 @@ def _assemble(
     train = read_text_file(
         train_path, split="train", num_classes=num_classes, label_names=label_names, **columns
     )
-    # String labels seen in train fix the mapping for the other files (else "pos" could be 0 in one, 1 in other).
+    # String labels seen in train fix the mapping for the other files ("pos" must mean the same class).
     names = train.class_names
     parts: dict[str, TextDataset] = {}
     for key, found in (("val", val), ("test", test)):
@@ -254,7 +254,7 @@ def load_text_dataset(
       name wins over a same-named local folder; write ``./mr`` for the folder.
     * a folder: ``<task>.train.*`` plus optional ``<task>.dev.*``/``.val.*`` and ``<task>.test.*``
       (``task=`` picks one when the folder holds several).
-    * a ``.txt``/``.csv``/``.jsonl`` file: train, with val carved from it; ``test`` names a separate test file.
+    * a ``.txt``/``.csv``/``.jsonl`` file: train, val carved from it; ``test`` names a separate test file.
     * ``"hf:<name>"``: a Hugging Face hub dataset (needs ``datasets`` and network access).
     """
     text = str(spec)

@@ -99,7 +99,7 @@ class TangentContext:
         if entry is None or self.force_fallback:
             from taft.engine.fallback import jvp_fallback
 
-            self.fallback_modules.append(name)
+            self.fallback_modules.append(name or "<root>")
             return jvp_fallback(self, module, name, entry, args, kwargs)
         return entry.fn(self, module, name, *args, **kwargs)
 

@@ -1,0 +1,105 @@
+"""Δw safetensors checkpoints: round trip, metadata, and refusals that leave stored files intact."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from taft.checkpoint import CheckpointError, base_fingerprint, load_delta, read_delta, save_delta
+from taft.tangent_model import TangentModel
+from taft.zoo import tiny_bert
+from tests.helpers import randomize_delta
+
+
+def _tm(scope="last:1", seed=0, **kw):
+    return TangentModel(tiny_bert(seed).eval(), scope, **kw)
+
+
+def test_round_trip_holds_only_linearized_tensors(tmp_path):
+    tm = _tm()
+    randomize_delta(tm)
+    path = save_delta(tm, tmp_path / "d.safetensors", extra_metadata={"task": "sst2"})
+    tensors, meta = read_delta(path)
+    assert sorted(tensors) == sorted(tm.linearized)
+    assert meta["arch"] == "hf-bert" and meta["scope"] == "last:1" and meta["user.task"] == "sst2"
+    assert json.loads(meta["linearized"]) == tm.linearized
+    assert meta["base_fingerprint"] == base_fingerprint(tm)
+    fresh = _tm()
+    load_delta(fresh, path)
+    for n, d in tm.delta_dict().items():
+        assert torch.equal(fresh.delta_dict()[n], d)
+
+
+def test_different_base_is_refused(tmp_path):
+    tm = _tm(seed=0)
+    path = save_delta(tm, tmp_path / "d.safetensors")
+    with pytest.raises(CheckpointError, match="different base model"):
+        load_delta(_tm(seed=1), path)
+    with pytest.raises(CheckpointError, match="different base model"):
+        load_delta(_tm(reinit=True), path)
+
+
+def test_different_scope_is_refused(tmp_path):
+    path = save_delta(_tm("last:1"), tmp_path / "d.safetensors")
+    with pytest.raises(CheckpointError, match="different parameter set.*scope='last:1'"):
+        load_delta(_tm("attn"), path)
+
+
+def test_missing_or_misshaped_or_nan_tensors_are_refused(tmp_path):
+    tm = _tm()
+    path = save_delta(tm, tmp_path / "d.safetensors")
+    tensors, meta = read_delta(path)
+    name = tm.linearized[0]
+    bad = dict(tensors)
+    bad[name] = torch.zeros(3, 3)
+    save_file(bad, str(tmp_path / "shape.safetensors"), metadata=meta)
+    with pytest.raises(ValueError, match=f"{name}.*shape"):
+        load_delta(tm, tmp_path / "shape.safetensors")
+    bad[name] = torch.full_like(tensors[name], float("nan"))
+    save_file(bad, str(tmp_path / "nan.safetensors"), metadata=meta)
+    with pytest.raises(ValueError, match="NaN"):
+        load_delta(tm, tmp_path / "nan.safetensors")
+    with pytest.raises(ValueError, match="missing="):
+        tm.load_delta({n: t for n, t in tensors.items() if n != name})
+    # Nothing was half-loaded: Δw is still exactly zero.
+    assert all(torch.count_nonzero(d) == 0 for d in tm.delta_dict().values())
+
+
+def test_wrong_dtype_or_device_is_refused():
+    tm = _tm()
+    d = {n: t.detach().double() for n, t in tm.delta_dict().items()}
+    with pytest.raises(ValueError, match="dtype torch.float64.*convert"):
+        tm.load_delta(d)
+    d = {n: torch.empty(t.shape, device="meta") for n, t in tm.delta_dict().items()}
+    with pytest.raises(ValueError, match="is on meta"):
+        tm.load_delta(d)
+
+
+def test_foreign_or_missing_files(tmp_path):
+    tm = _tm()
+    with pytest.raises(CheckpointError, match="no file"):
+        load_delta(tm, tmp_path / "nope.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(CheckpointError, match="not a readable safetensors"):
+        load_delta(tm, tmp_path / "junk.safetensors")
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "plain.safetensors"))
+    with pytest.raises(CheckpointError, match="no taft metadata"):
+        load_delta(tm, tmp_path / "plain.safetensors")
+
+
+def test_failed_save_keeps_the_previous_file(tmp_path, monkeypatch):
+    tm = _tm()
+    randomize_delta(tm)
+    path = save_delta(tm, tmp_path / "d.safetensors")
+    before = path.read_bytes()
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("taft.checkpoint.save_file", boom)
+    with pytest.raises(OSError):
+        save_delta(_tm(), path)
+    assert path.read_bytes() == before
