@@ -129,3 +129,10 @@ def test_dataset_splits_sizes(tmp_path):
     ds = read_label_sentence_file(_write(tmp_path / "t.train.txt", LINES))
     splits = DatasetSplits(ds, ds.subset([0]))
     assert splits.sizes() == {"train": 5, "val": 1, "test": None}
+
+
+def test_data_error_is_a_taft_value_error():
+    from taft.errors import TaftError
+
+    assert issubclass(DataError, TaftError)
+    assert issubclass(DataError, ValueError)

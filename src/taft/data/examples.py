@@ -17,11 +17,15 @@ from typing import Generic, Protocol, Self, TypeVar
 
 import torch
 
+from taft.errors import TaftError
+
 ID_HEX_CHARS = 12
 
 
-class DataError(ValueError):
-    """A dataset could not be read or assembled; the message says what to fix (path, line, label, column)."""
+class DataError(TaftError):
+    """A dataset could not be read or assembled; the message says what to fix (path, line, label, column).
+
+    A :class:`~taft.errors.TaftError` (hence a ``ValueError``), so the CLI prints it as a one-line message."""
 
 
 def example_id(text: str, label: int, seen: dict[tuple[int, str], int], *, split: str | None = None) -> str:

@@ -276,7 +276,7 @@ def load_text_dataset(
         return load_sentence_task(spec, root, val_fraction=val_fraction, seed=seed)
     if path.is_dir():
         return _load_folder(path, task, **options)
-    if is_file or path.suffix.lower() in TEXT_SUFFIXES:  # a missing file gets check_file's listing
+    if is_file:  # a missing file gets check_file's listing of its folder
         test_part = None if test is None else (Path(test).expanduser(), "test")
         return _assemble(path, None, test_part, name=infer_name_and_split(path)[0], **options)
     raise DataError(

@@ -9,5 +9,6 @@ from taft.rules import (  # noqa: F401
     identity,
     layer_norm,
     linear,
+    multihead_attention,
     tanh,
 )

@@ -1,0 +1,182 @@
+"""nn.LayerNorm rule (``ẏ = γ/σ·(ẋ − mean ẋ − x̂·mean(x̂ẋ)) + γ̇x̂ + β̇``) against torch.func.jvp."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+from taft.engine.dual import Dual
+from taft.rules.layer_norm import layer_norm_dual
+from tests.helpers import assert_close
+from tests.rules._rule_harness import (
+    LAYOUTS,
+    RULE_SETTINGS,
+    check_finite_difference,
+    check_no_tangent,
+    check_rule,
+    direct_rule,
+    finite_difference,
+    gen,
+    make_deltas,
+    module_params,
+    rand,
+    run_rule,
+)
+
+NAME = "blk.ln"
+
+# (elementwise_affine, bias): full, no bias (γ only), no affine at all.
+AFFINE = [(True, True), (True, False), (False, False)]
+
+
+def make_ln(d, affine, bias, dtype=torch.float64, seed=0, eps=1e-5):
+    ln = nn.LayerNorm(d, eps=eps, elementwise_affine=affine, bias=bias).to(dtype)
+    if affine:  # non-trivial γ, β (default init is 1, 0)
+        g = gen(seed + 1)
+        with torch.no_grad():
+            ln.weight.copy_(1.0 + 0.5 * torch.randn(d, generator=g, dtype=dtype))
+            if ln.bias is not None:
+                ln.bias.copy_(torch.randn(d, generator=g, dtype=dtype))
+    return ln
+
+
+shapes = st.tuples(st.integers(1, 4), st.integers(1, 6), st.integers(2, 8))
+
+
+def _param_names(ln):
+    return [k for k, _ in ln.named_parameters()]
+
+
+@pytest.mark.parametrize("case", ["input", "param", "both"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("affine,bias", AFFINE)
+@RULE_SETTINGS
+@given(shape=shapes, layout=st.sampled_from(LAYOUTS), subset=st.integers(0, 2), seed=st.integers(0, 2**31 - 1))
+def test_layer_norm_matches_jvp(case, dtype, affine, bias, shape, layout, subset, seed):
+    b, t, d = shape
+    g = gen(seed)
+    ln = make_ln(d, affine, bias, dtype, seed)
+    x = rand((b, t, d), g, dtype, layout, scale=2.0) + 0.5
+    params = module_params(ln, NAME)
+    names = _param_names(ln)
+    if case in ("param", "both"):
+        if not names:
+            pytest.skip("no parameters to linearize")  # hypothesis: whole (no-affine, param) cell skipped
+        which = [names[subset % len(names)]] if subset < 2 else names
+        deltas = make_deltas(params, which, g)
+    else:
+        deltas = {}
+    xdot = rand(x.shape, g, dtype) if case in ("input", "both") else None
+    check_rule(ln, NAME, params, deltas, x, xdot)
+
+
+@pytest.mark.parametrize("affine,bias", AFFINE)
+@RULE_SETTINGS
+@given(shape=shapes, layout=st.sampled_from(LAYOUTS), seed=st.integers(0, 2**31 - 1))
+def test_layer_norm_no_tangent(affine, bias, shape, layout, seed):
+    b, t, d = shape
+    g = gen(seed)
+    ln = make_ln(d, affine, bias, seed=seed)
+    x = rand((b, t, d), g, layout=layout)
+    params = module_params(ln, NAME)
+    check_no_tangent(ln, NAME, params, x)
+    out = direct_rule(ln, NAME, params, Dual(x, None))
+    assert out.tangent is None
+    assert_close(out.primal, ln(x).detach(), what="primal")
+
+
+@pytest.mark.parametrize("affine,bias", AFFINE)
+@RULE_SETTINGS
+@given(shape=shapes, seed=st.integers(0, 2**31 - 1))
+def test_layer_norm_finite_difference(affine, bias, shape, seed):
+    b, t, d = shape
+    g = gen(seed)
+    ln = make_ln(d, affine, bias, seed=seed)
+    x = rand((b, t, d), g)
+    params = module_params(ln, NAME)
+    deltas = make_deltas(params, _param_names(ln), g)
+    xdot = rand(x.shape, g)
+    out = run_rule(ln, NAME, params, deltas, Dual(x, xdot))
+    check_finite_difference(out.tangent, finite_difference(ln, NAME, params, deltas, x, xdot))
+
+
+def test_layer_norm_batch1_seq1_reference_nonzero():
+    g = gen(11)
+    ln = make_ln(7, True, True, seed=11)
+    x = rand((1, 1, 7), g)
+    params = module_params(ln, NAME)
+    deltas = make_deltas(params, ["weight", "bias"], g)
+    _, ty = check_rule(ln, NAME, params, deltas, x, rand(x.shape, g))
+    assert ty.abs().max() > 0.1, "reference tangent is (near) zero: the check would pass vacuously"
+
+
+def test_layer_norm_input_tangent_is_orthogonal_to_shift_and_scale():
+    """Concrete property of the normalization: ẋ = c (a shift) and ẋ = c·x (a scale, no affine) give ẏ = 0."""
+    g = gen(12)
+    ln = make_ln(6, True, True, seed=12)
+    x = rand((2, 3, 6), g) + 1.0
+    params = module_params(ln, NAME)
+    shift = run_rule(ln, NAME, params, {}, Dual(x, torch.full_like(x, 3.0)))
+    assert shift.tangent.abs().max() < 1e-12
+    ln0 = make_ln(6, False, False)
+    xc = x - x.mean(-1, keepdim=True)  # centred: scaling it changes only σ, so ẏ = 0 up to the ε term
+    scale = run_rule(ln0, NAME, {}, {}, Dual(xc, 2.0 * xc))
+    # d/dt LN(x(1+2t)) = x̂·(ε/(var+ε))·2 ≈ 0: tiny but not exactly zero.
+    var = xc.pow(2).mean(-1, keepdim=True)
+    expected = 2.0 * (xc * torch.rsqrt(var + ln0.eps)) * ln0.eps / (var + ln0.eps)
+    assert_close(scale.tangent, expected, what="scale tangent")
+
+
+def test_layer_norm_non_contiguous_inputs():
+    g = gen(13)
+    ln = make_ln(5, True, True, seed=13)
+    x = rand((3, 4, 5), g, layout="transposed")
+    xdot = rand((3, 4, 5), g, layout="strided")
+    assert not x.is_contiguous() and not xdot.is_contiguous()
+    params = module_params(ln, NAME)
+    check_rule(ln, NAME, params, make_deltas(params, ["weight", "bias"], g), x, xdot)
+
+
+def test_layer_norm_width_one():
+    """D = 1: x̂ ≡ 0, so y = β and the input/γ tangents vanish; only β̇ survives."""
+    g = gen(14)
+    ln = make_ln(1, True, True, seed=14)
+    x = rand((2, 3, 1), g)
+    params = module_params(ln, NAME)
+    deltas = make_deltas(params, ["weight", "bias"], g)
+    out = run_rule(ln, NAME, params, deltas, Dual(x, rand(x.shape, g)))
+    assert torch.equal(out.tangent, deltas[f"{NAME}.bias"].expand(2, 3, 1))
+    check_rule(ln, NAME, params, deltas, x, rand(x.shape, g))
+
+
+def test_layer_norm_eps_is_respected():
+    """A large ε changes the tangent; the rule must use the module's ε, not a default."""
+    g = gen(15)
+    x = rand((2, 2, 4), g) * 0.1
+    xdot = rand(x.shape, g)
+    for eps in (1e-12, 1e-1):
+        ln = make_ln(4, False, False, eps=eps)
+        check_rule(ln, NAME, {}, {}, x, xdot)
+
+
+def test_layer_norm_dual_functional_form():
+    """layer_norm_dual without γ/β equals F.layer_norm's jvp (the form shared with fused callers)."""
+    from taft.engine.context import TangentContext
+
+    g = gen(16)
+    x, xdot = rand((2, 3, 5), g), rand((2, 3, 5), g)
+    out = layer_norm_dual(TangentContext({}, {}, vjp=False), Dual(x, xdot), None, None, 1e-6)
+    y, ty = torch.func.jvp(lambda a: torch.nn.functional.layer_norm(a, (5,), eps=1e-6), (x,), (xdot,))
+    assert_close(out.primal, y, what="primal")
+    assert_close(out.tangent, ty, what="tangent")
+
+
+def test_layer_norm_multi_dim_normalized_shape_not_supported():
+    ln = nn.LayerNorm((2, 3)).double()
+    params = module_params(ln, NAME)
+    x = torch.zeros(1, 2, 3, dtype=torch.float64)
+    with pytest.raises(NotImplementedError):
+        run_rule(ln, NAME, params, {}, Dual(x, torch.ones_like(x)))
