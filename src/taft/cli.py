@@ -55,6 +55,67 @@ def check(
         raise typer.Exit(1)
 
 
+def _config_command(name: str, cls, run, help: str) -> None:
+    """Register ``taft NAME`` with one ``--flag`` per field of the config dataclass ``cls`` (plus ``--config``).
+
+    Flags default to ``None`` so that only what is typed overrides the ``--config`` file (or the defaults)."""
+    import dataclasses
+    import inspect
+    import typing
+    from pathlib import Path
+
+    hints = typing.get_type_hints(cls)
+    params = [inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, annotation=Path | None,
+                                default=typer.Option(None, help="YAML/JSON file with these options"))]
+    for f in dataclasses.fields(cls):
+        base = typing.get_args(hints[f.name])[0] if typing.get_origin(hints[f.name]) else hints[f.name]
+        if base is type(None):
+            base = str
+        default_txt = f"default: {f.default}" if f.default is not dataclasses.MISSING else ""
+        params.append(inspect.Parameter(
+            f.name, inspect.Parameter.KEYWORD_ONLY, annotation=base | None,
+            default=typer.Option(None, help=f"{f.metadata.get('help', '')} [{default_txt}]"),
+        ))
+
+    def command(**kwargs):
+        from taft.config import from_dict, load_config
+
+        path = kwargs.pop("config")
+        given = {k: v for k, v in kwargs.items() if v is not None}
+        cfg = load_config(cls, path, **given) if path else from_dict(cls, given)
+        run(cfg)
+
+    command.__signature__ = inspect.Signature(params)
+    command.__doc__ = help
+    app.command(name, help=help)(command)
+
+
+def _run_train(cfg) -> None:
+    from taft.train.loop import train
+    from taft.train.report import print_results
+
+    print_results([train(cfg)])
+
+
+_config_command("train", __import__("taft.config", fromlist=["TrainConfig"]).TrainConfig, _run_train,
+                "Fine-tune a model (TAFT or a baseline) and print a results table.")
+
+
+@app.command("eval")
+def eval_cmd(
+    run_dir: str = typer.Argument(..., help="output folder of `taft train` (config.yaml + delta.safetensors)"),
+    data: str | None = typer.Option(None, help="evaluate on another dataset spec (same classes)"),
+    split: str = typer.Option("test", help="val | test"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Evaluate a trained Δw: rebuild the base exactly, load the checkpoint, report accuracy."""
+    from taft.train.evaluate import evaluate_run
+
+    res = evaluate_run(run_dir, data=data, split=split)
+    typer.echo(json.dumps(res, indent=2) if as_json else f"{res['split']} accuracy: {res['accuracy']:.4f}"
+               f" ({res['examples']} examples, {res['method']} on {res['data']})")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; ``main([...])`` runs a command in-process and returns its exit code."""
     cmd = typer.main.get_command(app)

@@ -85,7 +85,7 @@ def resolve_scope(scope: Scope, family: Family, names: list[str]) -> list[str]:
                 raise ScopeError(f"scope 'attn': no attention weights known for {family.arch}; use patterns")
             chosen.update(w)
         elif kind == "head":
-            heads = family.head_prefixes()
+            heads = family.head_only()
             if not heads:
                 raise ScopeError(f"scope 'head': {family.arch} model has no head; wrap it in a classifier")
             chosen.update(n for n in names if _under(n, heads))

@@ -42,6 +42,9 @@ class TangentModel(nn.Module):
         backward: ``"vjp"`` computes ∂L/∂Δw as the plain network's VJP at w0 (training memory of ordinary
             fine-tuning); ``"tangent"`` differentiates through the tangent pass (the reference).
         force_fallback: run every module through the ``torch.func.jvp`` fallback (the reference for tests).
+        linear: ``False`` turns the wrapper into ordinary (non-linear) fine-tuning of the same parameters,
+            ``f(x; w0 + Δw)`` through the model's own forward — the NLFT / LoRA baselines share the scope, the
+            frozen-prefix cache and the Δw checkpoint format with TAFT.
 
     Cost: one forward of the suffix that starts at the first linearized stage, about 2-3x a plain forward of
     that suffix; stages before it run as the plain model under ``no_grad``.
@@ -60,6 +63,7 @@ class TangentModel(nn.Module):
         linearize_cls: bool = False,
         backward: str = "vjp",
         force_fallback: bool = False,
+        linear: bool = True,
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -72,6 +76,7 @@ class TangentModel(nn.Module):
         self.linearize_cls = linearize_cls
         self.backward = backward
         self.force_fallback = force_fallback
+        self.linear = linear
         self.seed = seed
         self.fallback_modules: list[str] = []
 
@@ -157,9 +162,15 @@ class TangentModel(nn.Module):
         return params
 
     def _context(self, with_deltas: bool = True) -> TangentContext:
-        deltas = self.delta_dict() if with_deltas else {}
+        params = self.base_params()
+        if not with_deltas:
+            return TangentContext(params, {})
+        if not self.linear:
+            for n, d in self.delta_dict().items():
+                params[n] = params[n] + d
+            return TangentContext(params, {}, trainable=frozenset(self.linearized))
         return TangentContext(
-            self.base_params(), deltas, vjp=self.backward == "vjp", force_fallback=self.force_fallback
+            params, self.delta_dict(), vjp=self.backward == "vjp", force_fallback=self.force_fallback
         )
 
     def prefix(self, *args, **kwargs) -> State:
@@ -189,6 +200,8 @@ class TangentModel(nn.Module):
         cls = ctx.param(CLS_NAME)
         B, _, D = h.primal.shape
         p = torch.cat([cls.primal.expand(B, 1, D), h.primal[:, 1:]], dim=1)  # (B, T, D)
+        if cls.tangent is None:  # non-linear mode: the token is trained directly
+            return Dual(p, None)
         with ctx.tangent_mode():
             rest = h.tangent[:, 1:] if h.tangent is not None else torch.zeros_like(h.primal[:, 1:])
             t = torch.cat([cls.tangent.expand(B, 1, D), rest], dim=1)
@@ -209,5 +222,5 @@ class TangentModel(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"arch={self.family.arch}, scope={self.scope}, linearized={len(self.linearized)} tensors, "
-            f"start_stage={self._stages[self.start].name}, backward={self.backward}"
+            f"start_stage={self._stages[self.start].name}, backward={self.backward}, linear={self.linear}"
         )

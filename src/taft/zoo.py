@@ -44,9 +44,21 @@ def tiny_bert(seed: int = 0) -> nn.Module:
     from transformers import BertConfig, BertModel
 
     torch.manual_seed(seed)
-    cfg = BertConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+    # MiniLM's vocabulary size, so the embedded tokenizer drives it in offline pipeline tests.
+    cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                      intermediate_size=64, max_position_embeddings=64)
     return BertModel(cfg)
+
+
+def load_tokenizer(name: str):
+    """The tokenizer of a text model from :func:`load_model` (MiniLM's for ``minilm`` and ``tiny-bert``)."""
+    from transformers import AutoTokenizer
+
+    if name in ("minilm", "tiny-bert"):
+        return AutoTokenizer.from_pretrained(str(minilm_path()))
+    if name.startswith("hf:"):
+        return AutoTokenizer.from_pretrained(name[3:])
+    raise ModelNotFoundError(f"{name!r} is not a text model with a tokenizer; use minilm, tiny-bert or hf:NAME")
 
 
 def _tiny(module: str, fn: str) -> Callable[[], nn.Module]:

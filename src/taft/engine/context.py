@@ -32,11 +32,15 @@ class TangentContext:
         *,
         vjp: bool = True,
         force_fallback: bool = False,
+        trainable: frozenset[str] = frozenset(),
     ) -> None:
         self.params = params
         self.deltas = deltas
         self.vjp = vjp
         self.force_fallback = force_fallback
+        # Non-linear mode (ordinary fine-tuning through the same stages): ``params`` already hold w0 + Δw for
+        # these names and modules run their own forward with autograd on; no tangent is computed.
+        self.trainable = trainable
         self.fallback_modules: list[str] = []
         self._straight_through = vjp and torch.is_grad_enabled()
         self._cache: dict[str, Dual] = {}
@@ -73,10 +77,7 @@ class TangentContext:
         return [k for k in self.params if k.startswith(p)]
 
     def linearized_under(self, prefix: str) -> bool:
-        if not prefix:
-            return bool(self.deltas)
-        p = prefix + "."
-        return any(k.startswith(p) for k in self.deltas)
+        return self._under(self.deltas, prefix)
 
     @contextlib.contextmanager
     def tangent_mode(self) -> Iterator[None]:
@@ -93,6 +94,11 @@ class TangentContext:
 
         Modules with no tangent coming in and no linearized parameter inside run as the plain model."""
         entry = find_rule(module)
+        if self.trainable:
+            grad = self._under(self.trainable, name) or any(
+                isinstance(a, Dual) and a.primal.requires_grad for a in (*args, *kwargs.values())
+            )
+            return Dual(self._plain(module, name, entry, args, kwargs, grad=grad), None)
         has_tangent = any(isinstance(a, Dual) and a.tangent is not None for a in (*args, *kwargs.values()))
         if not has_tangent and not self.linearized_under(name):
             return Dual(self._plain(module, name, entry, args, kwargs), None)
@@ -103,13 +109,20 @@ class TangentContext:
             return jvp_fallback(self, module, name, entry, args, kwargs)
         return entry.fn(self, module, name, *args, **kwargs)
 
-    def _plain(self, module, name, entry, args, kwargs) -> Tensor:
+    def _plain(self, module, name, entry, args, kwargs, grad: bool = False) -> Tensor:
         prim_args = [a.primal if isinstance(a, Dual) else a for a in args]
         prim_kwargs = {k: (v.primal if isinstance(v, Dual) else v) for k, v in kwargs.items()}
         local = {k[len(name) + 1 :] if name else k: self.params[k] for k in self.names_under(name)}
-        with torch.no_grad():
+        with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
             out = torch.func.functional_call(module, local, tuple(prim_args), prim_kwargs, strict=False)
         return primary_output(out, entry)
+
+    @staticmethod
+    def _under(names, prefix: str) -> bool:
+        if not prefix:
+            return bool(names)
+        p = prefix + "."
+        return any(k.startswith(p) for k in names)
 
 
 def primary_output(out, entry=None) -> Tensor:

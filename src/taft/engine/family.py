@@ -57,6 +57,10 @@ class Family:
         """Final norm and head: included by the ``last:k`` preset and selected by ``head``."""
         return []
 
+    def head_only(self) -> list[str]:
+        """What the ``head`` preset selects (a classifier narrows it to its own linear head)."""
+        return self.head_prefixes()
+
     def attn_linear_weights(self) -> list[str]:
         """Attention q, k, v and output-projection weights (the linear-layers-only method)."""
         return []

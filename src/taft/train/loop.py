@@ -1,0 +1,287 @@
+"""Fine-tuning runs: TAFT and its baselines through one loop on cached frozen-prefix features.
+
+``train(cfg)`` builds the classifier (backbone + pooling + head), wraps it in a :class:`TangentModel`
+(``linear=True`` for TAFT, ``False`` for NLFT / FC / LoRA / adapters), caches the frozen prefix once per split,
+trains Δw and writes ``delta.safetensors``, ``config.yaml``, ``metrics.jsonl`` and ``results.json``.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from taft.checkpoint import save_delta
+from taft.config import ConfigError, TrainConfig, save_config
+from taft.data.text import SENTENCE_TASKS, load_text_dataset
+from taft.models.classifier import Classifier, pool
+from taft.tangent_model import TangentModel
+from taft.train.cache import FeatureCache
+from taft.train.losses import make_loss, project_to_ball, squared_norm
+from taft.train.text import bucketed_batches, padded_batch, prefix_batches, tokenize
+from taft.zoo import load_model, load_tokenizer
+
+ZERO_SHOT_SCALE = 20.0  # logit scale of cosine-similarity heads (sentence-transformers' usual temperature)
+
+
+@dataclass
+class RunResult:
+    config: dict
+    val_acc: float
+    test_acc: float | None
+    zero_shot_val_acc: float | None = None
+    zero_shot_test_acc: float | None = None
+    epochs: list[dict] = field(default_factory=list)
+    trainable_params: int = 0
+    cache_s: float = 0.0
+    train_s: float = 0.0
+    total_s: float = 0.0
+    device: str = "cpu"
+    output_dir: str | None = None
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# -- model ------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def text_embeddings(backbone: nn.Module, tokenizer, texts: list[str], max_length: int = 64) -> torch.Tensor:
+    """Mean-pooled, L2-normalized sentence embeddings (how MiniLM was trained)."""
+    from taft.engine.family import family_for
+
+    dev = next(backbone.parameters()).device
+    batch = padded_batch(tokenize(tokenizer, texts, max_length), device=dev)
+    h = family_for(backbone).select_output(backbone(**batch))
+    return nn.functional.normalize(pool(h, batch["attention_mask"], "mean"), dim=-1)
+
+
+def build_classifier(cfg: TrainConfig, backbone: nn.Module, tokenizer, num_classes: int,
+                     descriptions: list[str] | None) -> Classifier:
+    """Backbone + mean pooling + head, initialized per ``cfg.head_init`` (seeded, so rebuilding is exact)."""
+    zero_shot = cfg.head_init == "zero-shot" or cfg.method == "zero-shot"
+    torch.manual_seed(cfg.seed)
+    clf = Classifier(backbone, num_classes, pooling="mean", normalize=zero_shot)
+    if zero_shot:
+        if not descriptions:
+            raise ConfigError("head_init=zero-shot needs class descriptions (a registered task or class names); "
+                              "use --head-init random")
+        with torch.no_grad():
+            clf.head.weight.copy_(ZERO_SHOT_SCALE * text_embeddings(backbone, tokenizer, descriptions))
+            clf.head.bias.zero_()
+    elif cfg.head_init == "zeros":
+        with torch.no_grad():
+            clf.head.weight.zero_()
+            clf.head.bias.zero_()
+    return clf
+
+
+def _linears_in_last_blocks(tm_probe: TangentModel, k: int) -> list[str]:
+    stages = [s for s in tm_probe._stages if s.block][-k:]
+    prefixes = [p for s in stages for p in s.prefixes]
+    return [n for n, m in tm_probe.base.named_modules()
+            if isinstance(m, nn.Linear) and any(n.startswith(p + ".") for p in prefixes)]
+
+
+def make_tangent_model(cfg: TrainConfig, clf: Classifier) -> TangentModel:
+    """The trainable wrapper for ``cfg.method`` (all methods share scopes, caching and checkpoints)."""
+    common = dict(reinit=cfg.reinit, linearize_cls=cfg.linearize_cls, seed=cfg.seed)
+    if cfg.method in ("taft", "nlft"):
+        return TangentModel(clf, cfg.scope, linear=cfg.method == "taft", **common)
+    if cfg.method in ("fc", "zero-shot"):
+        return TangentModel(clf, "head", linear=False, seed=cfg.seed)
+    # LoRA / (IA)³ adapters via peft, injected into a copy of the classifier's last blocks.
+    from peft import IA3Config, LoraConfig, inject_adapter_in_model
+
+    k = int(cfg.scope.split(":")[1]) if cfg.scope.startswith("last:") else 1
+    clf = copy.deepcopy(clf)
+    targets = _linears_in_last_blocks(TangentModel(clf, "head", linear=False), k)
+    if cfg.method == "lora":
+        pcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules=targets)
+        pattern = r"re:.*lora_[AB]\..*"
+    else:  # (IA)³: learned rescaling of keys/values/FFN; down-projections are the feed-forward ones
+        ff = [n for n in targets if clf.get_submodule(n).in_features > clf.get_submodule(n).out_features]
+        pcfg = IA3Config(target_modules=targets, feedforward_modules=ff)
+        pattern = r"re:.*ia3_l\..*"
+    torch.manual_seed(cfg.seed)
+    inject_adapter_in_model(pcfg, clf)
+    return TangentModel(clf, f"head,{pattern}", linear=False, seed=cfg.seed)
+
+
+# -- data -------------------------------------------------------------------------------------------------
+def _cache_for(tm, tokenizer, dataset, cfg, name: str, progress: bool, cache_dir: Path | None, key: str):
+    if cache_dir is not None:
+        path = cache_dir / f"{key}-{name}.safetensors"
+        if path.is_file():
+            return FeatureCache.load(path)
+    ids = tokenize(tokenizer, dataset.texts, cfg.max_length)
+    dev = torch.device(cfg.device)
+    cache = FeatureCache.build(tm, prefix_batches(ids, cfg.eval_batch_size, tokenizer.pad_token_id or 0, dev),
+                               len(ids), desc=f"prefix features ({name})", progress=progress)
+    if cache_dir is not None:
+        cache.save(cache_dir / f"{key}-{name}.safetensors")
+    return cache
+
+
+def cache_key(tm: TangentModel, cfg: TrainConfig, splits) -> str:
+    import hashlib
+
+    from taft.checkpoint import base_fingerprint
+
+    h = hashlib.sha256()
+    for part in (base_fingerprint(tm), tm._stages[tm.start].name, str(cfg.max_length), cfg.model):
+        h.update(part.encode())
+    for ds in (splits.train, splits.val, splits.test):
+        if ds is not None:
+            h.update("\n".join(ds.ids).encode())
+    return h.hexdigest()[:16]
+
+
+@torch.no_grad()
+def evaluate(tm: TangentModel, cache: FeatureCache, labels: torch.Tensor, batch_size: int, device) -> float:
+    """Accuracy of ``tm`` on cached features."""
+    correct = 0
+    order = sorted(range(len(cache)), key=lambda i: cache.lengths[i])
+    for s in range(0, len(order), batch_size):
+        idx = order[s : s + batch_size]
+        logits = tm.suffix(cache.collate(idx, device))
+        correct += int((logits.argmax(-1).cpu() == labels[idx]).sum())
+    return correct / max(len(cache), 1)
+
+
+def _lr_lambda(cfg: TrainConfig, steps_per_epoch: int):
+    total = cfg.epochs * steps_per_epoch
+    warm = int(cfg.warmup * total)
+
+    def f(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        if cfg.schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(total - warm, 1)))
+        if cfg.schedule == "step":
+            return cfg.step_gamma ** ((step // steps_per_epoch) // cfg.step_epochs)
+        return 1.0
+
+    return f
+
+
+def _optimizer(cfg: TrainConfig, params):
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)  # the penalty is λ‖Δw‖², explicit
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9)
+
+
+# -- the run ----------------------------------------------------------------------------------------------
+def train(cfg: TrainConfig, *, progress: bool = True, caches: dict | None = None) -> RunResult:
+    """Run ``cfg`` end to end. ``caches`` (a dict) lets several runs share prefix features in one process."""
+    t_start = time.perf_counter()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    device = torch.device(cfg.device)
+    splits = load_text_dataset(cfg.data, cfg.test_file, root=cfg.data_root, seed=cfg.seed,
+                               num_classes=cfg.num_classes)
+    train_ds = splits.train.subset(range(min(len(splits.train), cfg.max_train or len(splits.train))))
+    evals = {"val": splits.val, "test": splits.test}
+    evals = {k: (v.subset(range(min(len(v), cfg.max_eval or len(v)))) if v is not None else None)
+             for k, v in evals.items()}
+    task = SENTENCE_TASKS.get(cfg.data)
+    descriptions = list(task.descriptions) if task else (list(splits.train.class_names or []) or None)
+
+    tokenizer = load_tokenizer(cfg.model)
+    backbone = load_model(cfg.model).to(device)
+    clf = build_classifier(cfg, backbone, tokenizer, splits.train.num_classes, descriptions).to(device)
+    tm = make_tangent_model(cfg, clf).to(device).eval()  # eval: no dropout, f_lin is deterministic
+
+    t0 = time.perf_counter()
+    caches = {} if caches is None else caches
+    key = cache_key(tm, cfg, splits)
+    cache_dir = Path(cfg.cache_dir) if cfg.cache == "disk" else None
+    feats = {}
+    for name, ds in (("train", train_ds), *evals.items()):
+        if ds is None:
+            continue
+        ck = (key, name, len(ds))
+        if ck not in caches:
+            caches[ck] = _cache_for(tm, tokenizer, ds, cfg, name, progress, cache_dir, key)
+        feats[name] = caches[ck]
+    cache_s = time.perf_counter() - t0
+    if cfg.cache == "none":
+        caches.clear()
+
+    result = RunResult(config=dataclasses.asdict(cfg), val_acc=float("nan"), test_acc=None,
+                       device=str(device), cache_s=cache_s,
+                       trainable_params=sum(d.numel() for d in tm.delta_dict().values()))
+    out_dir = Path(cfg.output_dir) if cfg.output_dir else None
+    if out_dir:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out_dir / "config.yaml")
+
+    t1 = time.perf_counter()
+    if cfg.method != "zero-shot":
+        _fit(cfg, tm, feats["train"], train_ds.labels, feats.get("val"), evals["val"], device, progress,
+             result, out_dir)
+    result.train_s = time.perf_counter() - t1
+    for name in ("val", "test"):
+        if name in feats:
+            acc = evaluate(tm, feats[name], evals[name].labels, cfg.eval_batch_size, device)
+            setattr(result, f"{name}_acc", acc)
+    if out_dir:
+        save_delta(tm, out_dir / "delta.safetensors",
+                   extra_metadata={"method": cfg.method, "model": cfg.model, "data": cfg.data})
+    result.total_s = time.perf_counter() - t_start
+    result.output_dir = str(out_dir) if out_dir else None
+    if out_dir:
+        (out_dir / "results.json").write_text(json.dumps(result.to_dict(), indent=2))
+    return result
+
+
+def _fit(cfg, tm, train_cache, train_labels, val_cache, val_ds, device, progress, result, out_dir) -> None:
+    delta = tm.delta_dict()
+    opt = _optimizer(cfg, list(delta.values()))
+    g = torch.Generator().manual_seed(cfg.seed)
+    lengths = train_cache.lengths
+    steps = math.ceil(len(train_cache) / cfg.batch_size)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg, steps))
+    loss_fn = make_loss(cfg.loss, kappa=cfg.kappa, m=cfg.rsl_m)
+    log = (out_dir / "metrics.jsonl").open("w") if out_dir else None
+    for epoch in range(cfg.epochs):
+        t = time.perf_counter()
+        total, n = 0.0, 0
+        bar = tqdm(bucketed_batches(lengths, cfg.batch_size, g), desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                   disable=not progress, leave=False)
+        for idx in bar:
+            state = train_cache.collate(idx, device)
+            logits = tm.suffix(state)
+            loss = loss_fn(logits, train_labels[idx].to(device))
+            objective = loss + cfg.penalty * squared_norm(delta) if cfg.penalty else loss
+            opt.zero_grad(set_to_none=True)
+            objective.backward()
+            opt.step()
+            sched.step()
+            if cfg.radius is not None:
+                project_to_ball(delta, cfg.radius)
+            total += float(loss.detach()) * len(idx)
+            n += len(idx)
+            bar.set_postfix(loss=f"{total / n:.4f}")
+        row = {"epoch": epoch + 1, "train_loss": total / n, "delta_norm": float(squared_norm(delta).detach().sqrt()),
+               "epoch_s": time.perf_counter() - t}
+        if val_cache is not None:
+            row["val_acc"] = evaluate(tm, val_cache, val_ds.labels, cfg.eval_batch_size, device)
+        result.epochs.append(row)
+        if log:
+            log.write(json.dumps(row) + "\n")
+            log.flush()
+        if progress:
+            tqdm.write(json.dumps(row))
+    if log:
+        log.close()
