@@ -1,6 +1,12 @@
 from __future__ import annotations
 
 import pytest
+import torch
+
+
+def pytest_configure(config):
+    # The suite is many tiny float64 products: one thread avoids thread start-up costs and oversubscription.
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

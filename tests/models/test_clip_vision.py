@@ -7,7 +7,7 @@ import torch
 
 from taft.engine.context import TangentContext
 from taft.engine.family import family_for
-from taft.engine.reference import max_rel_err, reference_jvp
+from taft.engine.reference import max_rel_err, reference_jvp, reference_vjp
 from taft.models.clip_vision import CLIPVisionFamily, CLIPVisionProjectionFamily, tiny_clip_vision
 from taft.tangent_model import TangentModel
 from tests.helpers import assert_close, check_against_reference, check_finite_difference, randomize_delta
@@ -128,4 +128,28 @@ def test_scopes_select_expected_names():
     assert TangentModel(build(projection=True), "head").linearized == [
         "vision_model.post_layernorm.weight", "vision_model.post_layernorm.bias", "visual_projection.weight"]
     names = TangentModel(build(), "attn").linearized
-    assert set(names) == {f"encoder.layers.{i}.self_attn.{p}_proj.weight" for i in range(2) for p in ("q", "k", "v", "out")}
+    expected = {f"encoder.layers.{i}.self_attn.{p}_proj.weight" for i in range(2) for p in ("q", "k", "v", "out")}
+    assert set(names) == expected
+
+
+def test_vjp_gradient_and_nonlinear_mode():
+    """backward='vjp' gives Jᵀg of the model at w0; linear=False is f(w0 + Δ) through the same stages."""
+    m = build(projection=True)
+    args, kw = inputs(m, 2)
+    tm = TangentModel(m, "all")
+    randomize_delta(tm, 0.1)
+    y = tm(*args, **kw)
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(5), dtype=y.dtype)
+    grads = torch.autograd.grad((y * g).sum(), list(tm.delta_dict().values()))
+    ref = reference_vjp(tm, g, *args, **kw)
+    # one scale for all (the key bias has an exactly-zero gradient: softmax ignores a per-row constant)
+    assert_close(torch.cat([a.flatten() for a in grads]), torch.cat([ref[n].flatten() for n in tm.linearized]),
+                 what="vjp gradient")
+    nl = TangentModel(m, "last:1", linear=False)
+    randomize_delta(nl, 0.1)
+    params = nl.base_params()
+    for n, d in nl.delta_dict().items():
+        params[n] = params[n] + d.detach()
+    with torch.no_grad():
+        expected = nl.family.select_output(torch.func.functional_call(m, params, args, kw))
+    assert_close(nl(*args, **kw).detach(), expected, what="non-linear")

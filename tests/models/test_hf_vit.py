@@ -7,10 +7,19 @@ import torch
 
 from taft.engine.context import TangentContext
 from taft.engine.family import family_for
-from taft.engine.reference import max_rel_err, reference_jvp
+from taft.engine.reference import max_rel_err, reference_jvp, reference_vjp
 from taft.models.hf_vit import HFViTFamily, tiny_hf_vit
 from taft.tangent_model import TangentModel
 from tests.helpers import assert_close, check_against_reference, check_finite_difference, randomize_delta
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny float64 GEMMs: thread wake-ups dominate on a 2-core machine.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def build(seed: int = 0, dtype=torch.float64, **overrides):
@@ -130,3 +139,37 @@ def test_unsupported_inputs_raise():
     (x,), _ = inputs(m, 1)
     with pytest.raises(NotImplementedError, match="bool_masked_pos"):
         tm(x, bool_masked_pos=torch.zeros(1, 16, dtype=torch.bool))
+
+
+def test_vjp_gradient_and_nonlinear_mode():
+    """backward='vjp' gives Jᵀg of the model at w0; linear=False is f(w0 + Δ) through the same stages."""
+    m = build()
+    args, kw = inputs(m, 2)
+    tm = TangentModel(m, "all")
+    randomize_delta(tm, 0.1)
+    y = tm(*args, **kw)
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(5), dtype=y.dtype)
+    grads = torch.autograd.grad((y * g).sum(), list(tm.delta_dict().values()))
+    ref = reference_vjp(tm, g, *args, **kw)
+    # one scale for all (the key bias has an exactly-zero gradient: softmax ignores a per-row constant)
+    assert_close(torch.cat([a.flatten() for a in grads]), torch.cat([ref[n].flatten() for n in tm.linearized]),
+                 what="vjp gradient")
+    nl = TangentModel(m, "last:1", linear=False)
+    randomize_delta(nl, 0.1)
+    params = nl.base_params()
+    for n, d in nl.delta_dict().items():
+        params[n] = params[n] + d.detach()
+    with torch.no_grad():
+        expected = nl.family.select_output(torch.func.functional_call(m, params, args, kw))
+    assert_close(nl(*args, **kw).detach(), expected, what="non-linear")
+
+
+def test_interpolate_pos_encoding_at_native_size():
+    m = build()
+    tm = TangentModel(m, "all")
+    randomize_delta(tm, 0.1)
+    (x,), _ = inputs(m, 2)
+    check_against_reference(tm, x, interpolate_pos_encoding=True)
+    bigger = torch.randn(1, 3, 48, 48, dtype=torch.float64)
+    with pytest.raises(NotImplementedError, match="interpolation"):
+        tm(bigger, interpolate_pos_encoding=True)

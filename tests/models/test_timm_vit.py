@@ -6,10 +6,19 @@ import pytest
 import torch
 
 from taft.engine.family import family_for
-from taft.engine.reference import max_rel_err, reference_jvp
+from taft.engine.reference import max_rel_err, reference_jvp, reference_vjp
 from taft.models.timm_vit import TimmViTFamily, tiny_timm_vit
 from taft.tangent_model import TangentModel
 from tests.helpers import assert_close, check_against_reference, check_finite_difference, randomize_delta
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny float64 GEMMs: thread wake-ups dominate on a 2-core machine.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 CONFIGS = {
     "default": {},
@@ -18,6 +27,8 @@ CONFIGS = {
                       num_classes=0, qk_norm=True, drop_path_rate=0.1),
     # DeiT-3 style: position embedding on patches only, LayerScale, tanh GELU, explicit (non-SDPA) attention.
     "deit3_like": dict(no_embed_class=True, init_values=0.1, act_layer="gelu_tanh", reg_tokens=1),
+    # No position embedding, no class token, no pooling: every token's logits.
+    "no_pos_no_cls": dict(pos_embed="none", class_token=False, global_pool=""),
 }
 
 
@@ -151,3 +162,56 @@ def test_head_scope_selects_final_norm_and_head():
 def test_unsupported_options_raise(kw):
     with pytest.raises(NotImplementedError):
         TangentModel(tiny_timm_vit(**kw).double(), "all")
+
+
+def test_vjp_gradient_and_nonlinear_mode():
+    """backward='vjp' gives Jᵀg of the model at w0; linear=False is f(w0 + Δ) through the same stages."""
+    m = build("clip_like")
+    args, kw = inputs(m, 2)
+    tm = TangentModel(m, "all")
+    randomize_delta(tm, 0.1)
+    y = tm(*args, **kw)
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(5), dtype=y.dtype)
+    grads = torch.autograd.grad((y * g).sum(), list(tm.delta_dict().values()))
+    ref = reference_vjp(tm, g, *args, **kw)
+    # one scale for all (the key bias has an exactly-zero gradient: softmax ignores a per-row constant)
+    assert_close(torch.cat([a.flatten() for a in grads]), torch.cat([ref[n].flatten() for n in tm.linearized]),
+                 what="vjp gradient")
+    nl = TangentModel(m, "last:1", linear=False)
+    randomize_delta(nl, 0.1)
+    params = nl.base_params()
+    for n, d in nl.delta_dict().items():
+        params[n] = params[n] + d.detach()
+    with torch.no_grad():
+        expected = nl.family.select_output(torch.func.functional_call(m, params, args, kw))
+    assert_close(nl(*args, **kw).detach(), expected, what="non-linear")
+
+
+def test_drop_path_in_training_shares_the_mask():
+    """Stochastic depth in training: with the same seed the rule draws the model's per-sample masks."""
+    m = tiny_timm_vit(drop_path_rate=0.5, init_values=0.3).double().train()
+    tm = TangentModel(m, "all")
+    randomize_delta(tm, 0.1)
+    args, kw = inputs(m, 4)
+    torch.manual_seed(7)
+    f0, t = tm.forward_parts(*args, **kw)
+    torch.manual_seed(7)
+    y, ty = reference_jvp(tm, *args, **kw)
+    assert tm.fallback_modules == []
+    assert_close(f0.detach(), y, what="primal")
+    assert_close(t.detach(), ty, what="tangent")
+
+
+def test_layer_norm_fp32():
+    """LayerNormFp32 computes in float32 inside a float64 model: the rule does the same (float32 tolerance)."""
+    from timm.layers import LayerNormFp32
+
+    m = tiny_timm_vit(norm_layer=LayerNormFp32).double()
+    tm = TangentModel(m, "all")
+    randomize_delta(tm, 0.1)
+    args, kw = inputs(m, 2)
+    f0, t = tm.forward_parts(*args, **kw)
+    assert tm.fallback_modules == []
+    y, ty = reference_jvp(tm, *args, **kw)
+    assert_close(f0.detach(), y, what="primal", dtype=torch.float32)
+    assert_close(t.detach(), ty, what="tangent", dtype=torch.float32)

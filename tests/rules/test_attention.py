@@ -13,7 +13,7 @@ from taft.engine.context import TangentContext
 from taft.engine.dual import Dual
 from taft.rules.attention import additive_mask, attention_dual
 from tests.helpers import assert_close
-from tests.rules._rule_harness import RULE_SETTINGS, check_finite_difference, gen, rand
+from tests.rules._rule_harness import RULE_SETTINGS, assert_close_scaled, check_finite_difference, gen, rand
 
 SLOTS = ("q", "k", "v")
 
@@ -54,8 +54,26 @@ def make_qkv(shape, g, dtype, layout="contiguous"):
     return q, k, v
 
 
+def cancellation_scale(q, k, v, tq, tk, tv, scale, mask) -> float:
+    """max of Σ|terms| of Ȯ = (P⊙Ṡ)V − rowsum(P⊙Ṡ)·O + PV̇ (float64).
+
+    When P is nearly one-hot (or a row has a single unmasked key) the two softmax terms cancel and Ȯ is
+    orders of magnitude below them; a float32 sum then carries an error of ~eps·Σ|terms| whatever the
+    formulation (PyTorch's own float32 jvp of softmax attention included), so that is the yardstick."""
+    q, k, v = q.double(), k.double(), v.double()
+    zero = torch.zeros_like
+    tq, tk, tv = (zero(a) if t is None else t.double() for a, t in ((q, tq), (k, tk), (v, tv)))
+    s = q @ k.transpose(-2, -1) * scale
+    if mask is not None:
+        s = s + mask.double()
+    p = torch.softmax(s, -1)
+    pds = (p * (tq @ k.transpose(-2, -1) + q @ tk.transpose(-2, -1)) * scale).abs()
+    terms = pds @ v.abs() + pds.sum(-1, keepdim=True) * (p @ v).abs() + p @ tv.abs()
+    return terms.max().item()
+
+
 def run_case(shape, keep, seed, layout, dtype, slots):
-    """(rule Dual, reference (y, ẏ) in float64) with tangents on ``slots``."""
+    """(rule Dual, reference (y, ẏ) in float64, cancellation scale) with tangents on ``slots``."""
     g = gen(seed)
     q, k, v = make_qkv(shape, g, dtype, layout)
     tq, tk, tv = (rand(a.shape, g, dtype) if n in slots else None for n, a in zip(SLOTS, (q, k, v), strict=True))
@@ -71,7 +89,7 @@ def run_case(shape, keep, seed, layout, dtype, slots):
         (q.double(), k.double(), v.double()),
         (z(q, tq), z(k, tk), z(v, tv)),
     )
-    return out, ref
+    return out, ref, cancellation_scale(q, k, v, tq, tk, tv, scale, mask)
 
 
 TANGENT_SETS = [("q",), ("k",), ("v",), ("q", "k"), ("q", "k", "v")]
@@ -83,19 +101,22 @@ TANGENT_SETS = [("q",), ("k",), ("v",), ("q", "k"), ("q", "k", "v")]
 @given(case=attn_case())
 def test_attention_matches_jvp(slots, dtype, case):
     shape, keep, seed, layout = case
-    out, (y, ty) = run_case(shape, keep, seed, layout, dtype, slots)
+    out, (y, ty), floor = run_case(shape, keep, seed, layout, dtype, slots)
     b, h, t, s, d = shape
     assert out.primal.shape == out.tangent.shape == (b, h, t, d)
     assert out.primal.dtype == out.tangent.dtype == dtype
     assert_close(out.primal.double(), y, what="primal", dtype=dtype)
-    assert_close(out.tangent.double(), ty, what="tangent", dtype=dtype)
+    if dtype == torch.float64:
+        assert_close(out.tangent, ty, what="tangent")
+    else:
+        assert_close_scaled(out.tangent.double(), ty, what="tangent", dtype=dtype, floor=floor)
 
 
 @RULE_SETTINGS
 @given(case=attn_case())
 def test_attention_no_tangent(case):
     shape, keep, seed, layout = case
-    out, (y, ty) = run_case(shape, keep, seed, layout, torch.float64, ())
+    out, (y, ty), _ = run_case(shape, keep, seed, layout, torch.float64, ())
     assert out.tangent is None
     assert not ty.any()
     assert_close(out.primal, y, what="primal")
@@ -121,7 +142,7 @@ def test_attention_finite_difference(case):
 
 def test_attention_reference_nonzero_with_padding_and_t_ne_s():
     keep = torch.tensor([[1, 1, 0, 1, 0], [1, 0, 0, 0, 0]])
-    out, (y, ty) = run_case((2, 2, 3, 5, 4), keep, 71, "contiguous", torch.float64, SLOTS)
+    out, (y, ty), _ = run_case((2, 2, 3, 5, 4), keep, 71, "contiguous", torch.float64, SLOTS)
     assert ty.abs().max() > 0.1, "reference tangent is (near) zero: the check would pass vacuously"
     assert_close(out.primal, y, what="primal")
     assert_close(out.tangent, ty, what="tangent")

@@ -19,10 +19,13 @@ from tests.helpers import assert_close
 def no_mha_fastpath():
     # torch's fused MHA fast path (eval, batch_first, self-attention) has no forward-mode derivative, so the
     # torch.func.jvp reference needs the slow path (same maths).
-    prev = torch.backends.mha.get_fastpath_enabled()
+    # Tiny float64 GEMMs: thread wake-ups dominate on a 2-core machine, so one thread.
+    prev, n = torch.backends.mha.get_fastpath_enabled(), torch.get_num_threads()
     torch.backends.mha.set_fastpath_enabled(False)
+    torch.set_num_threads(1)
     yield
     torch.backends.mha.set_fastpath_enabled(prev)
+    torch.set_num_threads(n)
 
 
 def make_mha(E=8, h=2, seed=0, **kw) -> nn.MultiheadAttention:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import torch
 from torch import Tensor
 
 
@@ -28,13 +29,31 @@ def add_tangents(*tangents: Tensor | None) -> Tensor | None:
 
 
 def dual_add(*xs: Dual) -> Dual:
-    """Residual add: primal and tangent are both linear in the inputs."""
+    """Residual / broadcast add. The tangent always has the primal's (broadcast) shape, also when only a
+    broadcast term such as a (1, T, D) position embedding carries one."""
     primal = xs[0].primal
     for x in xs[1:]:
         primal = primal + x.primal
-    return Dual(primal, add_tangents(*(x.tangent for x in xs)))
+    t = add_tangents(*(x.tangent for x in xs))
+    if t is not None and t.shape != primal.shape:
+        t = t.expand(primal.shape)
+    return Dual(primal, t)
+
+
+def dual_cat(xs: list[Dual], dim: int) -> Dual:
+    """Concatenation (CLS / register tokens before patch tokens); missing tangents are zeros."""
+    primal = torch.cat([x.primal for x in xs], dim=dim)
+    if all(x.tangent is None for x in xs):
+        return Dual(primal, None)
+    parts = [x.tangent if x.tangent is not None else torch.zeros_like(x.primal) for x in xs]
+    return Dual(primal, torch.cat(parts, dim=dim))
 
 
 def dual_map(x: Dual, fn) -> Dual:
     """Apply a linear, parameter-free map (view, transpose, slice, scale) to both parts."""
     return Dual(fn(x.primal), None if x.tangent is None else fn(x.tangent))
+
+
+def as_dual(x) -> Dual:
+    """Wrap a plain tensor (no tangent) as a Dual; Duals pass through."""
+    return x if isinstance(x, Dual) else Dual(x, None)

@@ -1,16 +1,33 @@
 """Generic tangent for modules without a closed-form rule: ``torch.func.jvp`` over ``functional_call``.
 
-PyTorch's fused SDPA kernels have no forward-mode derivative, so the fallback runs attention through the math
-backend (same values up to rounding, and exact derivatives).
+PyTorch's fused SDPA kernels and the ``nn.MultiheadAttention`` fast path have no forward-mode derivative, so
+the fallback runs attention through the math paths (same values up to rounding, and exact derivatives).
 """
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from taft.engine.context import TangentContext, primary_output
 from taft.engine.dual import Dual
+
+
+@contextlib.contextmanager
+def forward_ad_safe_attention() -> Iterator[None]:
+    """Attention kernels that have forward-mode derivatives: SDPA's math backend, and no fused
+    ``nn.MultiheadAttention`` fast path (``_native_multi_head_attention`` has no forward-AD formula).
+    Same maths, exact derivatives."""
+    fast = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with sdpa_kernel(SDPBackend.MATH):
+            yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fast)
 
 
 def jvp_fallback(ctx: TangentContext, module, name: str, entry, args, kwargs) -> Dual:
@@ -39,7 +56,7 @@ def jvp_fallback(ctx: TangentContext, module, name: str, entry, args, kwargs) ->
 
     primals = (lin_p, *(d.primal for _, d in slots), *(d.primal for _, d in kslots))
     tangents = (lin_t, *(d.tangent for _, d in slots), *(d.tangent for _, d in kslots))
-    with sdpa_kernel(SDPBackend.MATH):
+    with forward_ad_safe_attention():
         y, ty = torch.func.jvp(f, primals, tangents)
     if ctx.vjp:
         ty = ty.detach()

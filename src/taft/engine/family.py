@@ -75,8 +75,9 @@ class Family:
     def reinit_module(self, module: nn.Module) -> None:
         """Re-initialize ``module`` in place the way the family initializes a fresh one."""
         for m in module.modules():
-            if hasattr(m, "reset_parameters"):
-                m.reset_parameters()
+            reset = getattr(m, "reset_parameters", None) or getattr(m, "_reset_parameters", None)  # MHA: private
+            if reset is not None:
+                reset()
 
     # -- forward --------------------------------------------------------------------------------------
     def prepare(self, *args, **kwargs) -> State:

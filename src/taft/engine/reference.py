@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from taft.engine.fallback import forward_ad_safe_attention
 
 
 def _model_fn(tm, args, kwargs):
@@ -32,7 +33,7 @@ def reference_jvp(tm, *args, **kwargs) -> tuple[Tensor, Tensor]:
     Not defined for ``linearize_cls`` (the fresh CLS token is not a parameter of the base model)."""
     f, lin = _model_fn(tm, args, kwargs)
     delta = {n: d.detach() for n, d in tm.delta_dict().items()}
-    with sdpa_kernel(SDPBackend.MATH):
+    with forward_ad_safe_attention():
         return torch.func.jvp(f, (lin,), (delta,))
 
 

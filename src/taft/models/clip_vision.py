@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from transformers import CLIPVisionConfig, CLIPVisionModel, CLIPVisionModelWithProjection
 from transformers.models.clip import modeling_clip as mc
 
-from taft.engine.dual import Dual, dual_add, dual_map
+from taft.engine.dual import Dual, as_dual, dual_add, dual_cat, dual_map
 from taft.engine.family import Family, Stage, State, register_family
 from taft.engine.registry import register_rule
 from taft.rules.attention import attention_dual
@@ -26,40 +26,20 @@ def _first(out):
     return out[0] if isinstance(out, tuple) else out
 
 
-def _as_dual(x) -> Dual:
-    return x if isinstance(x, Dual) else Dual(x, None)
 
-
-def _cat(ctx, xs: list[Dual], dim: int) -> Dual:
-    """Concatenate Duals; a missing tangent is zero (``None`` if every tangent is)."""
-    p = torch.cat([x.primal for x in xs], dim=dim)
-    if all(x.tangent is None for x in xs):
-        return Dual(p, None)
-    with ctx.tangent_mode():
-        t = torch.cat([x.tangent if x.tangent is not None else torch.zeros_like(x.primal) for x in xs], dim=dim)
-    return Dual(p, t)
-
-
-def _add(ctx, x: Dual, y: Dual) -> Dual:
-    """``x + y`` with broadcasting; the tangent is expanded to the primal's shape."""
-    out = dual_add(x, y)
-    if out.tangent is not None and out.tangent.shape != out.primal.shape:
-        with ctx.tangent_mode():
-            out = Dual(out.primal, out.tangent.expand(out.primal.shape))
-    return out
 
 
 @register_rule(mc.CLIPVisionEmbeddings)
 def clip_vision_embeddings_rule(ctx, m: mc.CLIPVisionEmbeddings, name: str, pixel_values,
                                 interpolate_pos_encoding: bool = False) -> Dual:
     """``e = [c; flatten(conv(x, W))ᵀ] + P[ids]``: ``ė = [ċ; conv(x, Ẇ)ᵀ] + Ṗ[ids]`` (Conv2d and Embedding rules)."""
-    x = _as_dual(pixel_values)
+    x = as_dual(pixel_values)
     B, _, H, W = x.primal.shape
     if interpolate_pos_encoding:
         n_patches = (H // m.patch_size) * (W // m.patch_size)
         if not (n_patches == m.num_patches and H == W):  # else HF leaves the table unchanged
             raise NotImplementedError("CLIP vision embeddings rule: position-embedding interpolation is not supported")
-    elif H != m.image_size or W != m.image_size:
+    elif (m.image_size, m.image_size) != (H, W):
         raise ValueError(f"Input image size ({H}*{W}) doesn't match model ({m.image_size}*{m.image_size}).")
     dt = m.patch_embedding.weight.dtype
     x = dual_map(x, lambda t: t.to(dtype=dt))
@@ -67,7 +47,7 @@ def clip_vision_embeddings_rule(ctx, m: mc.CLIPVisionEmbeddings, name: str, pixe
     p = dual_map(p, lambda t: t.flatten(2).transpose(1, 2))  # (B, N, D)
     c = dual_map(ctx.param(f"{name}.class_embedding"), lambda t: t.expand(B, 1, -1))
     pos = ctx.call(m.position_embedding, f"{name}.position_embedding", m.position_ids)  # (1, N+1, D)
-    return _add(ctx, _cat(ctx, [c, p], 1), pos)
+    return dual_add(dual_cat([c, p], 1), pos)
 
 
 @register_rule(mc.CLIPAttention, plain_output=_first)

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from transformers import ViTConfig, ViTModel
 from transformers.models.vit import modeling_vit as mv
 
-from taft.engine.dual import Dual, dual_add, dual_map
+from taft.engine.dual import Dual, as_dual, dual_add, dual_cat, dual_map
 from taft.engine.family import Family, Stage, State, register_family
 from taft.engine.registry import register_rule
 from taft.rules.attention import attention_dual
@@ -27,33 +27,13 @@ def _first(out):
     return out[0] if isinstance(out, tuple) else out
 
 
-def _as_dual(x) -> Dual:
-    return x if isinstance(x, Dual) else Dual(x, None)
 
-
-def _cat(ctx, xs: list[Dual], dim: int) -> Dual:
-    """Concatenate Duals; a missing tangent is zero (``None`` if every tangent is)."""
-    p = torch.cat([x.primal for x in xs], dim=dim)
-    if all(x.tangent is None for x in xs):
-        return Dual(p, None)
-    with ctx.tangent_mode():
-        t = torch.cat([x.tangent if x.tangent is not None else torch.zeros_like(x.primal) for x in xs], dim=dim)
-    return Dual(p, t)
-
-
-def _add(ctx, x: Dual, y: Dual) -> Dual:
-    """``x + y`` with broadcasting; the tangent is expanded to the primal's shape."""
-    out = dual_add(x, y)
-    if out.tangent is not None and out.tangent.shape != out.primal.shape:
-        with ctx.tangent_mode():
-            out = Dual(out.primal, out.tangent.expand(out.primal.shape))
-    return out
 
 
 @register_rule(mv.ViTPatchEmbeddings)
 def vit_patch_embeddings_rule(ctx, m: mv.ViTPatchEmbeddings, name: str, pixel_values) -> Dual:
     """``y = flatten(conv(x, W) + b)ᵀ``: the Conv2d rule then a linear reshape (B, D, h, w) → (B, h·w, D)."""
-    x = _as_dual(pixel_values)
+    x = as_dual(pixel_values)
     if x.primal.shape[1] != m.num_channels:
         raise ValueError(
             "Make sure that the channel dimension of the pixel values match with the one set in the configuration."
@@ -69,17 +49,17 @@ def vit_embeddings_rule(ctx, m: mv.ViTEmbeddings, name: str, pixel_values, bool_
     """``y = dropout([cls; P(x)] + pos)``: ``ẏ = [ċls; Ṗ] + ṗos`` (cls and pos are parameters, broadcast over B)."""
     if bool_masked_pos is not None:
         raise NotImplementedError("HF ViT embeddings rule: bool_masked_pos (masked image modeling) is not supported")
-    x = _as_dual(pixel_values)
+    x = as_dual(pixel_values)
     B, _, H, W = x.primal.shape
     e = ctx.call(m.patch_embeddings, f"{name}.patch_embeddings", x)  # (B, N, D)
     n_patches, n_pos = e.primal.shape[1], m.position_embeddings.shape[1] - 1
     if interpolate_pos_encoding:
         if not (n_patches == n_pos and H == W):  # else HF leaves the table unchanged
             raise NotImplementedError("HF ViT embeddings rule: position-embedding interpolation is not supported")
-    elif (H, W) != tuple(m.image_size):
+    elif tuple(m.image_size) != (H, W):
         raise ValueError(f"Input image size ({H}*{W}) doesn't match model ({m.image_size[0]}*{m.image_size[1]}).")
     cls = dual_map(ctx.param(f"{name}.cls_token"), lambda t: t.expand(B, -1, -1))
-    e = _add(ctx, _cat(ctx, [cls, e], 1), ctx.param(f"{name}.position_embeddings"))
+    e = dual_add(dual_cat([cls, e], 1), ctx.param(f"{name}.position_embeddings"))
     return ctx.call(m.dropout, f"{name}.dropout", e)
 
 

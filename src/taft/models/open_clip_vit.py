@@ -16,31 +16,12 @@ import torch
 from open_clip import transformer as oct
 from torch import Tensor, nn
 
-from taft.engine.dual import Dual, add_tangents, dual_add, dual_map
+from taft.engine.dual import Dual, add_tangents, dual_add, dual_cat, dual_map
 from taft.engine.family import Family, Stage, State, register_family
 from taft.engine.registry import register_rule
 from taft.models.timm_vit import layer_scale_dual, timm_layer_norm_fp32_rule
 from taft.rules.layer_norm import layer_norm_rule
 from taft.rules.quick_gelu import quick_gelu_dual
-
-
-def _cat(ctx, xs: list[Dual], dim: int) -> Dual:
-    """Concatenate Duals; a missing tangent is zero (``None`` if every tangent is)."""
-    p = torch.cat([x.primal for x in xs], dim=dim)
-    if all(x.tangent is None for x in xs):
-        return Dual(p, None)
-    with ctx.tangent_mode():
-        t = torch.cat([x.tangent if x.tangent is not None else torch.zeros_like(x.primal) for x in xs], dim=dim)
-    return Dual(p, t)
-
-
-def _add(ctx, x: Dual, y: Dual) -> Dual:
-    """``x + y`` with broadcasting; the tangent is expanded to the primal's shape."""
-    out = dual_add(x, y)
-    if out.tangent is not None and out.tangent.shape != out.primal.shape:
-        with ctx.tangent_mode():
-            out = Dual(out.primal, out.tangent.expand(out.primal.shape))
-    return out
 
 
 def _matmul(ctx, x: Dual, w: Dual) -> Dual:
@@ -193,8 +174,8 @@ class OpenCLIPViTFamily(Family):
         h = dual_map(h, lambda t: t.reshape(t.shape[0], t.shape[1], -1).permute(0, 2, 1))  # (B, N, D)
         B, dt = h.primal.shape[0], h.primal.dtype
         c = dual_map(ctx.param(self.q("class_embedding")), lambda t: t.view(1, 1, -1).expand(B, -1, -1).to(dt))
-        h = _cat(ctx, [c, h], 1)
-        h = _add(ctx, h, dual_map(ctx.param(self.q("positional_embedding")), lambda t: t.to(dt)))
+        h = dual_cat([c, h], 1)
+        h = dual_add(h, dual_map(ctx.param(self.q("positional_embedding")), lambda t: t.to(dt)))
         h = ctx.call(m.patch_dropout, self.q("patch_dropout"), h)
         return ctx.call(m.ln_pre, self.q("ln_pre"), h)
 

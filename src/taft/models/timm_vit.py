@@ -26,7 +26,7 @@ from timm.layers.format import Format
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor, nn
 
-from taft.engine.dual import Dual, dual_add, dual_map
+from taft.engine.dual import Dual, as_dual, dual_add, dual_cat, dual_map
 from taft.engine.family import Family, Stage, State, register_family
 from taft.engine.registry import register_rule
 from taft.rules.attention import attention_dual
@@ -41,27 +41,7 @@ except ImportError:  # pragma: no cover
 
 
 # -- helpers ----------------------------------------------------------------------------------------------
-def _as_dual(x) -> Dual:
-    return x if isinstance(x, Dual) else Dual(x, None)
 
-
-def _cat(ctx, xs: list[Dual], dim: int) -> Dual:
-    """Concatenate Duals; a missing tangent is zero (``None`` if every tangent is)."""
-    p = torch.cat([x.primal for x in xs], dim=dim)
-    if all(x.tangent is None for x in xs):
-        return Dual(p, None)
-    with ctx.tangent_mode():
-        t = torch.cat([x.tangent if x.tangent is not None else torch.zeros_like(x.primal) for x in xs], dim=dim)
-    return Dual(p, t)
-
-
-def _add(ctx, x: Dual, y: Dual) -> Dual:
-    """``x + y`` with broadcasting; the tangent is expanded to the primal's shape."""
-    out = dual_add(x, y)
-    if out.tangent is not None and out.tangent.shape != out.primal.shape:
-        with ctx.tangent_mode():
-            out = Dual(out.primal, out.tangent.expand(out.primal.shape))
-    return out
 
 
 # -- rules --------------------------------------------------------------------------------------------------
@@ -150,11 +130,11 @@ if PatchDropout is not None:
 def timm_patch_embed_rule(ctx, m: PatchEmbed, name: str, x) -> Dual:
     """``y = norm(flatten(conv(x, W) + b))``: the Conv2d rule, a linear reshape (B, D, h, w) → (B, h·w, D), then
     the norm's rule. ``dynamic_img_pad`` zero-pads the input first (linear)."""
-    x = _as_dual(x)
+    x = as_dual(x)
     B, C, H, W = x.primal.shape
     if m.img_size is not None:
         if m.strict_img_size:
-            if (H, W) != tuple(m.img_size):
+            if tuple(m.img_size) != (H, W):
                 raise ValueError(f"Input size ({H}*{W}) doesn't match model ({m.img_size[0]}*{m.img_size[1]}).")
         elif not m.dynamic_img_pad and (H % m.patch_size[0] or W % m.patch_size[1]):
             raise ValueError(f"Input size ({H}*{W}) should be divisible by patch size {m.patch_size}.")
@@ -348,13 +328,13 @@ class TimmViTFamily(Family):
         if m.reg_token is not None:
             prefix.append(dual_map(ctx.param(self.q("reg_token")), lambda t: t.expand(B, -1, -1)))
         if m.pos_embed is None:
-            h = _cat(ctx, [*prefix, h], 1)
+            h = dual_cat([*prefix, h], 1)
         elif m.no_embed_class:
-            h = _add(ctx, h, ctx.param(self.q("pos_embed")))
-            h = _cat(ctx, [*prefix, h], 1) if prefix else h
+            h = dual_add(h, ctx.param(self.q("pos_embed")))
+            h = dual_cat([*prefix, h], 1) if prefix else h
         else:
-            h = _cat(ctx, [*prefix, h], 1) if prefix else h
-            h = _add(ctx, h, ctx.param(self.q("pos_embed")))
+            h = dual_cat([*prefix, h], 1) if prefix else h
+            h = dual_add(h, ctx.param(self.q("pos_embed")))
         h = ctx.call(m.pos_drop, self.q("pos_drop"), h)
         h = ctx.call(m.patch_drop, self.q("patch_drop"), h)
         return ctx.call(m.norm_pre, self.q("norm_pre"), h)

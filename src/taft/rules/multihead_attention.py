@@ -77,6 +77,9 @@ def multihead_attention_rule(
     average_attn_weights: bool = True,
     is_causal: bool = False,
 ) -> Dual:
+    """``y = out_proj(softmax(QKᵀ/√d + M)V)`` with ``Q, K, V`` from the packed (or separate) input projection;
+    ``ẏ`` = the Linear rule on each projection, :func:`attention_dual` on the core, the Linear rule on
+    ``out_proj`` (see the module docstring for the masks, ``bias_k/v`` and ``add_zero_attn``)."""
     if m.training and m.dropout > 0.0:
         raise NotImplementedError("multihead attention rule: attention dropout in training mode is not supported")
     self_attn = query is key and key is value
@@ -101,7 +104,9 @@ def multihead_attention_rule(
 
     # Input projections.
     b = ctx.param(f"{name}.in_proj_bias") if m.in_proj_bias is not None else None
-    bq, bk, bv = (None, None, None) if b is None else (dual_map(b, lambda t, i=i: t[i * E : (i + 1) * E]) for i in range(3))
+    bq = bk = bv = None
+    if b is not None:
+        bq, bk, bv = (dual_map(b, lambda t, i=i: t[i * E : (i + 1) * E]) for i in range(3))
     if m._qkv_same_embed_dim:
         w = ctx.param(f"{name}.in_proj_weight")  # (3E, E)
         if self_attn:
