@@ -4,11 +4,22 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 
 import typer
 from typer._click import exceptions as click_exc
 
 from taft.errors import TaftError
+
+# Library chatter that says nothing to a taft user (a deprecation inside an upstream import).
+warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.* is deprecated")
+
+
+def console():
+    from rich.console import Console
+
+    return Console() if sys.stdout.isatty() else Console(width=140)
+
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Tangent fine-tuning of pretrained transformers.")
 
@@ -40,7 +51,6 @@ def check(
         out = [r.to_dict() for r in reports]
         typer.echo(json.dumps(out[0] if len(out) == 1 else out, indent=2))
     else:
-        from rich.console import Console
         from rich.table import Table
 
         table = Table(title=f"taft check ({dtype}, scope={scope})")
@@ -50,7 +60,7 @@ def check(
             table.add_row(r.model, r.arch, str(r.linearized), f"{r.max_rel_err_primal:.2e}",
                           f"{r.max_rel_err_tangent:.2e}", f"{r.tolerance:.0e}",
                           ", ".join(r.fallback_modules) or "none", "yes" if r.passed else "NO")
-        Console().print(table)
+        console().print(table)
     if not all(r.passed for r in reports):
         raise typer.Exit(1)
 

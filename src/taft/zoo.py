@@ -33,7 +33,9 @@ def minilm_path() -> Path:
 
 def load_minilm(pretrained: bool = True) -> nn.Module:
     from transformers import BertConfig, BertModel
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # a per-tensor "Loading weights" bar for a 90 MB local file
     path = minilm_path()
     if pretrained:
         return BertModel.from_pretrained(str(path))

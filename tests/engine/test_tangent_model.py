@@ -200,3 +200,15 @@ def test_suffix_and_regex_patterns(bert):
     assert "encoder.layer.0.intermediate.dense.weight" in tm.linearized
     assert not any("attention" in n for n in tm.linearized)
     assert tm.start == 0
+
+
+def test_hooked_or_patched_modules_take_the_faithful_fallback(bert, batch):
+    """A rule reproduces the class's forward; a hook or an instance-level forward must not be skipped."""
+    args, kw = batch
+    seen = []
+    handle = bert.encoder.layer[1].output.dense.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    tm = TangentModel(bert, "last:1")
+    randomize_delta(tm, 0.1)
+    check_against_reference(tm, *args, **kw)
+    assert tm.fallback_modules == ["encoder.layer.1.output.dense"] and seen
+    handle.remove()

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from rich.console import Console
 from rich.table import Table
+
+from taft.cli import console
 
 
 def _pct(x) -> str:
@@ -19,7 +20,7 @@ def print_results(results) -> None:
         table.add_row(c["method"], c["data"], c["scope"] if c["method"] in ("taft", "nlft") else "—",
                       _pct(r.val_acc), _pct(r.test_acc), f"{r.trainable_params:,}", f"{r.cache_s:.1f}",
                       f"{r.train_s:.1f}", f"{r.total_s:.1f}")
-    Console().print(table)
+    console().print(table)
     for r in results:
         if r.output_dir:
-            Console().print(f"wrote {r.output_dir}/delta.safetensors, config.yaml, metrics.jsonl, results.json")
+            console().print(f"wrote {r.output_dir}/delta.safetensors, config.yaml, metrics.jsonl, results.json")
