@@ -12,6 +12,7 @@ from collections.abc import Iterable
 
 import torch
 from hypothesis import settings
+from hypothesis import strategies as st
 from torch import Tensor, nn
 
 import taft.rules  # noqa: F401  (importing the package registers every rule)
@@ -25,6 +26,11 @@ RULE_SETTINGS = settings(max_examples=int(os.environ.get("TAFT_RULE_EXAMPLES", "
 LAYOUTS = ("contiguous", "transposed", "strided")
 FD_EPS = 1e-6
 FD_TOL = 1e-6
+DTYPES = (torch.float64, torch.float32)
+SEEDS = st.integers(0, 2**31 - 1)
+# Elementwise maps: (B, T, D) inputs; input scales reaching the linear, curved and saturated parts.
+SHAPES = st.tuples(st.integers(1, 4), st.integers(1, 6), st.integers(1, 8))
+SCALES = st.sampled_from([0.1, 1.0, 4.0])
 
 
 def gen(seed: int) -> torch.Generator:
@@ -46,6 +52,12 @@ def rand(shape, g: torch.Generator, dtype=torch.float64, layout: str = "contiguo
         base = torch.randn((*shape[:-1], 2 * shape[-1]), generator=g, dtype=dtype) * scale
         return base[..., ::2]
     raise ValueError(layout)
+
+
+def input_and_tangent(shape, seed: int, dtype=torch.float64, layout: str = "contiguous", scale: float = 1.0):
+    """(x, ẋ) for a parameter-free map: ``x`` is N(0, 1) × ``scale``, ``ẋ`` is N(0, 1), both in ``layout``."""
+    g = gen(seed)
+    return rand(shape, g, dtype, layout, scale), rand(shape, g, dtype, layout)
 
 
 def module_params(module: nn.Module, name: str) -> dict[str, Tensor]:
@@ -140,6 +152,15 @@ def check_rule(module, name, params, deltas, x, xdot=None, *, differentiable_inp
     return out, ty
 
 
+def check_non_contiguous(module, name, shape, seed: int, which: Iterable[str] = ("weight", "bias")) -> None:
+    """:func:`check_rule` with a transposed ``x`` and a strided ``ẋ`` (neither contiguous), Δw for ``which``."""
+    g = gen(seed)
+    x, xdot = rand(shape, g, layout="transposed"), rand(shape, g, layout="strided")
+    assert not x.is_contiguous() and not xdot.is_contiguous()
+    params = module_params(module, name)
+    check_rule(module, name, params, make_deltas(params, which, g), x, xdot)
+
+
 def check_no_tangent(module, name, params, x) -> None:
     """Nothing linearized, no input tangent: tangent None and the primal is exactly the module's output."""
     out = TangentContext(params, {}, vjp=False).call(module, name, Dual(x, None))
@@ -147,6 +168,20 @@ def check_no_tangent(module, name, params, x) -> None:
     with torch.no_grad():
         expected = torch.func.functional_call(module, _local(name, params), (x,))
     assert torch.equal(out.primal, expected)
+
+
+def check_rule_no_tangent(module, name, params, x, *, exact: bool) -> None:
+    """:func:`check_no_tangent`, then the registered rule itself (:func:`direct_rule`) with no tangent anywhere:
+    tangent None and the primal equals the module's output (bit for bit when ``exact``, else to tolerance)."""
+    check_no_tangent(module, name, params, x)
+    out = direct_rule(module, name, params, Dual(x, None))
+    assert out.tangent is None
+    with torch.no_grad():
+        expected = module(x)
+    if exact:
+        assert torch.equal(out.primal, expected)
+    else:
+        assert_close(out.primal, expected, what="primal")
 
 
 def finite_difference(module, name, params, deltas, x, xdot=None, eps: float = FD_EPS) -> Tensor:
@@ -169,6 +204,23 @@ def check_finite_difference(tangent: Tensor, fd: Tensor, floor: float = 0.0) -> 
     scale = max(fd.abs().max().item(), floor)
     err = (tangent - fd).abs().max().item() / scale
     assert err < FD_TOL, f"finite difference: max error {err:.3e} (relative to {scale:.3e})"
+
+
+def check_rule_finite_difference(module, name, params, deltas, x, xdot=None, *, elementwise: bool = False) -> None:
+    """The rule's tangent along (Δw, ẋ) vs the central difference of the module's own forward (float64).
+    Without ``xdot`` the input goes in as is (e.g. embedding indices). ``elementwise``: parameter-free
+    pointwise map, error measured on the scale of ``ẋ`` as well (see :func:`check_finite_difference`)."""
+    out = run_rule(module, name, params, deltas, x if xdot is None else Dual(x, xdot))
+    fd = finite_difference(module, name, params, deltas, x, xdot)
+    check_finite_difference(out.tangent, fd, floor=xdot.abs().max().item() if elementwise else 0.0)
+
+
+def check_full_finite_difference(module, name, x, g: torch.Generator) -> None:
+    """:func:`check_rule_finite_difference` along Δw for every parameter of ``module`` and a random ẋ (drawn
+    from ``g`` in that order)."""
+    params = module_params(module, name)
+    deltas = make_deltas(params, [k for k, _ in module.named_parameters()], g)
+    check_rule_finite_difference(module, name, params, deltas, x, rand(x.shape, g))
 
 
 def direct_rule(module, name, params, *args) -> Dual:

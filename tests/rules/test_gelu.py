@@ -14,22 +14,10 @@ from taft.engine.context import TangentContext
 from taft.engine.dual import Dual
 from taft.rules.gelu import gelu_dual, gelu_grad
 from tests.helpers import assert_close
-from tests.rules._rule_harness import (
-    LAYOUTS,
-    RULE_SETTINGS,
-    check_finite_difference,
-    check_no_tangent,
-    check_rule,
-    direct_rule,
-    finite_difference,
-    gen,
-    rand,
-    run_rule,
-)
+from tests.rules import _rule_harness as rh
 
 NAME = "mlp.act"
 APPROX = ["none", "tanh"]
-shapes = st.tuples(st.integers(1, 4), st.integers(1, 6), st.integers(1, 8))
 
 
 def _ref_grad(x, approximate):
@@ -38,47 +26,36 @@ def _ref_grad(x, approximate):
 
 
 @pytest.mark.parametrize("approximate", APPROX)
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@RULE_SETTINGS
-@given(shape=shapes, layout=st.sampled_from(LAYOUTS), scale=st.sampled_from([0.1, 1.0, 4.0]),
-       seed=st.integers(0, 2**31 - 1))
+@pytest.mark.parametrize("dtype", rh.DTYPES)
+@rh.RULE_SETTINGS
+@given(shape=rh.SHAPES, layout=st.sampled_from(rh.LAYOUTS), scale=rh.SCALES, seed=rh.SEEDS)
 def test_gelu_matches_jvp(approximate, dtype, shape, layout, scale, seed):
-    g = gen(seed)
-    x = rand(shape, g, dtype, layout, scale)
-    xdot = rand(shape, g, dtype, layout)
-    check_rule(nn.GELU(approximate=approximate), NAME, {}, {}, x, xdot, elementwise=True)
+    x, xdot = rh.input_and_tangent(shape, seed, dtype, layout, scale)
+    rh.check_rule(nn.GELU(approximate=approximate), NAME, {}, {}, x, xdot, elementwise=True)
 
 
 @pytest.mark.parametrize("approximate", APPROX)
-@RULE_SETTINGS
-@given(shape=shapes, layout=st.sampled_from(LAYOUTS), seed=st.integers(0, 2**31 - 1))
+@rh.RULE_SETTINGS
+@given(shape=rh.SHAPES, layout=st.sampled_from(rh.LAYOUTS), seed=rh.SEEDS)
 def test_gelu_no_tangent(approximate, shape, layout, seed):
-    x = rand(shape, gen(seed), layout=layout)
-    act = nn.GELU(approximate=approximate)
-    check_no_tangent(act, NAME, {}, x)
-    out = direct_rule(act, NAME, {}, Dual(x, None))
-    assert out.tangent is None
-    assert torch.equal(out.primal, act(x))
+    x = rh.rand(shape, rh.gen(seed), layout=layout)
+    rh.check_rule_no_tangent(nn.GELU(approximate=approximate), NAME, {}, x, exact=True)
 
 
 @pytest.mark.parametrize("approximate", APPROX)
-@RULE_SETTINGS
-@given(shape=shapes, scale=st.sampled_from([0.1, 1.0, 4.0]), seed=st.integers(0, 2**31 - 1))
+@rh.RULE_SETTINGS
+@given(shape=rh.SHAPES, scale=rh.SCALES, seed=rh.SEEDS)
 def test_gelu_finite_difference(approximate, shape, scale, seed):
-    g = gen(seed)
-    x, xdot = rand(shape, g, scale=scale), rand(shape, g)
-    act = nn.GELU(approximate=approximate)
-    out = run_rule(act, NAME, {}, {}, Dual(x, xdot))
-    check_finite_difference(out.tangent, finite_difference(act, NAME, {}, {}, x, xdot),
-                            floor=xdot.abs().max().item())
+    x, xdot = rh.input_and_tangent(shape, seed, scale=scale)
+    rh.check_rule_finite_difference(nn.GELU(approximate=approximate), NAME, {}, {}, x, xdot, elementwise=True)
 
 
 @pytest.mark.parametrize("approximate", APPROX)
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("dtype", rh.DTYPES)
 def test_gelu_slope_at_zero_is_exactly_half(approximate, dtype):
     x = torch.zeros(2, 3, 4, dtype=dtype)
-    xdot = rand(x.shape, gen(0), dtype)
-    out = run_rule(nn.GELU(approximate=approximate), NAME, {}, {}, Dual(x, xdot))
+    xdot = rh.rand(x.shape, rh.gen(0), dtype)
+    out = rh.run_rule(nn.GELU(approximate=approximate), NAME, {}, {}, Dual(x, xdot))
     assert torch.equal(out.primal, torch.zeros_like(x))
     assert torch.equal(out.tangent, 0.5 * xdot)
     assert torch.equal(gelu_grad(torch.tensor([0.0, -0.0], dtype=dtype), approximate),
@@ -89,12 +66,12 @@ NEAR_ZERO = [5e-324, 1e-300, 1e-45, 1e-30, 1e-12, 1e-8, 1e-6, 1e-4, 1e-2]
 
 
 @pytest.mark.parametrize("approximate", APPROX)
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("dtype", rh.DTYPES)
 def test_gelu_near_zero(approximate, dtype):
     v = torch.tensor(NEAR_ZERO, dtype=torch.float64)
     x = torch.cat([v, -v, torch.zeros(1, dtype=torch.float64)]).to(dtype)
     xdot = torch.ones_like(x)
-    out = run_rule(nn.GELU(approximate=approximate), NAME, {}, {}, Dual(x, xdot))
+    out = rh.run_rule(nn.GELU(approximate=approximate), NAME, {}, {}, Dual(x, xdot))
     assert_close(out.tangent.double(), _ref_grad(x.double(), approximate), what="tangent", dtype=dtype)
     # g'(x) = ½ + x·(2φ(0)) + O(x³) for both forms (c = √(2/π) = 2φ(0)): elementwise, not just relative to max.
     lin = 0.5 + x.double() * math.sqrt(2.0 / math.pi)
@@ -106,12 +83,12 @@ LARGE = [10.0, 30.0, 100.0, 1e4, 1e8]
 
 
 @pytest.mark.parametrize("approximate", APPROX)
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("dtype", rh.DTYPES)
 def test_gelu_large_magnitude(approximate, dtype):
     v = torch.tensor(LARGE, dtype=dtype)
     x = torch.cat([v, -v])
     xdot = torch.full_like(x, 3.0)
-    out = run_rule(nn.GELU(approximate=approximate), NAME, {}, {}, Dual(x, xdot))
+    out = rh.run_rule(nn.GELU(approximate=approximate), NAME, {}, {}, Dual(x, xdot))
     assert torch.isfinite(out.tangent).all()
     assert_close(out.tangent.double(), 3.0 * _ref_grad(x.double(), approximate), what="tangent", dtype=dtype)
     # Saturation: slope 1 on the right, 0 on the left (|g'(−10)| ≈ 7.7e-22).
@@ -138,10 +115,10 @@ def test_gelu_forms_differ():
 
 
 def test_gelu_batch1_seq1_non_contiguous_reference_nonzero():
-    g = gen(21)
-    x = rand((1, 1, 6), g, layout="strided")
-    xdot = rand((1, 1, 6), g, layout="strided")
+    g = rh.gen(21)
+    x = rh.rand((1, 1, 6), g, layout="strided")
+    xdot = rh.rand((1, 1, 6), g, layout="strided")
     assert not x.is_contiguous()
     for approximate in APPROX:
-        _, ty = check_rule(nn.GELU(approximate=approximate), NAME, {}, {}, x, xdot, elementwise=True)
+        _, ty = rh.check_rule(nn.GELU(approximate=approximate), NAME, {}, {}, x, xdot, elementwise=True)
         assert ty.abs().max() > 0.1, "reference tangent is (near) zero: the check would pass vacuously"

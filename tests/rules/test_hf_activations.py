@@ -19,17 +19,7 @@ from taft.engine.reference import max_rel_err
 from taft.engine.registry import find_rule
 from taft.rules.hf_activations import hf_gelu_rule, hf_gelu_tanh_rule, hf_quick_gelu_rule
 from tests.helpers import assert_close
-from tests.rules._rule_harness import (
-    LAYOUTS,
-    RULE_SETTINGS,
-    check_finite_difference,
-    check_no_tangent,
-    check_rule,
-    finite_difference,
-    gen,
-    rand,
-    run_rule,
-)
+from tests.rules import _rule_harness as rh
 
 NAME = "encoder.layer.0.intermediate.intermediate_act_fn"
 
@@ -44,7 +34,6 @@ MODULES = {
     "QuickGELUActivation": (lambda: hf_act.QuickGELUActivation(), hf_quick_gelu_rule),
 }
 IDS = list(MODULES)
-shapes = st.tuples(st.integers(1, 4), st.integers(1, 6), st.integers(1, 8))
 
 
 @pytest.mark.parametrize("mid", IDS)
@@ -54,51 +43,45 @@ def test_registered_rule(mid):
 
 
 @pytest.mark.parametrize("mid", IDS)
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@RULE_SETTINGS
-@given(shape=shapes, layout=st.sampled_from(LAYOUTS), scale=st.sampled_from([0.1, 1.0, 4.0]),
-       seed=st.integers(0, 2**31 - 1))
+@pytest.mark.parametrize("dtype", rh.DTYPES)
+@rh.RULE_SETTINGS
+@given(shape=rh.SHAPES, layout=st.sampled_from(rh.LAYOUTS), scale=rh.SCALES, seed=rh.SEEDS)
 def test_hf_activation_matches_own_forward_jvp(mid, dtype, shape, layout, scale, seed):
-    g = gen(seed)
-    x, xdot = rand(shape, g, dtype, layout, scale), rand(shape, g, dtype, layout)
-    check_rule(MODULES[mid][0](), NAME, {}, {}, x, xdot, elementwise=True)
+    x, xdot = rh.input_and_tangent(shape, seed, dtype, layout, scale)
+    rh.check_rule(MODULES[mid][0](), NAME, {}, {}, x, xdot, elementwise=True)
 
 
 @pytest.mark.parametrize("mid", IDS)
-@RULE_SETTINGS
-@given(shape=shapes, seed=st.integers(0, 2**31 - 1))
+@rh.RULE_SETTINGS
+@given(shape=rh.SHAPES, seed=rh.SEEDS)
 def test_hf_activation_no_tangent(mid, shape, seed):
-    check_no_tangent(MODULES[mid][0](), NAME, {}, rand(shape, gen(seed)))
+    rh.check_no_tangent(MODULES[mid][0](), NAME, {}, rh.rand(shape, rh.gen(seed)))
 
 
 @pytest.mark.parametrize("mid", IDS)
-@RULE_SETTINGS
-@given(shape=shapes, scale=st.sampled_from([0.1, 1.0, 4.0]), seed=st.integers(0, 2**31 - 1))
+@rh.RULE_SETTINGS
+@given(shape=rh.SHAPES, scale=rh.SCALES, seed=rh.SEEDS)
 def test_hf_activation_finite_difference(mid, shape, scale, seed):
-    g = gen(seed)
-    x, xdot = rand(shape, g, scale=scale), rand(shape, g)
-    m = MODULES[mid][0]()
-    out = run_rule(m, NAME, {}, {}, Dual(x, xdot))
-    check_finite_difference(out.tangent, finite_difference(m, NAME, {}, {}, x, xdot),
-                            floor=xdot.abs().max().item())
+    x, xdot = rh.input_and_tangent(shape, seed, scale=scale)
+    rh.check_rule_finite_difference(MODULES[mid][0](), NAME, {}, {}, x, xdot, elementwise=True)
 
 
 @pytest.mark.parametrize("mid", IDS)
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("dtype", rh.DTYPES)
 def test_hf_activation_slope_at_zero_is_half(mid, dtype):
-    xdot = rand((2, 3), gen(81), dtype)
-    out = run_rule(MODULES[mid][0](), NAME, {}, {}, Dual(torch.zeros(2, 3, dtype=dtype), xdot))
+    xdot = rh.rand((2, 3), rh.gen(81), dtype)
+    out = rh.run_rule(MODULES[mid][0](), NAME, {}, {}, Dual(torch.zeros(2, 3, dtype=dtype), xdot))
     assert torch.equal(out.tangent, 0.5 * xdot)
 
 
 @pytest.mark.parametrize("mid", IDS)
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("dtype", rh.DTYPES)
 def test_hf_activation_large_and_tiny_magnitude(mid, dtype):
     v = torch.tensor([1e-30, 1e-8, 1e-3, 10.0, 30.0, 1e3, 1e4], dtype=dtype)
     x = torch.cat([v, -v, torch.zeros(1, dtype=dtype)])
     xdot = torch.ones_like(x)
     m = MODULES[mid][0]()
-    out = run_rule(m, NAME, {}, {}, Dual(x, xdot))
+    out = rh.run_rule(m, NAME, {}, {}, Dual(x, xdot))
     assert torch.isfinite(out.tangent).all()
     _, ty = torch.func.jvp(m, (x.double(),), (xdot.double(),))
     assert_close(out.tangent.double(), ty, what="tangent", dtype=dtype)
@@ -118,7 +101,7 @@ def test_closed_form_vs_module_formula_discrepancy(mid, bound):
     x = torch.linspace(-6.0, 6.0, 2001, dtype=torch.float64)
     xdot = torch.ones_like(x)
     m = MODULES[mid][0]()
-    out = run_rule(m, NAME, {}, {}, Dual(x, xdot))
+    out = rh.run_rule(m, NAME, {}, {}, Dual(x, xdot))
     y, ty = torch.func.jvp(m, (x,), (xdot,))
     assert max_rel_err(out.primal, y) <= bound
     assert max_rel_err(out.tangent, ty) <= bound
@@ -129,17 +112,17 @@ def test_fast_gelu_constant_is_truncated():
     x = torch.linspace(-4.0, 4.0, 801, dtype=torch.float64)
     xdot = torch.ones_like(x)
     m = hf_act.FastGELUActivation()
-    out = run_rule(m, NAME, {}, {}, Dual(x, xdot))
+    out = rh.run_rule(m, NAME, {}, {}, Dual(x, xdot))
     _, ty = torch.func.jvp(m, (x,), (xdot,))
     err = max_rel_err(out.tangent, ty)
     assert 1e-13 < err < 1e-11, err
 
 
 def test_reference_nonzero_batch1_seq1_non_contiguous():
-    g = gen(82)
-    x, xdot = rand((1, 1, 6), g, layout="transposed"), rand((1, 1, 6), g, layout="strided")
+    g = rh.gen(82)
+    x, xdot = rh.rand((1, 1, 6), g, layout="transposed"), rh.rand((1, 1, 6), g, layout="strided")
     for mid in IDS:
-        _, ty = check_rule(MODULES[mid][0](), NAME, {}, {}, x, xdot, elementwise=True)
+        _, ty = rh.check_rule(MODULES[mid][0](), NAME, {}, {}, x, xdot, elementwise=True)
         assert ty.abs().max() > 0.1, f"{mid}: reference tangent is (near) zero"
 
 

@@ -11,20 +11,9 @@ from torch import nn
 from taft.engine.dual import Dual
 from taft.engine.registry import find_rule
 from taft.rules.identity import dropout_rule, identity_rule
-from tests.rules._rule_harness import (
-    LAYOUTS,
-    RULE_SETTINGS,
-    check_finite_difference,
-    check_no_tangent,
-    check_rule,
-    finite_difference,
-    gen,
-    rand,
-    run_rule,
-)
+from tests.rules import _rule_harness as rh
 
 NAME = "blk.drop"
-shapes = st.tuples(st.integers(1, 4), st.integers(1, 6), st.integers(1, 8))
 
 
 def _eval_modules():
@@ -32,26 +21,24 @@ def _eval_modules():
 
 
 @pytest.mark.parametrize("which", [0, 1, 2], ids=["identity", "dropout-eval", "dropout-p0-train"])
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@RULE_SETTINGS
-@given(shape=shapes, layout=st.sampled_from(LAYOUTS), seed=st.integers(0, 2**31 - 1))
+@pytest.mark.parametrize("dtype", rh.DTYPES)
+@rh.RULE_SETTINGS
+@given(shape=rh.SHAPES, layout=st.sampled_from(rh.LAYOUTS), seed=rh.SEEDS)
 def test_identity_like_matches_jvp(which, dtype, shape, layout, seed):
-    g = gen(seed)
     m = _eval_modules()[which]
-    x, xdot = rand(shape, g, dtype, layout), rand(shape, g, dtype, layout)
-    out, _ = check_rule(m, NAME, {}, {}, x, xdot)
+    x, xdot = rh.input_and_tangent(shape, seed, dtype, layout)
+    out, _ = rh.check_rule(m, NAME, {}, {}, x, xdot)
     assert torch.equal(out.primal, x) and torch.equal(out.tangent, xdot)  # bit-exact pass-through
-    check_no_tangent(m, NAME, {}, x)
+    rh.check_no_tangent(m, NAME, {}, x)
 
 
 @pytest.mark.parametrize("which", [0, 1], ids=["identity", "dropout-eval"])
 def test_identity_like_finite_difference_and_reference_nonzero(which):
-    g = gen(61)
+    g = rh.gen(61)
     m = _eval_modules()[which]
-    x, xdot = rand((1, 1, 5), g), rand((1, 1, 5), g)
-    out = run_rule(m, NAME, {}, {}, Dual(x, xdot))
-    check_finite_difference(out.tangent, finite_difference(m, NAME, {}, {}, x, xdot))
-    _, ty = check_rule(m, NAME, {}, {}, x, xdot)
+    x, xdot = rh.rand((1, 1, 5), g), rh.rand((1, 1, 5), g)
+    rh.check_rule_finite_difference(m, NAME, {}, {}, x, xdot)
+    _, ty = rh.check_rule(m, NAME, {}, {}, x, xdot)
     assert ty.abs().max() > 0.1
 
 
@@ -63,14 +50,14 @@ def test_registry_identity_and_dropout():
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("dtype", rh.DTYPES)
 def test_dropout_train_same_mask_on_both_parts(p, dtype):
     torch.manual_seed(62)
-    g = gen(62)
+    g = rh.gen(62)
     m = nn.Dropout(p).train()
-    x = rand((4, 6, 8), g, dtype, "transposed")
-    xdot = rand((4, 6, 8), g, dtype)
-    out = run_rule(m, NAME, {}, {}, Dual(x, xdot))
+    x = rh.rand((4, 6, 8), g, dtype, "transposed")
+    xdot = rh.rand((4, 6, 8), g, dtype)
+    out = rh.run_rule(m, NAME, {}, {}, Dual(x, xdot))
     y, t = out.primal, out.tangent
     keep = 1.0 / (1.0 - p)
     # both parts are x·mask/(1 − p) with the SAME mask: zero pattern identical, survivors scaled by 1/(1 − p)
@@ -88,8 +75,8 @@ def test_dropout_train_masks_are_fresh_per_call():
     torch.manual_seed(63)
     m = nn.Dropout(0.5).train()
     x = torch.ones(64, dtype=torch.float64)
-    a = run_rule(m, NAME, {}, {}, Dual(x, x))
-    b = run_rule(m, NAME, {}, {}, Dual(x, x))
+    a = rh.run_rule(m, NAME, {}, {}, Dual(x, x))
+    b = rh.run_rule(m, NAME, {}, {}, Dual(x, x))
     assert not torch.equal(a.primal, b.primal)
     assert torch.equal(a.primal, a.tangent) and torch.equal(b.primal, b.tangent)
 

@@ -11,21 +11,7 @@ from torch import nn
 from taft.engine.dual import Dual
 from taft.engine.registry import find_rule
 from taft.rules.linear import linear_rule
-from tests.helpers import assert_close
-from tests.rules._rule_harness import (
-    LAYOUTS,
-    RULE_SETTINGS,
-    check_finite_difference,
-    check_no_tangent,
-    check_rule,
-    direct_rule,
-    finite_difference,
-    gen,
-    make_deltas,
-    module_params,
-    rand,
-    run_rule,
-)
+from tests.rules import _rule_harness as rh
 
 NAME = "enc.lin"
 
@@ -40,58 +26,46 @@ param_sets = st.sampled_from([("weight",), ("bias",), ("weight", "bias")])
 
 
 def _case(case, lin, x, g, which):
-    params = module_params(lin, NAME)
+    params = rh.module_params(lin, NAME)
     if lin.bias is None:
         which = tuple(w for w in which if w != "bias") or ("weight",)
-    deltas = make_deltas(params, which, g) if case in ("param", "both") else {}
-    xdot = rand(x.shape, g, x.dtype) if case in ("input", "both") else None
+    deltas = rh.make_deltas(params, which, g) if case in ("param", "both") else {}
+    xdot = rh.rand(x.shape, g, x.dtype) if case in ("input", "both") else None
     return params, deltas, xdot
 
 
 @pytest.mark.parametrize("case", ["input", "param", "both"])
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@RULE_SETTINGS
-@given(shape=shapes, bias=st.booleans(), which=param_sets, layout=st.sampled_from(LAYOUTS),
-       seed=st.integers(0, 2**31 - 1))
+@pytest.mark.parametrize("dtype", rh.DTYPES)
+@rh.RULE_SETTINGS
+@given(shape=shapes, bias=st.booleans(), which=param_sets, layout=st.sampled_from(rh.LAYOUTS), seed=rh.SEEDS)
 def test_linear_matches_jvp(case, dtype, shape, bias, which, layout, seed):
     b, t, d_in, d_out = shape
-    g = gen(seed)
+    g = rh.gen(seed)
     lin = make_linear(d_in, d_out, bias, dtype, seed)
-    x = rand((b, t, d_in), g, dtype, layout)
+    x = rh.rand((b, t, d_in), g, dtype, layout)
     params, deltas, xdot = _case(case, lin, x, g, which)
-    check_rule(lin, NAME, params, deltas, x, xdot)
+    rh.check_rule(lin, NAME, params, deltas, x, xdot)
 
 
-@RULE_SETTINGS
-@given(shape=shapes, bias=st.booleans(), layout=st.sampled_from(LAYOUTS), seed=st.integers(0, 2**31 - 1))
+@rh.RULE_SETTINGS
+@given(shape=shapes, bias=st.booleans(), layout=st.sampled_from(rh.LAYOUTS), seed=rh.SEEDS)
 def test_linear_no_tangent(shape, bias, layout, seed):
     b, t, d_in, d_out = shape
-    g = gen(seed)
+    g = rh.gen(seed)
     lin = make_linear(d_in, d_out, bias, seed=seed)
-    x = rand((b, t, d_in), g, layout=layout)
-    params = module_params(lin, NAME)
-    check_no_tangent(lin, NAME, params, x)
-    out = direct_rule(lin, NAME, params, Dual(x, None))
-    assert out.tangent is None
-    assert_close(out.primal, lin(x).detach(), what="primal")
+    x = rh.rand((b, t, d_in), g, layout=layout)
+    params = rh.module_params(lin, NAME)
+    rh.check_rule_no_tangent(lin, NAME, params, x, exact=False)
 
 
-@RULE_SETTINGS
-@given(shape=shapes, bias=st.booleans(), seed=st.integers(0, 2**31 - 1))
+@rh.RULE_SETTINGS
+@given(shape=shapes, bias=st.booleans(), seed=rh.SEEDS)
 def test_linear_finite_difference(shape, bias, seed):
     b, t, d_in, d_out = shape
-    g = gen(seed)
+    g = rh.gen(seed)
     lin = make_linear(d_in, d_out, bias, seed=seed)
-    x = rand((b, t, d_in), g)
-    params = module_params(lin, NAME)
-    deltas = make_deltas(params, params_local(lin), g)
-    xdot = rand(x.shape, g)
-    out = run_rule(lin, NAME, params, deltas, Dual(x, xdot))
-    check_finite_difference(out.tangent, finite_difference(lin, NAME, params, deltas, x, xdot))
-
-
-def params_local(m):
-    return [k for k, _ in m.named_parameters()]
+    x = rh.rand((b, t, d_in), g)
+    rh.check_full_finite_difference(lin, NAME, x, g)
 
 
 def test_linear_concrete_numbers():
@@ -100,45 +74,39 @@ def test_linear_concrete_numbers():
     with torch.no_grad():
         lin.weight.copy_(torch.tensor([[1.0, 2.0], [3.0, 4.0]]))
         lin.bias.copy_(torch.tensor([1.0, -1.0]))
-    params = module_params(lin, NAME)
+    params = rh.module_params(lin, NAME)
     deltas = {f"{NAME}.weight": torch.eye(2, dtype=torch.float64), f"{NAME}.bias": torch.tensor([2.0, 3.0]).double()}
     x = torch.tensor([[1.0, 1.0]], dtype=torch.float64)
     xdot = torch.tensor([[0.0, 1.0]], dtype=torch.float64)
-    out = run_rule(lin, NAME, params, deltas, Dual(x, xdot))
+    out = rh.run_rule(lin, NAME, params, deltas, Dual(x, xdot))
     # y = xWᵀ + b = [3+1, 7-1]; ẏ = ẋWᵀ + xẆᵀ + ḃ = [2,4] + [1,1] + [2,3]
     assert torch.equal(out.primal, torch.tensor([[4.0, 6.0]], dtype=torch.float64))
     assert torch.equal(out.tangent, torch.tensor([[5.0, 8.0]], dtype=torch.float64))
 
 
 def test_linear_batch1_seq1_no_bias_reference_nonzero():
-    g = gen(3)
+    g = rh.gen(3)
     lin = make_linear(5, 3, bias=False, seed=3)
-    x = rand((1, 1, 5), g)
-    params = module_params(lin, NAME)
-    deltas = make_deltas(params, ["weight"], g)
-    xdot = rand(x.shape, g)
-    _, ty = check_rule(lin, NAME, params, deltas, x, xdot)
+    x = rh.rand((1, 1, 5), g)
+    params = rh.module_params(lin, NAME)
+    deltas = rh.make_deltas(params, ["weight"], g)
+    xdot = rh.rand(x.shape, g)
+    _, ty = rh.check_rule(lin, NAME, params, deltas, x, xdot)
     assert ty.abs().max() > 0.1, "reference tangent is (near) zero: the check would pass vacuously"
 
 
 def test_linear_non_contiguous_inputs():
-    g = gen(4)
-    lin = make_linear(6, 4, bias=True, seed=4)
-    x = rand((3, 5, 6), g, layout="transposed")
-    xdot = rand((3, 5, 6), g, layout="strided")
-    assert not x.is_contiguous() and not xdot.is_contiguous()
-    params = module_params(lin, NAME)
-    check_rule(lin, NAME, params, make_deltas(params, ["weight", "bias"], g), x, xdot)
+    rh.check_non_contiguous(make_linear(6, 4, bias=True, seed=4), NAME, (3, 5, 6), seed=4)
 
 
 def test_linear_bias_only_tangent_broadcasts():
     """Only ḃ linearized and no input tangent: ẏ is ḃ at every position (shape of y, not of b)."""
-    g = gen(5)
+    g = rh.gen(5)
     lin = make_linear(3, 4, bias=True, seed=5)
-    x = rand((2, 3, 3), g)
-    params = module_params(lin, NAME)
-    deltas = make_deltas(params, ["bias"], g)
-    out = run_rule(lin, NAME, params, deltas, Dual(x, None))
+    x = rh.rand((2, 3, 3), g)
+    params = rh.module_params(lin, NAME)
+    deltas = rh.make_deltas(params, ["bias"], g)
+    out = rh.run_rule(lin, NAME, params, deltas, Dual(x, None))
     assert out.tangent.shape == (2, 3, 4)
     assert torch.equal(out.tangent, deltas[f"{NAME}.bias"].expand(2, 3, 4))
 
@@ -177,30 +145,29 @@ def test_registry_subclass_overriding_forward_has_no_rule(cls):
 
 
 def test_subclass_overriding_forward_goes_to_fallback_and_is_correct():
-    g = gen(6)
+    g = rh.gen(6)
     torch.manual_seed(6)
     m = _ScaledLinear(3, 2).double()
-    x = rand((2, 4, 3), g)
-    params = module_params(m, NAME)
-    deltas = make_deltas(params, ["weight", "bias"], g)
-    xdot = rand(x.shape, g)
+    x = rh.rand((2, 4, 3), g)
+    params = rh.module_params(m, NAME)
+    deltas = rh.make_deltas(params, ["weight", "bias"], g)
+    xdot = rh.rand(x.shape, g)
     from taft.engine.context import TangentContext
-    from tests.rules._rule_harness import reference
 
     ctx = TangentContext(params, deltas, vjp=False)
     out = ctx.call(m, NAME, Dual(x, xdot))
     assert ctx.fallback_modules == [NAME]
-    y, ty = reference(m, NAME, params, deltas, x, xdot)
+    y, ty = rh.reference(m, NAME, params, deltas, x, xdot)
     # The doubled output proves the subclass's forward (not nn.Linear's) was differentiated.
-    plain = run_rule(nn.Linear(3, 2).double(), NAME, params, deltas, Dual(x, xdot))
+    plain = rh.run_rule(nn.Linear(3, 2).double(), NAME, params, deltas, Dual(x, xdot))
     assert torch.allclose(out.primal, 2 * plain.primal) and torch.allclose(out.tangent, 2 * plain.tangent)
     assert torch.allclose(out.primal, y) and torch.allclose(out.tangent, ty)
 
 
 def test_subclass_keeping_forward_uses_rule_and_is_correct():
-    g = gen(7)
+    g = rh.gen(7)
     torch.manual_seed(7)
     m = _TaggedLinear(3, 2).double()
-    x = rand((2, 4, 3), g)
-    params = module_params(m, NAME)
-    check_rule(m, NAME, params, make_deltas(params, ["weight"], g), x, rand(x.shape, g))
+    x = rh.rand((2, 4, 3), g)
+    params = rh.module_params(m, NAME)
+    rh.check_rule(m, NAME, params, rh.make_deltas(params, ["weight"], g), x, rh.rand(x.shape, g))

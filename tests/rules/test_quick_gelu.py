@@ -11,9 +11,7 @@ from taft.engine.context import TangentContext
 from taft.engine.dual import Dual
 from taft.rules.quick_gelu import quick_gelu_dual
 from tests.helpers import assert_close
-from tests.rules._rule_harness import LAYOUTS, RULE_SETTINGS, check_finite_difference, gen, rand
-
-shapes = st.tuples(st.integers(1, 4), st.integers(1, 6), st.integers(1, 8))
+from tests.rules import _rule_harness as rh
 
 
 def quick_gelu(x):
@@ -28,13 +26,11 @@ def _ref(x, xdot):
     return torch.func.jvp(quick_gelu, (x,), (xdot,))
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@RULE_SETTINGS
-@given(shape=shapes, layout=st.sampled_from(LAYOUTS), scale=st.sampled_from([0.1, 1.0, 4.0]),
-       seed=st.integers(0, 2**31 - 1))
+@pytest.mark.parametrize("dtype", rh.DTYPES)
+@rh.RULE_SETTINGS
+@given(shape=rh.SHAPES, layout=st.sampled_from(rh.LAYOUTS), scale=rh.SCALES, seed=rh.SEEDS)
 def test_quick_gelu_matches_jvp(dtype, shape, layout, scale, seed):
-    g = gen(seed)
-    x, xdot = rand(shape, g, dtype, layout, scale), rand(shape, g, dtype, layout)
+    x, xdot = rh.input_and_tangent(shape, seed, dtype, layout, scale)
     out = _dual(x, xdot)
     y, ty = _ref(x.double(), xdot.double())
     assert out.primal.dtype == dtype and out.tangent.dtype == dtype
@@ -42,26 +38,25 @@ def test_quick_gelu_matches_jvp(dtype, shape, layout, scale, seed):
     assert_close(out.tangent.double(), ty, what="tangent", dtype=dtype)
 
 
-@RULE_SETTINGS
-@given(shape=shapes, seed=st.integers(0, 2**31 - 1))
+@rh.RULE_SETTINGS
+@given(shape=rh.SHAPES, seed=rh.SEEDS)
 def test_quick_gelu_no_tangent(shape, seed):
-    x = rand(shape, gen(seed))
+    x = rh.rand(shape, rh.gen(seed))
     out = _dual(x, None)
     assert out.tangent is None
     assert_close(out.primal, quick_gelu(x), what="primal")
 
 
-@RULE_SETTINGS
-@given(shape=shapes, scale=st.sampled_from([0.1, 1.0, 4.0]), seed=st.integers(0, 2**31 - 1))
+@rh.RULE_SETTINGS
+@given(shape=rh.SHAPES, scale=rh.SCALES, seed=rh.SEEDS)
 def test_quick_gelu_finite_difference(shape, scale, seed):
-    g = gen(seed)
-    x, xdot = rand(shape, g, scale=scale), rand(shape, g)
+    x, xdot = rh.input_and_tangent(shape, seed, scale=scale)
     eps = 1e-6
     fd = (quick_gelu(x + eps * xdot) - quick_gelu(x - eps * xdot)) / (2 * eps)
-    check_finite_difference(_dual(x, xdot).tangent, fd)
+    rh.check_finite_difference(_dual(x, xdot).tangent, fd)
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("dtype", rh.DTYPES)
 def test_quick_gelu_at_zero_and_concrete_value(dtype):
     x = torch.tensor([0.0, 1.0], dtype=dtype)
     out = _dual(x, torch.ones_like(x))
@@ -72,7 +67,7 @@ def test_quick_gelu_at_zero_and_concrete_value(dtype):
     assert abs(out.tangent[1].item() - expected) <= 4 * torch.finfo(dtype).eps
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("dtype", rh.DTYPES)
 def test_quick_gelu_large_magnitude(dtype):
     v = torch.tensor([10.0, 30.0, 100.0, 1e4, 1e8], dtype=dtype)
     x = torch.cat([v, -v])
@@ -86,8 +81,8 @@ def test_quick_gelu_large_magnitude(dtype):
 
 
 def test_quick_gelu_batch1_seq1_non_contiguous_reference_nonzero():
-    g = gen(31)
-    x, xdot = rand((1, 1, 5), g, layout="strided"), rand((1, 1, 5), g, layout="strided")
+    g = rh.gen(31)
+    x, xdot = rh.rand((1, 1, 5), g, layout="strided"), rh.rand((1, 1, 5), g, layout="strided")
     assert not x.is_contiguous()
     out = _dual(x, xdot)
     y, ty = _ref(x, xdot)

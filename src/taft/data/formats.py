@@ -192,6 +192,29 @@ def _require_columns(source: Path, available: Sequence[str], *columns: str, wher
         )
 
 
+def _column_records_to_dataset(
+    records: Sequence[Record],
+    *,
+    source: Path,
+    label_names: Sequence[str] | None,
+    num_classes: int | None,
+    name: str | None,
+    split: str | None,
+) -> TextDataset:
+    """Raw (where, text, label) rows of a CSV/JSONL file -> dataset: labels mapped (:func:`map_labels`), then
+    validated and given ids (:func:`records_to_dataset`); ``name``/``split`` default to the file name's parts."""
+    default_name, default_split = infer_name_and_split(source)
+    mapped, names = map_labels(records, source=source, label_names=label_names)
+    return records_to_dataset(
+        mapped,
+        source=source,
+        name=name or default_name,
+        split=split or default_split,
+        num_classes=num_classes,
+        class_names=names,
+    )
+
+
 def read_csv(
     path: str | Path,
     *,
@@ -204,21 +227,14 @@ def read_csv(
 ) -> TextDataset:
     """Read a CSV file with a header row; labels are integers or names (see :func:`map_labels`)."""
     path = check_file(path)
-    default_name, default_split = infer_name_and_split(path)
     records: list[Record] = []
     with path.open(encoding="utf-8", newline="") as f:
         reader = csv.DictReader(f)
         _require_columns(path, reader.fieldnames or [], text_column, label_column)
         for row in reader:
             records.append((f"line {reader.line_num}", row[text_column], row[label_column]))
-    mapped, names = map_labels(records, source=path, label_names=label_names)
-    return records_to_dataset(
-        mapped,
-        source=path,
-        name=name or default_name,
-        split=split or default_split,
-        num_classes=num_classes,
-        class_names=names,
+    return _column_records_to_dataset(
+        records, source=path, label_names=label_names, num_classes=num_classes, name=name, split=split
     )
 
 
@@ -234,7 +250,6 @@ def read_jsonl(
 ) -> TextDataset:
     """Read one JSON object per line (blank lines skipped); same label rules as :func:`read_csv`."""
     path = check_file(path)
-    default_name, default_split = infer_name_and_split(path)
     records: list[Record] = []
     with path.open(encoding="utf-8") as f:
         for lineno, raw in enumerate(f, 1):
@@ -249,14 +264,8 @@ def read_jsonl(
                 raise DataError(f"{path}: line {lineno} is not a JSON object: {_clip(raw.strip())!r}")
             _require_columns(path, list(obj), text_column, label_column, where=f", line {lineno}")
             records.append((f"line {lineno}", obj[text_column], obj[label_column]))
-    mapped, names = map_labels(records, source=path, label_names=label_names)
-    return records_to_dataset(
-        mapped,
-        source=path,
-        name=name or default_name,
-        split=split or default_split,
-        num_classes=num_classes,
-        class_names=names,
+    return _column_records_to_dataset(
+        records, source=path, label_names=label_names, num_classes=num_classes, name=name, split=split
     )
 
 

@@ -110,7 +110,9 @@ class BertFamily(Family):
         return self.model.config.hidden_size
 
     def cls_init(self) -> Tensor:
-        cls_id = getattr(self.model.config, "cls_token_id", None) or 101  # [CLS] in the BERT uncased vocab
+        cfg = self.model.config
+        cls_id = getattr(cfg, "cls_token_id", None) or 101  # [CLS] in the BERT uncased vocab
+        cls_id = cls_id if cls_id < cfg.vocab_size else 0  # toy vocabularies: any fixed token will do
         ids = torch.tensor([[cls_id]], device=self.model.embeddings.word_embeddings.weight.device)
         with torch.no_grad():
             return self.model.embeddings(input_ids=ids)[0, 0].detach().clone()

@@ -19,14 +19,11 @@ from transformers.models.clip import modeling_clip as mc
 from taft.engine.dual import Dual, as_dual, dual_add, dual_cat, dual_map
 from taft.engine.family import Family, Stage, State, register_family
 from taft.engine.registry import register_rule
-from taft.rules.attention import attention_dual
+from taft.models.hf_vit import separate_qkv_attention
 
 
 def _first(out):
     return out[0] if isinstance(out, tuple) else out
-
-
-
 
 
 @register_rule(mc.CLIPVisionEmbeddings)
@@ -59,22 +56,8 @@ def clip_attention_rule(ctx, m: mc.CLIPAttention, name: str, hidden_states: Dual
         raise NotImplementedError("CLIP attention rule: attention dropout in training mode is not supported")
     if m.is_causal:
         raise NotImplementedError("CLIP attention rule: causal (text) attention is not supported")
-    h = hidden_states
-    B, T, _ = h.primal.shape
-
-    def heads(x: Tensor) -> Tensor:
-        return x.view(B, T, -1, m.head_dim).transpose(1, 2)  # (B, nh, T, hd)
-
-    q = dual_map(ctx.call(m.q_proj, f"{name}.q_proj", h), heads)
-    k = dual_map(ctx.call(m.k_proj, f"{name}.k_proj", h), heads)
-    v = dual_map(ctx.call(m.v_proj, f"{name}.v_proj", h), heads)
-    if attention_mask is not None and attention_mask.dtype == torch.bool:  # SDPA-style: True = attend
-        attention_mask = torch.zeros(attention_mask.shape, dtype=h.primal.dtype, device=h.primal.device).masked_fill(
-            ~attention_mask, torch.finfo(h.primal.dtype).min
-        )
-    o = attention_dual(ctx, q, k, v, scale=m.scale, mask=attention_mask)
-    o = dual_map(o, lambda x: x.transpose(1, 2).reshape(B, T, -1))
-    return ctx.call(m.out_proj, f"{name}.out_proj", o)
+    return separate_qkv_attention(ctx, m, name, hidden_states, ("q_proj", "k_proj", "v_proj", "out_proj"),
+                                  head_dim=m.head_dim, scale=m.scale, mask=attention_mask)
 
 
 @register_rule(mc.CLIPMLP)

@@ -27,7 +27,27 @@ def _first(out):
     return out[0] if isinstance(out, tuple) else out
 
 
+def separate_qkv_attention(ctx, m: nn.Module, name: str, h: Dual, projections: tuple[str, str, str, str], *,
+                           head_dim: int, scale: float, mask: Tensor | None) -> Dual:
+    """Attention with separate q, k, v and output ``nn.Linear`` projections (HF ViT, HF CLIP vision).
 
+    ``Q, K, V = q/k/v(h)`` (Linear rule) split into heads of ``head_dim``, ``O = softmax(s·QKᵀ + M)V``
+    (:func:`attention_dual`, ``s = scale``), ``y = o(O)`` (Linear rule). ``projections`` names the q, k, v and
+    output submodules of ``m``; ``mask`` is additive, or boolean SDPA-style (True = attend)."""
+    B, T, _ = h.primal.shape
+
+    def heads(x: Tensor) -> Tensor:
+        return x.view(B, T, -1, head_dim).transpose(1, 2)  # (B, nh, T, hd)
+
+    q_proj, k_proj, v_proj, o_proj = projections
+    q, k, v = (dual_map(ctx.call(getattr(m, p), f"{name}.{p}", h), heads) for p in (q_proj, k_proj, v_proj))
+    if mask is not None and mask.dtype == torch.bool:  # SDPA-style: True = attend
+        mask = torch.zeros(mask.shape, dtype=h.primal.dtype, device=h.primal.device).masked_fill(
+            ~mask, torch.finfo(h.primal.dtype).min
+        )
+    o = attention_dual(ctx, q, k, v, scale=scale, mask=mask)
+    o = dual_map(o, lambda x: x.transpose(1, 2).reshape(B, T, -1))
+    return ctx.call(getattr(m, o_proj), f"{name}.{o_proj}", o)
 
 
 @register_rule(mv.ViTPatchEmbeddings)
@@ -70,21 +90,8 @@ def vit_attention_rule(ctx, m: mv.ViTAttention, name: str, h: Dual, attention_ma
     ``s = d^-½``), ``y = o_proj(O)``. The same maths for every ``attn_implementation``."""
     if m.training and m.attention_dropout > 0.0:
         raise NotImplementedError("HF ViT attention rule: attention dropout in training mode is not supported")
-    B, T, _ = h.primal.shape
-
-    def heads(x: Tensor) -> Tensor:
-        return x.view(B, T, -1, m.head_dim).transpose(1, 2)  # (B, nh, T, hd)
-
-    q = dual_map(ctx.call(m.q_proj, f"{name}.q_proj", h), heads)
-    k = dual_map(ctx.call(m.k_proj, f"{name}.k_proj", h), heads)
-    v = dual_map(ctx.call(m.v_proj, f"{name}.v_proj", h), heads)
-    if attention_mask is not None and attention_mask.dtype == torch.bool:  # SDPA-style: True = attend
-        attention_mask = torch.zeros(attention_mask.shape, dtype=h.primal.dtype, device=h.primal.device).masked_fill(
-            ~attention_mask, torch.finfo(h.primal.dtype).min
-        )
-    o = attention_dual(ctx, q, k, v, scale=m.scaling, mask=attention_mask)
-    o = dual_map(o, lambda x: x.transpose(1, 2).reshape(B, T, -1))
-    return ctx.call(m.o_proj, f"{name}.o_proj", o)
+    return separate_qkv_attention(ctx, m, name, h, ("q_proj", "k_proj", "v_proj", "o_proj"), head_dim=m.head_dim,
+                                  scale=m.scaling, mask=attention_mask)
 
 
 @register_rule(mv.ViTMLP)

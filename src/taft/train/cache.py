@@ -33,6 +33,7 @@ class FeatureCache:
 
     @property
     def lengths(self) -> list[int]:
+        """Tokens per example (1 per example for inputs without a padding mask)."""
         key = "attention_mask" if self.items and "attention_mask" in self.items[0] else None
         return [int(it[key].shape[0]) if key else 1 for it in self.items]
 

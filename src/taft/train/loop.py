@@ -148,7 +148,8 @@ def cache_key(tm: TangentModel, cfg: TrainConfig, splits) -> str:
 def evaluate(tm: TangentModel, cache: FeatureCache, labels: torch.Tensor, batch_size: int, device) -> float:
     """Accuracy of ``tm`` on cached features."""
     correct = 0
-    order = sorted(range(len(cache)), key=lambda i: cache.lengths[i])
+    lengths = cache.lengths
+    order = sorted(range(len(cache)), key=lambda i: lengths[i])
     for s in range(0, len(order), batch_size):
         idx = order[s : s + batch_size]
         logits = tm.suffix(cache.collate(idx, device))
