@@ -161,7 +161,8 @@ def main(argv=None) -> None:
     dev = torch.cuda.get_device_name(0) if device.type == "cuda" else \
         f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
     meta = {"date": datetime.date.today().isoformat(), "device": dev, "torch": torch.__version__,
-            "dtype": args.dtype, "command": "python benchmarks/tangent_speed.py " + " ".join(sys.argv[1:] if argv is None else argv)}
+            "dtype": args.dtype,
+            "command": "python benchmarks/tangent_speed.py " + " ".join(sys.argv[1:] if argv is None else argv)}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = "tangent_speed" + ("-cuda" if device.type == "cuda" else "")
