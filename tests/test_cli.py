@@ -29,3 +29,18 @@ def test_unknown_model_and_bad_scope_are_clear_errors(capsys):
     assert "unknown model 'no-such-model'" in capsys.readouterr().err
     assert main(["check", "tiny-bert", "--scope", "re:zzz"]) == 2
     assert "matches no parameter" in capsys.readouterr().err
+
+
+def test_check_minilm_real_weights_float64(capsys):
+    """The acceptance check: MiniLM with its real weights, every parameter linearized, float64."""
+    assert main(["check", "minilm", "--dtype", "float64", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["arch"] == "hf-bert" and out["linearized"] == 101
+    assert out["max_rel_err_primal"] <= 1e-10 and out["max_rel_err_tangent"] <= 1e-10 and out["fallback_modules"] == []
+
+
+def test_check_every_tiny_family(capsys):
+    models = ["tiny-vit", "tiny-hf-vit", "tiny-clip-vision", "tiny-open-clip"]
+    assert main(["check", *models, "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [r["model"] for r in out] == models and all(r["passed"] and not r["fallback_modules"] for r in out)
