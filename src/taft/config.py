@@ -56,7 +56,7 @@ METHODS = ("taft", "nlft", "fc", "lora", "adapter", "zero-shot")
 LOSSES = ("rsl", "ce", "mse")
 SCHEDULES = ("constant", "cosine", "step")
 OPTIMIZERS = ("adam", "adamw", "sgd")
-HEAD_INITS = ("random", "zero-shot", "zeros")
+HEAD_INITS = ("random", "zero-shot", "zeros", "probe")
 
 
 @dataclass
@@ -64,13 +64,17 @@ class TrainConfig:
     """One fine-tuning run. Defaults are TAFT on the last block of the embedded MiniLM."""
 
     model: str = field(default="minilm", metadata={"help": "model name (see `taft check --help`)"})
-    data: str = field(default="sst2", metadata={"help": "task name (mr, sst2, sst5, subj, trec), folder or file"})
+    data: str = field(default="sst2", metadata={
+        "help": "task name (mr, sst2, sst5, subj, trec), folder or file; images: imagefolder:PATH | torchvision:NAME"})
     data_root: str | None = field(default=None, metadata={"help": "folder of the sentence-task files"})
     test_file: str | None = field(default=None, metadata={"help": "test file when --data is a single file"})
     num_classes: int | None = field(default=None, metadata={"help": "declared classes (labels outside are errors)"})
     method: str = field(default="taft", metadata={"help": "taft | nlft | fc | lora | adapter | zero-shot"})
     scope: str = field(default="last:1", metadata={"help": "parameters trained: last[:k] | all | attn | head | ..."})
-    head_init: str = field(default="zero-shot", metadata={"help": "random | zero-shot | zeros"})
+    head_init: str = field(default="zero-shot", metadata={
+        "help": "random | zero-shot | zeros | probe (zero-shot, then a linear probe on frozen features)"})
+    probe_epochs: int = field(default=10, metadata={"help": "head_init=probe: epochs of the linear probe"})
+    probe_lr: float = field(default=1e-2, metadata={"help": "head_init=probe: learning rate of the linear probe"})
     reinit: bool = field(default=False, metadata={"help": "re-initialize the trained blocks first (PT=F)"})
     linearize_cls: bool = field(default=False, metadata={"help": "fresh linearized CLS token (CLS=T)"})
     loss: str = field(default="rsl", metadata={"help": "rsl (rescaled square) | ce | mse"})

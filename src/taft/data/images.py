@@ -24,6 +24,8 @@ from taft.data.examples import DataError, resolve_selection
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's preprocessing (open_clip's OPENAI_DATASET_*)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 Transform = Callable[[Image.Image], torch.Tensor]
 Item = tuple[torch.Tensor, int, str]
 
@@ -188,26 +190,51 @@ def _is_timm_model(model: Any) -> bool:
     return getattr(model, "pretrained_cfg", None) is not None or type(model).__module__.startswith("timm.")
 
 
+def _timm_transform(model: Any) -> Transform:
+    import timm.data
+
+    config = timm.data.resolve_data_config({}, model=model)
+    # A ViT built without a pretrained config (e.g. a small test model) resolves timm's default 224 input, but
+    # its patch embedding only takes its own fixed size: use that size, keeping the rest of the recipe.
+    size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    fixed = size is not None and not getattr(model, "dynamic_img_size", False)
+    if fixed and tuple(config["input_size"][1:]) != tuple(size):
+        config["input_size"] = (config["input_size"][0], *size)
+    return timm.data.create_transform(**config)
+
+
+def _open_clip_transform(model: Any) -> Transform:
+    """open_clip's own eval preprocessing (``preprocess_cfg``, set by ``create_model``; else its defaults, the
+    OpenAI CLIP mean/std, at the tower's ``image_size``)."""
+    from open_clip.transform import PreprocessCfg, image_transform_v2
+
+    cfg = getattr(model, "preprocess_cfg", None) or {"size": tuple(model.image_size)}
+    return image_transform_v2(PreprocessCfg(**cfg), is_train=False)
+
+
 def model_transform(model: Any = None, image_size: int | None = None) -> Transform:
     """The eval transform a model expects.
 
     timm models carry their own preprocessing config (size, crop, interpolation, mean/std), which is used
-    as is. Anything else gets the ImageNet recipe: resize to ``image_size / 0.875``, center-crop
-    ``image_size`` (default: ``model.config.image_size`` when present, else 224), ImageNet mean/std.
+    as is (at the model's own size when its patch embedding fixes one). open_clip image towers use
+    open_clip's eval preprocessing. Anything else gets the ImageNet recipe: resize to ``image_size / 0.875``,
+    center-crop ``image_size`` (default: ``model.config.image_size`` when present, else 224), ImageNet
+    mean/std — with the OpenAI CLIP mean/std for Hugging Face CLIP models.
     """
     if model is not None and _is_timm_model(model):
-        import timm.data
-
-        config = timm.data.resolve_data_config({}, model=model)
-        return timm.data.create_transform(**config)
+        return _timm_transform(model)
+    if model is not None and type(model).__module__.startswith("open_clip.") and hasattr(model, "image_size"):
+        return _open_clip_transform(model)
+    config = getattr(model, "config", None)
     if image_size is None:
-        size = getattr(getattr(model, "config", None), "image_size", 224)
+        size = getattr(config, "image_size", 224)
         image_size = int(size[-1] if isinstance(size, tuple | list) else size)
+    clip = getattr(config, "model_type", None) in ("clip", "clip_vision_model")
     return T.Compose(
         [
             T.Resize(int(image_size / 0.875)),
             T.CenterCrop(image_size),
             T.ToTensor(),
-            T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+            T.Normalize(CLIP_MEAN if clip else IMAGENET_MEAN, CLIP_STD if clip else IMAGENET_STD),
         ]
     )

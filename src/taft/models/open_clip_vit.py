@@ -215,11 +215,12 @@ def tiny_open_clip_vit(seed: int = 0, **overrides) -> oct.VisionTransformer:
     return oct.VisionTransformer(**kw).eval()
 
 
-def load_open_clip_vit(name: str, pretrained: bool | str = True) -> nn.Module:
-    """``open_clip.create_model(name, pretrained=tag).visual`` in eval mode (needs the hub for weights).
+def load_open_clip(name: str, pretrained: bool | str = True) -> nn.Module:
+    """``open_clip.create_model(name, pretrained=tag)`` (image and text towers) in eval mode (needs the hub for
+    weights).
 
     ``name`` may carry the tag as ``"ViT-B-32:openai"``; ``pretrained=True`` without one takes open_clip's first
-    listed tag for the architecture; a string is the tag itself; ``False`` gives a random-init tower.
+    listed tag for the architecture; a string is the tag itself; ``False`` gives a random-init model.
     ``hf-hub:`` names load their own weights."""
     import open_clip
 
@@ -233,6 +234,11 @@ def load_open_clip_vit(name: str, pretrained: bool | str = True) -> nn.Module:
     elif not tag:
         tags = open_clip.list_pretrained_tags_by_model(arch)
         if not tags:
-            raise ValueError(f"load_open_clip_vit: open_clip has no pretrained weights for {arch!r}")
+            raise ValueError(f"load_open_clip: open_clip has no pretrained weights for {arch!r}")
         tag = tags[0]
-    return open_clip.create_model(arch, pretrained=tag).visual.eval()
+    return open_clip.create_model(arch, pretrained=tag).eval()
+
+
+def load_open_clip_vit(name: str, pretrained: bool | str = True) -> nn.Module:
+    """The visual tower of :func:`load_open_clip` (same naming rules), in eval mode."""
+    return load_open_clip(name, pretrained).visual.eval()

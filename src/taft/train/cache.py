@@ -3,10 +3,13 @@
 Each example's prefix state is stored trimmed to its own length (padding dropped), so batches can be
 re-formed in any order across epochs (and, later, across shards). Kept in memory, or in a safetensors file
 for large sets (``save``/``load``), keyed by the caller (base fingerprint, start stage, example ids).
+Inputs without a padding mask (images) are stored per example as is, one "length" each; auxiliary flags of
+the state (``is_causal``, ``interpolate_pos_encoding``: the same for every batch) are kept as constants.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -24,9 +27,11 @@ _PAD = {"attention_mask": 0, "input_ids": 0}
 class FeatureCache:
     """Per-example prefix states ``{"h": (T_i, D), "attention_mask": (T_i,), ...}`` in dataset order."""
 
-    def __init__(self, items: list[dict[str, Tensor]], none_keys: Sequence[str] = ()) -> None:
+    def __init__(self, items: list[dict[str, Tensor]], none_keys: Sequence[str] = (),
+                 constants: dict[str, bool | int | float | str] | None = None) -> None:
         self.items = items
         self.none_keys = tuple(none_keys)
+        self.constants = dict(constants or {})
 
     def __len__(self) -> int:
         return len(self.items)
@@ -40,15 +45,22 @@ class FeatureCache:
     @classmethod
     @torch.no_grad()
     def build(cls, tm, batches: Iterable[tuple[list[int], tuple, dict]], total: int, *,
-              desc: str = "prefix features", progress: bool = True) -> FeatureCache:
-        """Run ``tm.prefix`` on ``(indices, args, kwargs)`` batches and split the states per example."""
+              desc: str = "prefix features", progress: bool = True, drop: Sequence[str] = ()) -> FeatureCache:
+        """Run ``tm.prefix`` on ``(indices, args, kwargs)`` batches and split the states per example.
+
+        ``drop``: auxiliary inputs the suffix never reads (pixels, once the embedding stage is in the prefix)."""
         items: list[dict[str, Tensor] | None] = [None] * total
         none_keys: set[str] = set()
+        constants: dict[str, bool | int | float | str] = {}
         bar = tqdm(total=total, desc=desc, disable=not progress, leave=False)
         for idx, args, kwargs in batches:
             state = tm.prefix(*args, **kwargs)
-            tensors = {k: v for k, v in state.aux.items() if isinstance(v, Tensor)}
+            tensors = {k: v for k, v in state.aux.items() if isinstance(v, Tensor) and k not in drop}
             none_keys.update(k for k, v in state.aux.items() if v is None)
+            for k, v in state.aux.items():
+                if isinstance(v, bool | int | float | str) and constants.setdefault(k, v) != v:
+                    raise ValueError(f"FeatureCache: auxiliary input {k!r} differs between batches ({v!r} vs "
+                                     f"{constants[k]!r}); the cache keeps one value")
             if state.h is not None:
                 tensors["h"] = state.h.primal
             mask = tensors.get("attention_mask")
@@ -58,13 +70,14 @@ class FeatureCache:
                             for k, v in tensors.items()}
             bar.update(len(idx))
         bar.close()
-        return cls(items, sorted(none_keys))
+        return cls(items, sorted(none_keys), constants)
 
     def collate(self, indices: Sequence[int], device: torch.device | str = "cpu",
                 dtype: torch.dtype | None = None) -> State:
         """Batch examples ``indices`` into a prefix state (right-padded to the longest)."""
         rows = [self.items[i] for i in indices]
         aux: dict[str, object] = {k: None for k in self.none_keys}
+        aux.update(self.constants)
         h = None
         for key in rows[0]:
             parts = [r[key] for r in rows]
@@ -86,13 +99,21 @@ class FeatureCache:
     def save(self, path: str | Path) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        # Every tensor of an item shares its first (token) dimension, so one length list splits them all.
+        # Text: every tensor of an item shares its first (token) dimension, so one length list splits them all;
+        # a key whose first dimensions differ (pixels beside tokens) gets its own list.
         keys = list(self.items[0]) if self.items else []
         flat = {k: torch.cat([it[k] for it in self.items]) for k in keys}
-        flat["__lengths__"] = torch.tensor([it[keys[0]].shape[0] for it in self.items])
+        lengths = {k: torch.tensor([it[k].shape[0] for it in self.items]) for k in keys}
+        if keys:
+            flat["__lengths__"] = lengths[keys[0]]
+        for k in keys[1:]:
+            if not torch.equal(lengths[k], lengths[keys[0]]):
+                flat[f"__lengths__.{k}"] = lengths[k]
+        meta = {"none_keys": ",".join(self.none_keys), "keys": ",".join(keys)}
+        if self.constants:
+            meta["constants"] = json.dumps(self.constants)
         tmp = path.with_name(path.name + ".tmp")
-        save_file({k: v.contiguous() for k, v in flat.items()}, str(tmp),
-                  metadata={"none_keys": ",".join(self.none_keys), "keys": ",".join(keys)})
+        save_file({k: v.contiguous() for k, v in flat.items()}, str(tmp), metadata=meta)
         tmp.replace(path)
 
     @classmethod
@@ -102,8 +123,10 @@ class FeatureCache:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata()
         flat = load_file(str(path))
-        lengths = flat.pop("__lengths__").tolist()
         keys = [k for k in meta["keys"].split(",") if k]
-        split = {k: torch.split(flat[k], lengths) for k in keys}
+        lengths = flat.pop("__lengths__").tolist() if keys else []
+        split = {k: torch.split(flat[k], flat.pop(f"__lengths__.{k}").tolist() if f"__lengths__.{k}" in flat
+                                else lengths) for k in keys}
         items = [{k: split[k][i] for k in keys} for i in range(len(lengths))]
-        return cls(items, [k for k in meta["none_keys"].split(",") if k])
+        constants = json.loads(meta.get("constants", "{}"))
+        return cls(items, [k for k in meta["none_keys"].split(",") if k], constants)

@@ -9,9 +9,7 @@ import torch
 
 from taft.checkpoint import load_delta
 from taft.config import ConfigError, TrainConfig, load_config
-from taft.data.text import SENTENCE_TASKS, load_text_dataset
-from taft.train.loop import _cache_for, build_classifier, evaluate, make_tangent_model
-from taft.zoo import load_model, load_tokenizer
+from taft.train.loop import evaluate, make_tangent_model, prepare
 
 
 def evaluate_run(run_dir: str | Path, *, data: str | None = None, split: str = "test",
@@ -24,19 +22,20 @@ def evaluate_run(run_dir: str | Path, *, data: str | None = None, split: str = "
         cfg.data = data
     if split not in ("val", "test"):
         raise ConfigError(f"split={split!r}: use val or test")
-    splits = load_text_dataset(cfg.data, cfg.test_file, root=cfg.data_root, seed=cfg.seed,
-                               num_classes=cfg.num_classes)
-    ds = getattr(splits, split)
+    device = torch.device(cfg.device)
+    prep = prepare(cfg, device)  # text or images, by the data spec
+    ds = getattr(prep.splits, split)
     if ds is None:
         raise ConfigError(f"{cfg.data} has no {split} split")
-    task = SENTENCE_TASKS.get(cfg.data)
-    descriptions = list(task.descriptions) if task else (list(splits.train.class_names or []) or None)
-    tokenizer = load_tokenizer(cfg.model)
-    device = torch.device(cfg.device)
-    clf = build_classifier(cfg, load_model(cfg.model).to(device), tokenizer, splits.train.num_classes,
-                           descriptions).to(device)
+    clf = prep.clf
+    if (run_dir / "base_head.safetensors").is_file():  # a probed head: part of w0, stored with the run
+        from safetensors.torch import load_file
+
+        with torch.no_grad():
+            for n, t in load_file(str(run_dir / "base_head.safetensors")).items():
+                clf.head.get_parameter(n).copy_(t)
     tm = make_tangent_model(cfg, clf).to(device).eval()
     load_delta(tm, run_dir / "delta.safetensors")
-    cache = _cache_for(tm, tokenizer, ds, cfg, split, progress, None, "")
+    cache = prep.cache_for(tm, ds, split, progress, None, "")
     acc = evaluate(tm, cache, ds.labels, cfg.eval_batch_size, device)
     return {"accuracy": acc, "examples": len(ds), "split": split, "data": cfg.data, "method": cfg.method}

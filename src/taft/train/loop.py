@@ -12,15 +12,18 @@ import dataclasses
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
 from taft.checkpoint import save_delta
 from taft.config import ConfigError, TrainConfig, save_config
+from taft.data.examples import DatasetSplits
 from taft.data.text import SENTENCE_TASKS, load_text_dataset
 from taft.models.classifier import Classifier, pool
 from taft.tangent_model import TangentModel
@@ -66,7 +69,7 @@ def text_embeddings(backbone: nn.Module, tokenizer, texts: list[str], max_length
 def build_classifier(cfg: TrainConfig, backbone: nn.Module, tokenizer, num_classes: int,
                      descriptions: list[str] | None) -> Classifier:
     """Backbone + mean pooling + head, initialized per ``cfg.head_init`` (seeded, so rebuilding is exact)."""
-    zero_shot = cfg.head_init == "zero-shot" or cfg.method == "zero-shot"
+    zero_shot = cfg.head_init in ("zero-shot", "probe") or cfg.method == "zero-shot"
     torch.manual_seed(cfg.seed)
     clf = Classifier(backbone, num_classes, pooling="mean", normalize=zero_shot)
     if zero_shot:
@@ -81,6 +84,21 @@ def build_classifier(cfg: TrainConfig, backbone: nn.Module, tokenizer, num_class
             clf.head.weight.zero_()
             clf.head.bias.zero_()
     return clf
+
+
+def probe_head(cfg: TrainConfig, clf: Classifier, train_feats: FeatureCache, labels: torch.Tensor,
+               device) -> None:
+    """Linear probe on frozen features (LP-then-FT): the trained head becomes w0 of the head, in place.
+
+    The tangent space of the block is then taken around a head that already separates the classes."""
+    fc_cfg = dataclasses.replace(cfg, method="fc", lr=cfg.probe_lr, epochs=cfg.probe_epochs, penalty=0.0,
+                                 radius=None, warmup=0.0, schedule="cosine")
+    tm = make_tangent_model(fc_cfg, clf).to(device).eval()
+    scratch = RunResult(config={}, val_acc=float("nan"), test_acc=None)
+    _fit(fc_cfg, tm, train_feats, labels, None, None, device, False, scratch, None)
+    with torch.no_grad():
+        for n, d in tm.delta_dict().items():
+            clf.get_parameter(n).add_(d)
 
 
 def _linears_in_last_blocks(tm_probe: TangentModel, k: int) -> list[str]:
@@ -130,7 +148,8 @@ def _cache_for(tm, tokenizer, dataset, cfg, name: str, progress: bool, cache_dir
     return cache
 
 
-def cache_key(tm: TangentModel, cfg: TrainConfig, splits) -> str:
+def cache_key(tm: TangentModel, cfg: TrainConfig, splits, extra: str = "") -> str:
+    """``extra``: what else identifies the data (image ids are paths, not contents)."""
     import hashlib
 
     from taft.checkpoint import base_fingerprint
@@ -141,7 +160,40 @@ def cache_key(tm: TangentModel, cfg: TrainConfig, splits) -> str:
     for ds in (splits.train, splits.val, splits.test):
         if ds is not None:
             h.update("\n".join(ds.ids).encode())
+    if extra:
+        h.update(extra.encode())
     return h.hexdigest()[:16]
+
+
+@dataclass
+class Prepared:
+    """What a pipeline (text or images) hands the shared loop: the splits, the classifier (w0), and
+    ``cache_for(tm, dataset, name, progress, cache_dir, key) -> FeatureCache`` (prefix features of one split)."""
+
+    splits: DatasetSplits
+    clf: Classifier
+    cache_for: Callable[..., FeatureCache]
+    data_fingerprint: str = ""  # for cache keys, where example ids alone do not identify the data
+
+
+def prepare(cfg: TrainConfig, device: torch.device) -> Prepared:
+    """Data and classifier for ``cfg``: the one switch between the text and image pipelines (by the data spec)."""
+    from taft.train.images import is_image_spec, prepare_images
+
+    if is_image_spec(cfg.data):
+        return prepare_images(cfg, device)
+    splits = load_text_dataset(cfg.data, cfg.test_file, root=cfg.data_root, seed=cfg.seed,
+                               num_classes=cfg.num_classes)
+    task = SENTENCE_TASKS.get(cfg.data)
+    descriptions = list(task.descriptions) if task else (list(splits.train.class_names or []) or None)
+    tokenizer = load_tokenizer(cfg.model)
+    backbone = load_model(cfg.model).to(device)
+    clf = build_classifier(cfg, backbone, tokenizer, splits.train.num_classes, descriptions).to(device)
+
+    def cache_for(tm, ds, name, progress, cache_dir, key):
+        return _cache_for(tm, tokenizer, ds, cfg, name, progress, cache_dir, key)
+
+    return Prepared(splits, clf, cache_for)
 
 
 @torch.no_grad()
@@ -185,27 +237,31 @@ def _optimizer(cfg: TrainConfig, params):
 def train(cfg: TrainConfig, *, progress: bool = True, caches: dict | None = None) -> RunResult:
     """Run ``cfg`` end to end. ``caches`` (a dict) lets several runs share prefix features in one process."""
     t_start = time.perf_counter()
+    caches = {} if caches is None else caches
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     device = torch.device(cfg.device)
-    splits = load_text_dataset(cfg.data, cfg.test_file, root=cfg.data_root, seed=cfg.seed,
-                               num_classes=cfg.num_classes)
+    prep = prepare(cfg, device)  # text or images
+    splits, clf = prep.splits, prep.clf
     train_ds = splits.train.subset(range(min(len(splits.train), cfg.max_train or len(splits.train))))
     evals = {"val": splits.val, "test": splits.test}
     evals = {k: (v.subset(range(min(len(v), cfg.max_eval or len(v)))) if v is not None else None)
              for k, v in evals.items()}
-    task = SENTENCE_TASKS.get(cfg.data)
-    descriptions = list(task.descriptions) if task else (list(splits.train.class_names or []) or None)
-
-    tokenizer = load_tokenizer(cfg.model)
-    backbone = load_model(cfg.model).to(device)
-    clf = build_classifier(cfg, backbone, tokenizer, splits.train.num_classes, descriptions).to(device)
+    if cfg.head_init == "probe" and cfg.method not in ("fc", "zero-shot"):
+        t_probe = time.perf_counter()
+        probe_tm = make_tangent_model(dataclasses.replace(cfg, method="fc"), clf).to(device).eval()
+        ck = ("probe", cache_key(probe_tm, cfg, splits, prep.data_fingerprint), len(train_ds))
+        if ck not in caches:
+            caches[ck] = prep.cache_for(probe_tm, train_ds, "probe", progress, None, "")
+        probe_head(cfg, clf, caches[ck], train_ds.labels, device)
+        probe_s = time.perf_counter() - t_probe
+    else:
+        probe_s = 0.0
     tm = make_tangent_model(cfg, clf).to(device).eval()  # eval: no dropout, f_lin is deterministic
 
     t0 = time.perf_counter()
-    caches = {} if caches is None else caches
-    key = cache_key(tm, cfg, splits)
+    key = cache_key(tm, cfg, splits, prep.data_fingerprint)
     cache_dir = Path(cfg.cache_dir) if cfg.cache == "disk" else None
     feats = {}
     for name, ds in (("train", train_ds), *evals.items()):
@@ -213,9 +269,9 @@ def train(cfg: TrainConfig, *, progress: bool = True, caches: dict | None = None
             continue
         ck = (key, name, len(ds))
         if ck not in caches:
-            caches[ck] = _cache_for(tm, tokenizer, ds, cfg, name, progress, cache_dir, key)
+            caches[ck] = prep.cache_for(tm, ds, name, progress, cache_dir, key)
         feats[name] = caches[ck]
-    cache_s = time.perf_counter() - t0
+    cache_s = time.perf_counter() - t0 + probe_s
     if cfg.cache == "none":
         caches.clear()
 
@@ -226,6 +282,9 @@ def train(cfg: TrainConfig, *, progress: bool = True, caches: dict | None = None
     if out_dir:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out_dir / "config.yaml")
+        if cfg.head_init == "probe":  # part of w0 that cannot be rebuilt from the config alone
+            save_file({n: p.detach().cpu().contiguous() for n, p in clf.head.named_parameters()},
+                      str(out_dir / "base_head.safetensors"))
 
     t1 = time.perf_counter()
     if cfg.method != "zero-shot":
