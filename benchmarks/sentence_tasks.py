@@ -3,6 +3,8 @@
     python benchmarks/sentence_tasks.py                      # all tasks, zero-shot / FC / NLFT-1 / TAFT-1
     python benchmarks/sentence_tasks.py --tasks trec --methods taft,nlft --scope all --tag full
 
+FC (the linear probe) is trained with ``probe_lr`` / ``probe_epochs``, exactly like the probe that
+``head_init=probe`` runs before TAFT / NLFT.
 Writes ``benchmarks/results/sentence_tasks[-TAG].json`` and ``.md``: test accuracy per task and the average,
 wall time per run, the device and the date. Runs of one task share the frozen-prefix feature cache.
 """
@@ -10,6 +12,7 @@ wall time per run, the device and the date. Runs of one task share the frozen-pr
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import platform
@@ -43,6 +46,8 @@ def main(argv: list[str] | None = None) -> None:
         caches: dict = {}
         for method in args.methods.split(","):
             cfg = TrainConfig(data=task, method=method, scope=args.scope, data_root=args.data_root, **overrides)
+            if method == "fc":  # the linear probe is trained like the probe that initializes head_init=probe
+                cfg = dataclasses.replace(cfg, lr=cfg.probe_lr, epochs=cfg.probe_epochs, penalty=0.0)
             r = train(cfg, progress=False, caches=caches)
             row = {"task": task, "method": method, "scope": args.scope if method in ("taft", "nlft") else "",
                    "val_acc": r.val_acc, "test_acc": r.test_acc, "trainable_params": r.trainable_params,

@@ -71,7 +71,7 @@ class TrainConfig:
     num_classes: int | None = field(default=None, metadata={"help": "declared classes (labels outside are errors)"})
     method: str = field(default="taft", metadata={"help": "taft | nlft | fc | lora | adapter | zero-shot"})
     scope: str = field(default="last:1", metadata={"help": "parameters trained: last[:k] | all | attn | head | ..."})
-    head_init: str = field(default="zero-shot", metadata={
+    head_init: str = field(default="probe", metadata={
         "help": "random | zero-shot | zeros | probe (zero-shot, then a linear probe on frozen features)"})
     probe_epochs: int = field(default=10, metadata={"help": "head_init=probe: epochs of the linear probe"})
     probe_lr: float = field(default=1e-2, metadata={"help": "head_init=probe: learning rate of the linear probe"})

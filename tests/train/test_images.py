@@ -175,8 +175,12 @@ def test_zero_shot_head_for_an_image_run(image_root, tmp_path):
 def test_zero_shot_needs_a_clip_model(image_root, capsys):
     with pytest.raises(ConfigError, match="--head-init random"):
         prepare(_cfg(image_root, head_init="zero-shot"), torch.device("cpu"))
-    assert main(["train", "--model", "tiny-open-clip", "--data", f"imagefolder:{image_root}"]) == 2
+    assert main(["train", "--model", "tiny-open-clip", "--data", f"imagefolder:{image_root}",
+                 "--head-init", "zero-shot"]) == 2
     assert "--head-init random" in capsys.readouterr().err  # a vision tower alone has no text side
+    # the default head_init (probe) starts a model without a text tower from a random head instead
+    assert main(["train", "--model", "tiny-vit", "--data", f"imagefolder:{image_root}", "--epochs", "1",
+                 "--probe-epochs", "1"]) == 0
     with pytest.raises(ModelNotFoundError, match="not a CLIP model"):
         load_clip_pair("tiny-vit")
     assert _open_clip_name("ViT-B-32/openai") == "ViT-B-32:openai"

@@ -144,8 +144,9 @@ def image_cache_for(tm, dataset, cfg: TrainConfig, name: str, progress: bool, ca
 
 # -- model ------------------------------------------------------------------------------------------------
 def wants_zero_shot(cfg: TrainConfig) -> bool:
-    # head_init=probe (where the config has it) starts from the zero-shot head too
-    return cfg.head_init in ("zero-shot", "probe") or cfg.method == "zero-shot"
+    # head_init=probe starts from CLIP's zero-shot head where the model has a text tower, else from random
+    return (cfg.head_init == "zero-shot" or cfg.method == "zero-shot"
+            or (cfg.head_init == "probe" and is_clip_model(cfg.model)))
 
 
 def image_backbone(name: str, clip_pair: tuple[nn.Module, object] | None = None) -> nn.Module:

@@ -69,7 +69,9 @@ def text_embeddings(backbone: nn.Module, tokenizer, texts: list[str], max_length
 def build_classifier(cfg: TrainConfig, backbone: nn.Module, tokenizer, num_classes: int,
                      descriptions: list[str] | None) -> Classifier:
     """Backbone + mean pooling + head, initialized per ``cfg.head_init`` (seeded, so rebuilding is exact)."""
-    zero_shot = cfg.head_init in ("zero-shot", "probe") or cfg.method == "zero-shot"
+    # head_init=probe starts from the zero-shot head where the classes have descriptions, else from random
+    zero_shot = (cfg.head_init == "zero-shot" or cfg.method == "zero-shot"
+                 or (cfg.head_init == "probe" and bool(descriptions)))
     torch.manual_seed(cfg.seed)
     clf = Classifier(backbone, num_classes, pooling="mean", normalize=zero_shot)
     if zero_shot:
@@ -251,7 +253,8 @@ def train(cfg: TrainConfig, *, progress: bool = True, caches: dict | None = None
     if cfg.head_init == "probe" and cfg.method not in ("fc", "zero-shot"):
         t_probe = time.perf_counter()
         probe_tm = make_tangent_model(dataclasses.replace(cfg, method="fc"), clf).to(device).eval()
-        ck = ("probe", cache_key(probe_tm, cfg, splits, prep.data_fingerprint), len(train_ds))
+        # same key as an FC run's training features: the probe *is* that run (shared across runs of a task)
+        ck = (cache_key(probe_tm, cfg, splits, prep.data_fingerprint), "train", len(train_ds))
         if ck not in caches:
             caches[ck] = prep.cache_for(probe_tm, train_ds, "probe", progress, None, "")
         probe_head(cfg, clf, caches[ck], train_ds.labels, device)
