@@ -64,3 +64,12 @@ def test_nonlinear_mode_is_ordinary_fine_tuning():
     tm.load_delta({n: 2 * d.detach() for n, d in tm.delta_dict().items()})
     y2 = tm(*args, **kw).detach()
     assert (y2 - f0 - 2 * (y.detach() - f0)).abs().max() > 1e-6
+
+
+def test_set_head_overwrites_weight_and_bias():
+    m = _clf()
+    m.set_head(0.0)
+    assert torch.count_nonzero(m.head.weight) == 0 and torch.count_nonzero(m.head.bias) == 0
+    w = torch.arange(m.head.weight.numel(), dtype=torch.float64).view_as(m.head.weight)
+    m.set_head(w, 1.5)
+    assert torch.equal(m.head.weight, w) and torch.equal(m.head.bias, torch.full_like(m.head.bias, 1.5))

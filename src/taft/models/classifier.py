@@ -37,6 +37,13 @@ class Classifier(nn.Module):
         dim = feature_dim or family_for(backbone).hidden_size()
         self.head = nn.Linear(dim, num_classes, bias=bias)
 
+    @torch.no_grad()
+    def set_head(self, weight: Tensor | float, bias: Tensor | float = 0.0) -> None:
+        """Overwrite the head (a zero-shot classifier, zeros, a probed head)."""
+        self.head.weight.copy_(torch.as_tensor(weight, dtype=self.head.weight.dtype).expand_as(self.head.weight))
+        if self.head.bias is not None:
+            self.head.bias.copy_(torch.as_tensor(bias, dtype=self.head.bias.dtype).expand_as(self.head.bias))
+
     def features(self, *args, **kwargs) -> Tensor:
         h = family_for(self.backbone).select_output(self.backbone(*args, **kwargs))
         f = pool(h, kwargs.get("attention_mask"), self.pooling)

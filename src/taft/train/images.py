@@ -203,13 +203,9 @@ def build_image_classifier(cfg: TrainConfig, backbone: nn.Module, num_classes: i
         text = clip_text_head(full, tokenizer, [prompt_name(c) for c in class_names])
         if text.shape[1] != dim:
             raise ConfigError(f"{cfg.model}: text embeddings of dim {text.shape[1]} for image features of dim {dim}")
-        with torch.no_grad():
-            clf.head.weight.copy_(clip_logit_scale(full) * text.to(clf.head.weight))
-            clf.head.bias.zero_()
+        clf.set_head(clip_logit_scale(full) * text.to(clf.head.weight))
     elif cfg.head_init == "zeros":
-        with torch.no_grad():
-            clf.head.weight.zero_()
-            clf.head.bias.zero_()
+        clf.set_head(0.0)
     return clf
 
 

@@ -78,13 +78,9 @@ def build_classifier(cfg: TrainConfig, backbone: nn.Module, tokenizer, num_class
         if not descriptions:
             raise ConfigError("head_init=zero-shot needs class descriptions (a registered task or class names); "
                               "use --head-init random")
-        with torch.no_grad():
-            clf.head.weight.copy_(ZERO_SHOT_SCALE * text_embeddings(backbone, tokenizer, descriptions))
-            clf.head.bias.zero_()
+        clf.set_head(ZERO_SHOT_SCALE * text_embeddings(backbone, tokenizer, descriptions))
     elif cfg.head_init == "zeros":
-        with torch.no_grad():
-            clf.head.weight.zero_()
-            clf.head.bias.zero_()
+        clf.set_head(0.0)
     return clf
 
 
