@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass, field
 
-from taft.engine.family import Family
+from taft.engine.family import Family, is_under
 from taft.errors import TaftError
 
 PRESETS = ("all", "last", "attn", "head")
@@ -58,10 +58,6 @@ def _matcher(pattern: str):
     return lambda n: n == pattern or n.endswith("." + pattern)
 
 
-def _under(name: str, prefixes) -> bool:
-    return any(p == "" or name == p or name.startswith(p + ".") for p in prefixes)
-
-
 def resolve_scope(scope: Scope, family: Family, names: list[str]) -> list[str]:
     """Linearized parameter names, in model order. ``names`` are the parameters that reach the output."""
     chosen: set[str] = set()
@@ -78,7 +74,7 @@ def resolve_scope(scope: Scope, family: Family, names: list[str]) -> list[str]:
             if not 1 <= k <= len(blocks):
                 raise ScopeError(f"scope 'last:{k}': k must be in 1..{len(blocks)} for this model")
             prefixes = [p for s in blocks[-k:] for p in s.prefixes] + family.head_prefixes()
-            chosen.update(n for n in names if _under(n, prefixes))
+            chosen.update(n for n in names if is_under(n, prefixes))
         elif kind == "attn":
             w = family.attn_linear_weights()
             if not w:
@@ -88,7 +84,7 @@ def resolve_scope(scope: Scope, family: Family, names: list[str]) -> list[str]:
             heads = family.head_only()
             if not heads:
                 raise ScopeError(f"scope 'head': {family.arch} model has no head; wrap it in a classifier")
-            chosen.update(n for n in names if _under(n, heads))
+            chosen.update(n for n in names if is_under(n, heads))
     for pat in scope.include:
         hit = [n for n in names if _matcher(pat)(n)]
         if not hit:

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 import taft.rules  # noqa: F401  (registers the closed-form rules)
 from taft.engine.context import TangentContext
 from taft.engine.dual import Dual
-from taft.engine.family import Family, State, family_for
+from taft.engine.family import Family, State, family_for, is_under
 from taft.scope import Scope, ScopeError, resolve_scope
 
 CLS_NAME = "taft.cls"
@@ -23,10 +23,6 @@ CLS_NAME = "taft.cls"
 def _key(name: str) -> str:
     # ParameterDict keys cannot contain '.'; ':' never occurs in torch parameter names.
     return name.replace(".", ":")
-
-
-def _under(name: str, prefixes) -> bool:
-    return any(p == "" or name == p or name.startswith(p + ".") for p in prefixes)
 
 
 class TangentModel(nn.Module):
@@ -82,21 +78,18 @@ class TangentModel(nn.Module):
 
         self._stages = self.family.stages()
         all_names = [n for n, _ in model.named_parameters()]
-        used = [n for n in all_names if any(_under(n, s.prefixes) for s in self._stages)]
+        used = [n for n in all_names if any(is_under(n, s.prefixes) for s in self._stages)]
         self.linearized: list[str] = resolve_scope(self.scope, self.family, used)
-        self.start = next(i for i, s in enumerate(self._stages) if any(_under(n, s.prefixes) for n in self.linearized))
+        lin_stages = [i for i, s in enumerate(self._stages) if any(is_under(n, s.prefixes) for n in self.linearized)]
+        self.start = lin_stages[0]
+        lin_blocks = [i for i in lin_stages if self._stages[i].block]
 
-        w0 = self._initial_w0(model)
+        w0 = self._initial_w0(model, lin_blocks)
         self.cls_stage: int | None = None
         if linearize_cls:
-            blocks = [
-                i
-                for i, s in enumerate(self._stages)
-                if s.block and i >= self.start and any(_under(n, s.prefixes) for n in self.linearized)
-            ]
-            if not blocks:
+            if not lin_blocks:
                 raise ScopeError("linearize_cls=True needs at least one linearized block in the scope")
-            self.cls_stage = blocks[0]
+            self.cls_stage = lin_blocks[0]
             w0[CLS_NAME] = self.family.cls_init().to(next(model.parameters()))
             self.linearized.append(CLS_NAME)
         self.w0 = nn.Module()
@@ -104,17 +97,15 @@ class TangentModel(nn.Module):
             self.w0.register_buffer(_key(n), t)
         self.delta = nn.ParameterDict({_key(n): nn.Parameter(torch.zeros_like(w0[n])) for n in self.linearized})
 
-    def _initial_w0(self, model: nn.Module) -> dict[str, Tensor]:
-        """Frozen copies of the base values of linearized (and re-initialized) parameters."""
+    def _initial_w0(self, model: nn.Module, lin_blocks: list[int]) -> dict[str, Tensor]:
+        """Frozen copies of the base values of linearized (and re-initialized: ``lin_blocks``) parameters."""
         params = dict(model.named_parameters())
         w0: dict[str, Tensor] = {}
         if self.reinit:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(self.seed)
-                for s in self._stages[self.start :]:
-                    if not s.block or not any(_under(n, s.prefixes) for n in self.linearized):
-                        continue
-                    for prefix in s.prefixes:
+                for i in lin_blocks:
+                    for prefix in self._stages[i].prefixes:
                         fresh = copy.deepcopy(model.get_submodule(prefix))
                         self.family.reinit_module(fresh)
                         for n, p in fresh.named_parameters():

@@ -32,6 +32,11 @@ class Stage:
     block: bool = False  # a transformer block (counted by the ``last:k`` preset)
 
 
+def is_under(name: str, prefixes) -> bool:
+    """Whether parameter ``name`` belongs to one of the module ``prefixes`` ("" is the whole model)."""
+    return any(p == "" or name == p or name.startswith(p + ".") for p in prefixes)
+
+
 class Family:
     """Base class. ``root`` qualifies every name when the model sits inside another (a classifier)."""
 

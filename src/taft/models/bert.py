@@ -13,7 +13,7 @@ from transformers.models.bert import modeling_bert as mb
 from taft.engine.dual import Dual, dual_add, dual_map
 from taft.engine.family import Family, Stage, State, register_family
 from taft.engine.registry import register_rule
-from taft.rules.attention import additive_mask, attention_dual
+from taft.rules.attention import additive_mask, separate_qkv_attention
 
 
 def _first(out):
@@ -38,17 +38,8 @@ def bert_embeddings_rule(ctx, m: mb.BertEmbeddings, name: str, input_ids, token_
 
 @register_rule(mb.BertSelfAttention, plain_output=_first)
 def bert_self_attention_rule(ctx, m: mb.BertSelfAttention, name: str, h: Dual, mask: Tensor | None) -> Dual:
-    B, T, _ = h.primal.shape
-    nh, hd = m.num_attention_heads, m.attention_head_size
-
-    def heads(x: Tensor) -> Tensor:
-        return x.view(B, T, nh, hd).transpose(1, 2)  # (B, nh, T, hd)
-
-    q = dual_map(ctx.call(m.query, f"{name}.query", h), heads)
-    k = dual_map(ctx.call(m.key, f"{name}.key", h), heads)
-    v = dual_map(ctx.call(m.value, f"{name}.value", h), heads)
-    o = attention_dual(ctx, q, k, v, scale=m.scaling, mask=additive_mask(mask, h.primal.dtype))
-    return dual_map(o, lambda x: x.transpose(1, 2).reshape(B, T, nh * hd))  # (B, T, D)
+    return separate_qkv_attention(ctx, m, name, h, ("query", "key", "value"), head_dim=m.attention_head_size,
+                                  scale=m.scaling, mask=additive_mask(mask, h.primal.dtype))
 
 
 @register_rule(mb.BertSelfOutput, mb.BertOutput)

@@ -19,7 +19,7 @@ from transformers.models.clip import modeling_clip as mc
 from taft.engine.dual import Dual, as_dual, dual_add, dual_cat, dual_map
 from taft.engine.family import Family, Stage, State, register_family
 from taft.engine.registry import register_rule
-from taft.models.hf_vit import separate_qkv_attention
+from taft.rules.attention import separate_qkv_attention
 
 
 def _first(out):

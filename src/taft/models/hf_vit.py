@@ -20,34 +20,11 @@ from transformers.models.vit import modeling_vit as mv
 from taft.engine.dual import Dual, as_dual, dual_add, dual_cat, dual_map
 from taft.engine.family import Family, Stage, State, register_family
 from taft.engine.registry import register_rule
-from taft.rules.attention import attention_dual
+from taft.rules.attention import separate_qkv_attention
 
 
 def _first(out):
     return out[0] if isinstance(out, tuple) else out
-
-
-def separate_qkv_attention(ctx, m: nn.Module, name: str, h: Dual, projections: tuple[str, str, str, str], *,
-                           head_dim: int, scale: float, mask: Tensor | None) -> Dual:
-    """Attention with separate q, k, v and output ``nn.Linear`` projections (HF ViT, HF CLIP vision).
-
-    ``Q, K, V = q/k/v(h)`` (Linear rule) split into heads of ``head_dim``, ``O = softmax(s·QKᵀ + M)V``
-    (:func:`attention_dual`, ``s = scale``), ``y = o(O)`` (Linear rule). ``projections`` names the q, k, v and
-    output submodules of ``m``; ``mask`` is additive, or boolean SDPA-style (True = attend)."""
-    B, T, _ = h.primal.shape
-
-    def heads(x: Tensor) -> Tensor:
-        return x.view(B, T, -1, head_dim).transpose(1, 2)  # (B, nh, T, hd)
-
-    q_proj, k_proj, v_proj, o_proj = projections
-    q, k, v = (dual_map(ctx.call(getattr(m, p), f"{name}.{p}", h), heads) for p in (q_proj, k_proj, v_proj))
-    if mask is not None and mask.dtype == torch.bool:  # SDPA-style: True = attend
-        mask = torch.zeros(mask.shape, dtype=h.primal.dtype, device=h.primal.device).masked_fill(
-            ~mask, torch.finfo(h.primal.dtype).min
-        )
-    o = attention_dual(ctx, q, k, v, scale=scale, mask=mask)
-    o = dual_map(o, lambda x: x.transpose(1, 2).reshape(B, T, -1))
-    return ctx.call(getattr(m, o_proj), f"{name}.{o_proj}", o)
 
 
 @register_rule(mv.ViTPatchEmbeddings)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from taft.engine.dual import Dual, add_tangents
+from taft.engine.dual import Dual, add_tangents, dual_map
 
 
 def attention_dual(ctx, q: Dual, k: Dual, v: Dual, *, scale: float, mask: Tensor | None = None) -> Dual:
@@ -48,3 +48,26 @@ def additive_mask(attention_mask: Tensor | None, dtype: torch.dtype) -> Tensor |
 
 def _bool_to_add(keep: Tensor, dtype: torch.dtype) -> Tensor:
     return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill(~keep, torch.finfo(dtype).min)
+
+
+def separate_qkv_attention(ctx, m, name: str, h: Dual, projections: tuple[str, ...], *, head_dim: int,
+                           scale: float, mask: Tensor | None) -> Dual:
+    """Attention with separate q, k, v (and optionally output) ``nn.Linear`` projections of module ``m``
+    (HF BERT, HF ViT, HF CLIP vision).
+
+    ``Q, K, V = q/k/v(h)`` (Linear rule) split into heads of ``head_dim``, ``O = softmax(s·QKᵀ + M)V``
+    (:func:`attention_dual`, ``s = scale``), ``y = o(O)`` (Linear rule) when a fourth projection is named, else
+    the merged heads. ``mask`` is additive, or boolean SDPA-style (True = attend)."""
+    B, T, _ = h.primal.shape
+
+    def heads(x: Tensor) -> Tensor:
+        return x.view(B, T, -1, head_dim).transpose(1, 2)  # (B, nh, T, hd)
+
+    q, k, v = (dual_map(ctx.call(getattr(m, p), f"{name}.{p}", h), heads) for p in projections[:3])
+    if mask is not None and mask.dtype == torch.bool:
+        mask = _bool_to_add(mask, h.primal.dtype)
+    o = attention_dual(ctx, q, k, v, scale=scale, mask=mask)
+    o = dual_map(o, lambda x: x.transpose(1, 2).reshape(B, T, -1))  # (B, T, D)
+    if len(projections) == 4:
+        o = ctx.call(getattr(m, projections[3]), f"{name}.{projections[3]}", o)
+    return o
