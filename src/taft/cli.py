@@ -65,10 +65,11 @@ def check(
         raise typer.Exit(1)
 
 
-def _config_command(name: str, cls, run, help: str) -> None:
+def _config_command(name: str, cls, run, help: str, extra: list | None = None) -> None:
     """Register ``taft NAME`` with one ``--flag`` per field of the config dataclass ``cls`` (plus ``--config``).
 
-    Flags default to ``None`` so that only what is typed overrides the ``--config`` file (or the defaults)."""
+    Flags default to ``None`` so that only what is typed overrides the ``--config`` file (or the defaults).
+    ``extra``: further ``inspect.Parameter`` options, passed to ``run`` as keyword arguments."""
     import dataclasses
     import inspect
     import typing
@@ -87,13 +88,16 @@ def _config_command(name: str, cls, run, help: str) -> None:
             default=typer.Option(None, help=f"{f.metadata.get('help', '')} [{default_txt}]"),
         ))
 
+    params += extra or []
+
     def command(**kwargs):
         from taft.config import from_dict, load_config
 
         path = kwargs.pop("config")
+        options = {p.name: kwargs.pop(p.name) for p in extra or []}
         given = {k: v for k, v in kwargs.items() if v is not None}
         cfg = load_config(cls, path, **given) if path else from_dict(cls, given)
-        run(cfg)
+        run(cfg, **options)
 
     command.__signature__ = inspect.Signature(params)
     command.__doc__ = help
@@ -109,6 +113,35 @@ def _run_train(cfg) -> None:
 
 _config_command("train", __import__("taft.config", fromlist=["TrainConfig"]).TrainConfig, _run_train,
                 "Fine-tune a model (TAFT or a baseline) and print a results table.")
+
+
+def _run_search(cfg, grid: list[str] | None = None, seeds: str | None = None) -> None:
+    from taft.config import ConfigError
+    from taft.train.report import print_search
+    from taft.train.search import parse_grid, search
+
+    try:
+        seed_list = [int(s) for s in seeds.split(",")] if seeds else None
+    except ValueError:
+        raise ConfigError(f"--seeds {seeds!r}: write comma-separated integers, e.g. 0,1,2") from None
+    print_search(search(cfg, parse_grid(grid), seed_list))
+
+
+def _search_options() -> list:
+    import inspect
+
+    return [
+        inspect.Parameter("grid", inspect.Parameter.KEYWORD_ONLY, annotation=list[str] | None, default=typer.Option(
+            None, help="FIELD=V1,V2,… (repeatable; the grid is their product). Default: the method's grid, "
+                       "the same size for every method")),
+        inspect.Parameter("seeds", inspect.Parameter.KEYWORD_ONLY, annotation=str | None, default=typer.Option(
+            None, help="seeds of the chosen setting, e.g. 0,1,2 (the first selects; default: --seed)")),
+    ]
+
+
+_config_command("search", __import__("taft.config", fromlist=["TrainConfig"]).TrainConfig, _run_search,
+                "Grid-search a method's hyperparameters on the validation split; score the choice on test once "
+                "per seed (mean ± std).", extra=_search_options())
 
 
 @app.command("eval")

@@ -39,6 +39,30 @@ def from_dict(cls: type[C], data: dict[str, Any]) -> C:
     return cls(**data)
 
 
+def coerce_value(cls: type, name: str, text: str) -> Any:
+    """One option's value from text (``"1e-3"``, ``"true"``, ``"none"``), typed by the field's annotation."""
+    import typing
+
+    hint = typing.get_type_hints(cls)[name]
+    args = typing.get_args(hint)
+    optional = type(None) in args
+    base = next((a for a in args if a is not type(None)), hint) if args else hint
+    if optional and text.lower() in ("none", "null", ""):
+        return None
+    try:
+        if base is bool:
+            if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError(text)
+            return text.lower() in ("true", "1", "yes")
+        if base is int:
+            return int(text)
+        if base is float:
+            return float(text)
+    except ValueError:
+        raise ConfigError(f"{name}={text!r}: expected a {base.__name__}") from None
+    return text
+
+
 def save_config(cfg: Any, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -27,6 +27,8 @@ def evaluate_run(run_dir: str | Path, *, data: str | None = None, split: str = "
     ds = getattr(prep.splits, split)
     if ds is None:
         raise ConfigError(f"{cfg.data} has no {split} split")
+    if cfg.max_eval:  # the run was scored on the first max_eval examples: score the same ones
+        ds = ds.subset(range(min(len(ds), cfg.max_eval)))
     clf = prep.clf
     if (run_dir / "base_head.safetensors").is_file():  # a probed head: part of w0, stored with the run
         from safetensors.torch import load_file

@@ -146,18 +146,26 @@ def _cache_for(tm, tokenizer, dataset, cfg, name: str, progress: bool, cache_dir
     return cache
 
 
-def cache_key(tm: TangentModel, cfg: TrainConfig, splits, extra: str = "") -> str:
-    """``extra``: what else identifies the data (image ids are paths, not contents)."""
+def cache_key(tm: TangentModel, cfg: TrainConfig, dataset, extra: str = "") -> str:
+    """Key of one split's prefix features: the prefix's parameters, the start stage, tokenization, and that
+    split's example ids (not the head or the linearized blocks, so runs that differ only there share features).
+
+    ``extra``: what else identifies the data (image ids are paths, not contents). Only ``dataset``'s own ids
+    enter the key, so a subset (``max_train``) never reuses another subset's features, and a run that does not
+    evaluate on test never reads the test split."""
     import hashlib
 
-    from taft.checkpoint import base_fingerprint
+    from taft.engine.family import is_under
 
     h = hashlib.sha256()
-    for part in (base_fingerprint(tm), tm._stages[tm.start].name, str(cfg.max_length), cfg.model):
+    for part in (tm.family.arch, tm._stages[tm.start].name, str(cfg.max_length), cfg.model):
         h.update(part.encode())
-    for ds in (splits.train, splits.val, splits.test):
-        if ds is not None:
-            h.update("\n".join(ds.ids).encode())
+    prefixes = [p for s in tm._stages[: tm.start] for p in s.prefixes]
+    for name, t in sorted(tm.base_params().items()):  # only what the frozen prefix computes with
+        if is_under(name, prefixes):
+            h.update(name.encode())
+            h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    h.update("\n".join(dataset.ids).encode())
     if extra:
         h.update(extra.encode())
     return h.hexdigest()[:16]
@@ -232,8 +240,12 @@ def _optimizer(cfg: TrainConfig, params):
 
 
 # -- the run ----------------------------------------------------------------------------------------------
-def train(cfg: TrainConfig, *, progress: bool = True, caches: dict | None = None) -> RunResult:
-    """Run ``cfg`` end to end. ``caches`` (a dict) lets several runs share prefix features in one process."""
+def train(cfg: TrainConfig, *, progress: bool = True, caches: dict | None = None,
+          evaluate_test: bool = True) -> RunResult:
+    """Run ``cfg`` end to end. ``caches`` (a dict) lets several runs share prefix features in one process.
+
+    ``evaluate_test=False`` never touches the test split (no features, no accuracy): hyperparameter search
+    runs its candidates this way and scores only the selected one on test."""
     t_start = time.perf_counter()
     caches = {} if caches is None else caches
     if cfg.threads:
@@ -243,14 +255,14 @@ def train(cfg: TrainConfig, *, progress: bool = True, caches: dict | None = None
     prep = prepare(cfg, device)  # text or images
     splits, clf = prep.splits, prep.clf
     train_ds = splits.train.subset(range(min(len(splits.train), cfg.max_train or len(splits.train))))
-    evals = {"val": splits.val, "test": splits.test}
+    evals = {"val": splits.val, "test": splits.test if evaluate_test else None}
     evals = {k: (v.subset(range(min(len(v), cfg.max_eval or len(v)))) if v is not None else None)
              for k, v in evals.items()}
     if cfg.head_init == "probe" and cfg.method not in ("fc", "zero-shot"):
         t_probe = time.perf_counter()
         probe_tm = make_tangent_model(dataclasses.replace(cfg, method="fc"), clf).to(device).eval()
         # same key as an FC run's training features: the probe *is* that run (shared across runs of a task)
-        ck = (cache_key(probe_tm, cfg, splits, prep.data_fingerprint), "train", len(train_ds))
+        ck = (cache_key(probe_tm, cfg, train_ds, prep.data_fingerprint), "train")
         if ck not in caches:
             caches[ck] = prep.cache_for(probe_tm, train_ds, "probe", progress, None, "")
         probe_head(cfg, clf, caches[ck], train_ds.labels, device)
@@ -260,13 +272,13 @@ def train(cfg: TrainConfig, *, progress: bool = True, caches: dict | None = None
     tm = make_tangent_model(cfg, clf).to(device).eval()  # eval: no dropout, f_lin is deterministic
 
     t0 = time.perf_counter()
-    key = cache_key(tm, cfg, splits, prep.data_fingerprint)
     cache_dir = Path(cfg.cache_dir) if cfg.cache == "disk" else None
     feats = {}
     for name, ds in (("train", train_ds), *evals.items()):
         if ds is None:
             continue
-        ck = (key, name, len(ds))
+        key = cache_key(tm, cfg, ds, prep.data_fingerprint)
+        ck = (key, name)
         if ck not in caches:
             caches[ck] = prep.cache_for(tm, ds, name, progress, cache_dir, key)
         feats[name] = caches[ck]

@@ -24,3 +24,17 @@ def print_results(results) -> None:
     for r in results:
         if r.output_dir:
             console().print(f"wrote {r.output_dir}/delta.safetensors, config.yaml, metrics.jsonl, results.json")
+
+
+def print_search(res) -> None:
+    """The candidates (validation accuracy), the choice, and its test accuracy per seed."""
+    table = Table(title=f"taft search: {res.method} (selected on validation)")
+    for col in ("setting", "val acc", "chosen"):
+        table.add_column(col, no_wrap=col != "setting")
+    for c in res.candidates:
+        table.add_row(", ".join(f"{k}={v}" for k, v in c.setting.items()), _pct(c.val_acc),
+                      "✓" if c.setting == res.chosen else "")
+    console().print(table)
+    seeds = ", ".join(f"seed {s}: {_pct(a)}" for s, a in zip(res.seeds, res.test_accs, strict=True))
+    console().print(f"test accuracy of the chosen setting: {100 * res.test_mean:.2f} ± {100 * res.test_std:.2f} "
+                    f"({seeds})")
