@@ -61,16 +61,15 @@ def _matcher(pattern: str):
 def resolve_scope(scope: Scope, family: Family, names: list[str]) -> list[str]:
     """Linearized parameter names, in model order. ``names`` are the parameters that reach the output."""
     chosen: set[str] = set()
-    stages = family.stages()
     for preset in scope.presets:
         kind, _, arg = preset.partition(":")
         if kind == "all":
             chosen.update(names)
         elif kind == "last":
             k = int(arg) if arg else 1
-            blocks = [s for s in stages if s.block]
+            blocks = family.blocks()
             if not blocks:
-                raise ScopeError(f"scope 'last:{k}': {family.arch} models have no known blocks; use patterns")
+                raise ScopeError(f"scope 'last:{k}': this {family.arch} model {family.no_blocks()}; use patterns")
             if not 1 <= k <= len(blocks):
                 raise ScopeError(f"scope 'last:{k}': k must be in 1..{len(blocks)} for this model")
             prefixes = [p for s in blocks[-k:] for p in s.prefixes] + family.head_prefixes()

@@ -14,7 +14,8 @@ from torch import Tensor, nn
 import taft.rules  # noqa: F401  (registers the closed-form rules)
 from taft.engine.context import TangentContext
 from taft.engine.dual import Dual
-from taft.engine.family import Family, State, family_for, is_under
+from taft.engine.family import Family, Stage, State, family_for, is_under
+from taft.errors import UnsupportedError
 from taft.scope import Scope, ScopeError, resolve_scope
 
 CLS_NAME = "taft.cls"
@@ -29,9 +30,10 @@ class TangentModel(nn.Module):
     """Wrap ``model`` so that only Δw (initialized to exactly 0) is trained, in the model's tangent space.
 
     Args:
-        model: any ``nn.Module``. Known families (HF BERT/ViT/CLIP vision, timm ViT, open_clip ViT and taft
-            classifiers around them) run closed-form rules; others run the ``torch.func.jvp`` fallback.
-            The module is never modified.
+        model: any ``nn.Module``. Known families (HF BERT/RoBERTa/ViT/CLIP vision, timm ViT, open_clip ViT and
+            taft classifiers around them) run closed-form rules; anything else — other types, subclasses that
+            change the forward, forward hooks, configurations a family does not implement — runs the exact
+            ``torch.func.jvp`` fallback (listed in ``fallback_modules``). The module is never modified.
         scope: which parameters are linearized (see :mod:`taft.scope`), e.g. ``"last:1"``, ``"attn"``.
         reinit: re-initialize the linearized blocks (seeded) before linearizing (the paper's PT=F).
         linearize_cls: feed a fresh, linearized CLS token into the first linearized block (CLS=T).
@@ -83,12 +85,17 @@ class TangentModel(nn.Module):
         lin_stages = [i for i, s in enumerate(self._stages) if any(is_under(n, s.prefixes) for n in self.linearized)]
         self.start = lin_stages[0]
         lin_blocks = [i for i in lin_stages if self._stages[i].block]
+        reinit_blocks = [b for b in self.family.blocks() if any(is_under(n, b.prefixes) for n in self.linearized)]
 
-        w0 = self._initial_w0(model, lin_blocks)
+        w0 = self._initial_w0(model, reinit_blocks)
         self.cls_stage: int | None = None
         if linearize_cls:
             if not lin_blocks:
-                raise ScopeError("linearize_cls=True needs at least one linearized block in the scope")
+                raise ScopeError(
+                    f"linearize_cls=True needs a linearized block among the stages of the model's family "
+                    f"({self.family.arch}: none in scope {self.scope}); widen the scope, or use linearize_cls=False "
+                    "for models without a family"
+                )
             self.cls_stage = lin_blocks[0]
             w0[CLS_NAME] = self.family.cls_init().to(next(model.parameters()))
             self.linearized.append(CLS_NAME)
@@ -97,15 +104,15 @@ class TangentModel(nn.Module):
             self.w0.register_buffer(_key(n), t)
         self.delta = nn.ParameterDict({_key(n): nn.Parameter(torch.zeros_like(w0[n])) for n in self.linearized})
 
-    def _initial_w0(self, model: nn.Module, lin_blocks: list[int]) -> dict[str, Tensor]:
-        """Frozen copies of the base values of linearized (and re-initialized: ``lin_blocks``) parameters."""
+    def _initial_w0(self, model: nn.Module, reinit_blocks: list[Stage]) -> dict[str, Tensor]:
+        """Frozen copies of the base values of linearized (and re-initialized: ``reinit_blocks``) parameters."""
         params = dict(model.named_parameters())
         w0: dict[str, Tensor] = {}
         if self.reinit:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(self.seed)
-                for i in lin_blocks:
-                    for prefix in self._stages[i].prefixes:
+                for block in reinit_blocks:
+                    for prefix in block.prefixes:
                         fresh = copy.deepcopy(model.get_submodule(prefix))
                         self.family.reinit_module(fresh)
                         for n, p in fresh.named_parameters():
@@ -166,6 +173,13 @@ class TangentModel(nn.Module):
 
     def prefix(self, *args, **kwargs) -> State:
         """Run the frozen stages before the first linearized one (plain model, no grad). Cacheable."""
+        why = self.family.changed()
+        if why is not None:
+            raise UnsupportedError(
+                f"TangentModel: the model changed after it was wrapped ({why}); its {self.family.arch} stages no "
+                "longer compute its forward. Remove the change, or build the TangentModel again (it then runs the "
+                "exact fallback)"
+            )
         state = self.family.prepare(*args, **kwargs)
         if self.start == 0:
             return state

@@ -28,7 +28,7 @@ from tests.helpers import (
     randomize_delta,
     tangent_model,
 )
-from tests.models import test_bert, test_clip_vision, test_hf_vit, test_open_clip, test_timm_vit
+from tests.models import test_bert, test_clip_vision, test_hf_vit, test_open_clip, test_roberta, test_timm_vit
 
 VISION_SCOPES = ("all", "last:1", "attn", "head")
 
@@ -111,6 +111,15 @@ CASES = [
         fd_batches=(1, 4),
         cls_configs=("default",),
         cls_token_config=None,  # [CLS] is an input token, not a parameter
+        own_output=lambda m, out: out.last_hidden_state,
+    ),
+    FamilyCase(
+        "roberta",
+        lambda config, dtype=torch.float64: test_roberta.tiny_roberta(dtype=dtype),
+        last_block="encoder.layer.1.",
+        scopes=("all", "last:1", "last:2", "attn", "!re:.*bias,all"),
+        fd_batches=(1, 4),
+        cls_token_config=None,  # <s> is an input token, not a parameter
         own_output=lambda m, out: out.last_hidden_state,
     ),
 ]

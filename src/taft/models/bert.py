@@ -2,6 +2,13 @@
 
 Post-LN blocks: ``a = LN(x + W_o·MHA(x))``, ``y = LN(a + W_2·GELU(W_1·a))``. The family's output is
 ``last_hidden_state`` (the pooler is not used by sentence-embedding models and is left out of every scope).
+
+Inputs: every argument of ``BertModel.forward`` that changes ``last_hidden_state`` of an encoder —
+``input_ids`` or ``inputs_embeds``, ``attention_mask`` (2-D padding or 4-D additive), ``token_type_ids``,
+``position_ids`` — in HF's positional order; output-format flags are accepted. Not the family's
+(the exact generic fallback runs instead): decoders (``is_decoder``: causal self-attention, cross-attention).
+Refused (:class:`~taft.errors.UnsupportedError`): ``encoder_hidden_states``, caches and any other argument;
+attention-probability dropout in training mode.
 """
 
 from __future__ import annotations
@@ -11,9 +18,14 @@ from torch import Tensor
 from transformers.models.bert import modeling_bert as mb
 
 from taft.engine.dual import Dual, dual_add, dual_map
-from taft.engine.family import Family, Stage, State, register_family
+from taft.engine.family import HF_FORMAT_ONLY, Family, Stage, State, refuse_arguments, register_family, reinit_hf
 from taft.engine.registry import register_rule
+from taft.errors import TaftError, UnsupportedError
 from taft.rules.attention import additive_mask, separate_qkv_attention
+
+# BertModel.forward arguments that never change an encoder's last_hidden_state (an encoder ignores use_cache).
+_FORMAT_ONLY = HF_FORMAT_ONLY | {"use_cache"}
+_EMBEDDING_INPUTS = ("input_ids", "token_type_ids", "position_ids", "inputs_embeds")
 
 
 def _first(out):
@@ -21,14 +33,21 @@ def _first(out):
 
 
 @register_rule(mb.BertEmbeddings)
-def bert_embeddings_rule(ctx, m: mb.BertEmbeddings, name: str, input_ids, token_type_ids=None) -> Dual:
+def bert_embeddings_rule(ctx, m: mb.BertEmbeddings, name: str, input_ids=None, token_type_ids=None,
+                         position_ids=None, inputs_embeds=None, cache_length: int = 0) -> Dual:
+    """``e = LN(E_w[ids] (or inputs_embeds) + E_t[types] + E_p[positions])``: Embedding rules, then LayerNorm.
+    Default positions ``cache_length..cache_length+T``; default token types from the model's buffer (zeros)."""
     input_ids = input_ids.primal if isinstance(input_ids, Dual) else input_ids
-    B, T = input_ids.shape
-    if token_type_ids is None:
-        token_type_ids = torch.zeros_like(input_ids)
-    position_ids = m.position_ids[:, :T]  # (1, T)
+    words = (ctx.call(m.word_embeddings, f"{name}.word_embeddings", input_ids) if inputs_embeds is None
+             else Dual(inputs_embeds.primal if isinstance(inputs_embeds, Dual) else inputs_embeds, None))
+    B, T = words.primal.shape[:2]
+    if position_ids is None:
+        position_ids = m.position_ids[:, cache_length:cache_length + T]  # (1, T)
+    if token_type_ids is None:  # as BertEmbeddings.forward: the buffer, gathered at the positions
+        buffered = m.token_type_ids.expand(position_ids.shape[0], -1)
+        token_type_ids = torch.gather(buffered, dim=1, index=position_ids).expand(B, T)
     h = dual_add(
-        ctx.call(m.word_embeddings, f"{name}.word_embeddings", input_ids),
+        words,
         ctx.call(m.token_type_embeddings, f"{name}.token_type_embeddings", token_type_ids),
         ctx.call(m.position_embeddings, f"{name}.position_embeddings", position_ids),
     )  # (B, T, D)
@@ -38,6 +57,14 @@ def bert_embeddings_rule(ctx, m: mb.BertEmbeddings, name: str, input_ids, token_
 
 @register_rule(mb.BertSelfAttention, plain_output=_first)
 def bert_self_attention_rule(ctx, m: mb.BertSelfAttention, name: str, h: Dual, mask: Tensor | None) -> Dual:
+    """``O = softmax(s·QKᵀ + M)V`` with ``Q, K, V`` the Linear rules (:func:`separate_qkv_attention`)."""
+    if m.training and m.dropout.p > 0.0:
+        raise UnsupportedError(
+            f"BERT attention rule ({name}): attention-probability dropout in training mode is not supported; call "
+            "model.eval() (or set attention_probs_dropout_prob=0) before the tangent forward"
+        )
+    if m.is_causal:
+        raise UnsupportedError(f"BERT attention rule ({name}): causal self-attention is not supported")
     return separate_qkv_attention(ctx, m, name, h, ("query", "key", "value"), head_dim=m.attention_head_size,
                                   scale=m.scaling, mask=additive_mask(mask, h.primal.dtype))
 
@@ -52,7 +79,7 @@ def bert_output_rule(ctx, m, name: str, h: Dual, residual: Dual) -> Dual:
 @register_rule(mb.BertAttention, plain_output=_first)
 def bert_attention_rule(ctx, m: mb.BertAttention, name: str, h: Dual, mask: Tensor | None) -> Dual:
     if m.is_cross_attention:
-        raise NotImplementedError("bert attention rule: cross-attention is not supported")
+        raise UnsupportedError(f"BERT attention rule ({name}): cross-attention is not supported")
     a = ctx.call(m.self, f"{name}.self", h, mask)
     return ctx.call(m.output, f"{name}.output", a, h)
 
@@ -63,10 +90,10 @@ def bert_intermediate_rule(ctx, m: mb.BertIntermediate, name: str, h: Dual) -> D
     return ctx.call(m.intermediate_act_fn, f"{name}.intermediate_act_fn", h)
 
 
-@register_rule(mb.BertLayer)
+@register_rule(mb.BertLayer, methods=("forward", "feed_forward_chunk"))
 def bert_layer_rule(ctx, m: mb.BertLayer, name: str, h: Dual, mask: Tensor | None) -> Dual:
-    if m.add_cross_attention:
-        raise NotImplementedError("bert layer rule: cross-attention (decoder) layers are not supported")
+    if m.add_cross_attention or m.is_decoder:
+        raise UnsupportedError(f"BERT layer rule ({name}): decoder layers (causal, cross-attention) are not supported")
     a = ctx.call(m.attention, f"{name}.attention", h, mask)
     i = ctx.call(m.intermediate, f"{name}.intermediate", a)
     return ctx.call(m.output, f"{name}.output", i, a)
@@ -82,6 +109,17 @@ def bert_pooler_rule(ctx, m: mb.BertPooler, name: str, h: Dual) -> Dual:
 class BertFamily(Family):
     arch = "hf-bert"
     model_types = (mb.BertModel,)
+    own_methods = ("forward", "_create_attention_masks")
+
+    @classmethod
+    def bypassed(cls, model) -> dict[str, tuple[type, ...]]:
+        return {"encoder": (mb.BertEncoder,)}  # its layers are called one by one
+
+    @classmethod
+    def unsupported(cls, model) -> str | None:
+        if model.config.is_decoder or model.config.add_cross_attention:
+            return "is_decoder / add_cross_attention (causal self-attention, cross-attention) is not implemented"
+        return None
 
     def stages(self) -> list[Stage]:
         n = len(self.model.encoder.layer)
@@ -100,17 +138,19 @@ class BertFamily(Family):
     def hidden_size(self) -> int:
         return self.model.config.hidden_size
 
+    def cls_token_id(self) -> int:
+        return getattr(self.model.config, "cls_token_id", None) or 101  # [CLS] in the BERT uncased vocab
+
     def cls_init(self) -> Tensor:
         cfg = self.model.config
-        cls_id = getattr(cfg, "cls_token_id", None) or 101  # [CLS] in the BERT uncased vocab
+        cls_id = self.cls_token_id()
         cls_id = cls_id if cls_id < cfg.vocab_size else 0  # toy vocabularies: any fixed token will do
         ids = torch.tensor([[cls_id]], device=self.model.embeddings.word_embeddings.weight.device)
         with torch.no_grad():
             return self.model.embeddings(input_ids=ids)[0, 0].detach().clone()
 
     def reinit_module(self, module) -> None:
-        for m in module.modules():
-            self.model._init_weights(m)
+        reinit_hf(self.model, module)
 
     def select_output(self, out) -> Tensor:
         return out.last_hidden_state
@@ -126,16 +166,30 @@ class BertFamily(Family):
         dev = self.model.embeddings.word_embeddings.weight.device
         return (ids.to(dev),), {"attention_mask": mask.to(dev)}
 
-    def prepare(self, input_ids, attention_mask=None, token_type_ids=None) -> State:
+    def prepare(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
+                inputs_embeds=None, **kwargs) -> State:
+        """``BertModel.forward``'s arguments, in its order (see the module docstring for what is supported)."""
+        refuse_arguments(self.arch, kwargs, _FORMAT_ONLY)
+        if (input_ids is None) == (inputs_embeds is None):
+            raise TaftError("BERT family: pass exactly one of input_ids or inputs_embeds")
+        ref = input_ids if input_ids is not None else inputs_embeds
+        B, T = ref.shape[:2]
         if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        aux = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids}
+            attention_mask = torch.ones(B, T, dtype=torch.long, device=ref.device)
+        elif attention_mask.dim() not in (2, 4):
+            raise TaftError(f"BERT family: attention_mask must be (batch, tokens) or 4-D additive, got shape "
+                            f"{tuple(attention_mask.shape)}")
+        if position_ids is not None:
+            position_ids = position_ids.expand(B, T)  # (B, T): one row per example (the prefix cache splits rows)
+        aux = {"input_ids": input_ids, "inputs_embeds": inputs_embeds, "token_type_ids": token_type_ids,
+               "position_ids": position_ids, "attention_mask": attention_mask}
         return State(None, aux)
 
     def run_stage(self, ctx, i: int, state: State) -> State:
         m = self.model
         if i == 0:
-            h = ctx.call(m.embeddings, self.q("embeddings"), state.aux["input_ids"], state.aux["token_type_ids"])
+            kw = {k: state.aux.get(k) for k in _EMBEDDING_INPUTS if state.aux.get(k) is not None}
+            h = ctx.call(m.embeddings, self.q("embeddings"), **kw)
             return State(h, state.aux)
         mask = additive_mask(state.aux["attention_mask"], state.h.primal.dtype)
         h = ctx.call(m.encoder.layer[i - 1], self.q(f"encoder.layer.{i - 1}"), state.h, mask)

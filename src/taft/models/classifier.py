@@ -6,11 +6,14 @@ on classifiers: ``last:1`` is the last block plus the head (the paper's setting)
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import Tensor, nn
 
 from taft.engine.dual import Dual, dual_map
 from taft.engine.family import Family, Stage, State, family_for, register_family
+from taft.errors import TaftError
 
 POOLINGS = ("mean", "cls", "none")
 
@@ -46,11 +49,22 @@ class Classifier(nn.Module):
 
     def features(self, *args, **kwargs) -> Tensor:
         h = family_for(self.backbone).select_output(self.backbone(*args, **kwargs))
-        f = pool(h, kwargs.get("attention_mask"), self.pooling)
+        f = pool(h, backbone_mask(self.backbone, args, kwargs), self.pooling)
         return nn.functional.normalize(f, dim=-1) if self.normalize else f
 
     def forward(self, *args, **kwargs) -> Tensor:
         return self.head(self.features(*args, **kwargs))
+
+
+def backbone_mask(backbone: nn.Module, args: tuple, kwargs: dict) -> Tensor | None:
+    """The ``attention_mask`` the backbone is called with, by keyword or by position in its forward's signature."""
+    if "attention_mask" in kwargs:
+        return kwargs["attention_mask"]
+    try:
+        bound = inspect.signature(backbone.forward).bind_partial(*args, **kwargs)
+    except (TypeError, ValueError):  # no signature, or the call itself is invalid (the backbone will say why)
+        return None
+    return bound.arguments.get("attention_mask")
 
 
 def pool(h: Tensor, mask: Tensor | None, pooling: str) -> Tensor:
@@ -60,6 +74,9 @@ def pool(h: Tensor, mask: Tensor | None, pooling: str) -> Tensor:
         return h[:, 0]
     if mask is None:
         return h.mean(1)
+    if mask.shape != h.shape[:2]:
+        raise TaftError(f"Classifier(pooling='mean'): attention_mask has shape {tuple(mask.shape)}, expected "
+                        f"(batch, tokens) = {tuple(h.shape[:2])}; pass the 2-D padding mask or use pooling='cls'")
     m = mask[..., None].to(h.dtype)  # (B, T, 1)
     return (h * m).sum(1) / m.sum(1).clamp_min(1.0)
 
@@ -73,6 +90,9 @@ def l2_normalize_dual(ctx, x: Dual) -> Dual:
     with ctx.tangent_mode():
         t = (x.tangent - y * (y * x.tangent).sum(-1, keepdim=True)) / norm
     return Dual(y, t)
+
+
+_POOL_MASK = "classifier.pool_mask"  # the backbone's padding mask, as the classifier's pooling sees it
 
 
 @register_family
@@ -93,6 +113,15 @@ class ClassifierFamily(Family):
     def head_only(self) -> list[str]:
         return [self.q("head")]
 
+    def blocks(self) -> list[Stage]:
+        return self.inner.blocks()
+
+    def no_blocks(self) -> str:
+        return self.inner.no_blocks()
+
+    def changed(self) -> str | None:
+        return super().changed() or self.inner.changed()
+
     def attn_linear_weights(self) -> list[str]:
         return self.inner.attn_linear_weights()
 
@@ -106,7 +135,8 @@ class ClassifierFamily(Family):
         self.inner.reinit_module(module)
 
     def prepare(self, *args, **kwargs) -> State:
-        return self.inner.prepare(*args, **kwargs)
+        state = self.inner.prepare(*args, **kwargs)
+        return State(state.h, {**state.aux, _POOL_MASK: backbone_mask(self.model.backbone, args, kwargs)})
 
     def run_stage(self, ctx, i: int, state: State) -> State:
         n = len(self.inner.stages())
@@ -114,7 +144,7 @@ class ClassifierFamily(Family):
             return self.inner.run_stage(ctx, i, state)
         m: Classifier = self.model
         h = self.inner.output(state)
-        f = dual_map(h, lambda x: pool(x, state.aux.get("attention_mask"), m.pooling))
+        f = dual_map(h, lambda x: pool(x, state.aux[_POOL_MASK], m.pooling))
         if m.normalize:
             f = l2_normalize_dual(ctx, f)
         return State(ctx.call(m.head, self.q("head"), f), state.aux)

@@ -5,8 +5,8 @@ Embeddings ``e = [c; Conv(x)ᵀ] + P[ids]`` then ``pre_layrnorm``; pre-LN blocks
 ``pooler_output = post_layernorm(h[:, 0])`` (and ``image_embeds = visual_projection(pooler_output)`` for the
 ``WithProjection`` model). ``last_hidden_state`` is not the family's output.
 
-Not supported (``NotImplementedError``): position-embedding interpolation to another image size; attention
-dropout in training; attention masks (the vision tower takes none).
+Not supported (:class:`~taft.errors.UnsupportedError`): position-embedding interpolation to another image
+size; attention dropout in training; attention masks (the vision tower takes none).
 """
 
 from __future__ import annotations
@@ -17,8 +17,9 @@ from transformers import CLIPVisionConfig, CLIPVisionModel, CLIPVisionModelWithP
 from transformers.models.clip import modeling_clip as mc
 
 from taft.engine.dual import Dual, as_dual, dual_add, dual_cat, dual_map
-from taft.engine.family import Family, Stage, State, register_family
+from taft.engine.family import Family, Stage, State, refuse_arguments, register_family, reinit_hf
 from taft.engine.registry import register_rule
+from taft.errors import UnsupportedError
 from taft.rules.attention import separate_qkv_attention
 
 
@@ -35,7 +36,7 @@ def clip_vision_embeddings_rule(ctx, m: mc.CLIPVisionEmbeddings, name: str, pixe
     if interpolate_pos_encoding:
         n_patches = (H // m.patch_size) * (W // m.patch_size)
         if not (n_patches == m.num_patches and H == W):  # else HF leaves the table unchanged
-            raise NotImplementedError("CLIP vision embeddings rule: position-embedding interpolation is not supported")
+            raise UnsupportedError("CLIP vision embeddings rule: position-embedding interpolation is not supported")
     elif (m.image_size, m.image_size) != (H, W):
         raise ValueError(f"Input image size ({H}*{W}) doesn't match model ({m.image_size}*{m.image_size}).")
     dt = m.patch_embedding.weight.dtype
@@ -53,9 +54,10 @@ def clip_attention_rule(ctx, m: mc.CLIPAttention, name: str, hidden_states: Dual
     """``Q, K, V = q/k/v_proj(h)`` (Linear rule), ``O = softmax(s·QKᵀ + M)V`` (:func:`attention_dual`,
     ``s = d^-½``), ``y = out_proj(O)``. The same maths for every ``attn_implementation``."""
     if m.training and m.dropout > 0.0:
-        raise NotImplementedError("CLIP attention rule: attention dropout in training mode is not supported")
+        raise UnsupportedError("CLIP attention rule: attention dropout in training mode is not supported; "
+                               "call model.eval() (or set the dropout to 0) before the tangent forward")
     if m.is_causal:
-        raise NotImplementedError("CLIP attention rule: causal (text) attention is not supported")
+        raise UnsupportedError("CLIP attention rule: causal (text) attention is not supported")
     return separate_qkv_attention(ctx, m, name, hidden_states, ("q_proj", "k_proj", "v_proj", "out_proj"),
                                   head_dim=m.head_dim, scale=m.scale, mask=attention_mask)
 
@@ -88,11 +90,18 @@ class CLIPVisionFamily(Family):
     model_types = (CLIPVisionModel,)
     _tower = ""  # where the CLIPVisionModel sits inside ``model``
 
+    @classmethod
+    def bypassed(cls, model: nn.Module) -> dict[str, tuple[type, ...]]:
+        out = {f"{cls._tower}encoder": (mc.CLIPEncoder,)}  # its layers are called one by one
+        if cls._tower:
+            out[cls._tower.rstrip(".")] = (CLIPVisionModel,)
+        return out
+
     def __init__(self, model: nn.Module, root: str = "") -> None:
         super().__init__(model, root)
         self.vm: CLIPVisionModel = model.get_submodule(self._tower.rstrip(".")) if self._tower else model
         if not hasattr(self.vm, "encoder") or not hasattr(self.vm, "embeddings"):
-            raise NotImplementedError("CLIP vision family: expects the transformers 5.x CLIPVisionModel layout")
+            raise UnsupportedError("CLIP vision family: expects the transformers 5.x CLIPVisionModel layout")
 
     def t(self, name: str) -> str:
         """Qualified name of a tower module."""
@@ -127,13 +136,10 @@ class CLIPVisionFamily(Family):
             return self.vm.pre_layrnorm(v).detach().clone()
 
     def reinit_module(self, module: nn.Module) -> None:
-        for p in module.parameters():  # from_pretrained marks loaded tensors so that HF's init skips them
-            if hasattr(p, "_is_hf_initialized"):
-                del p._is_hf_initialized
-        for m in module.modules():
-            self.model._init_weights(m)
+        reinit_hf(self.model, module)
 
-    def prepare(self, pixel_values: Tensor, interpolate_pos_encoding: bool | None = False) -> State:
+    def prepare(self, pixel_values: Tensor, interpolate_pos_encoding: bool | None = False, **kwargs) -> State:
+        refuse_arguments(self.arch, kwargs)
         return State(None, {"pixel_values": pixel_values, "interpolate_pos_encoding": bool(interpolate_pos_encoding)})
 
     def run_stage(self, ctx, i: int, state: State) -> State:

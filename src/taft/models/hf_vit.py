@@ -4,8 +4,9 @@ Pre-LN blocks: ``a = x + W_o·MHA(LN_before(x))``, ``y = a + fc2(GELU(fc1(LN_aft
 ``[cls; Conv(x)ᵀ] + pos``. The family's output is ``last_hidden_state`` = ``layernorm(h)`` (the pooler is not
 part of it and is left out of every scope).
 
-Not supported (``NotImplementedError``): ``bool_masked_pos`` (masked image modeling), ``attention_mask``, and
-position-embedding interpolation to a different image size; attention dropout in training.
+Not supported (:class:`~taft.errors.UnsupportedError`): ``bool_masked_pos`` (masked image modeling),
+``attention_mask``, and position-embedding interpolation to a different image size; attention dropout in
+training.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ from transformers import ViTConfig, ViTModel
 from transformers.models.vit import modeling_vit as mv
 
 from taft.engine.dual import Dual, as_dual, dual_add, dual_cat, dual_map
-from taft.engine.family import Family, Stage, State, register_family
+from taft.engine.family import Family, Stage, State, refuse_arguments, register_family, reinit_hf
 from taft.engine.registry import register_rule
+from taft.errors import UnsupportedError
 from taft.rules.attention import separate_qkv_attention
 
 
@@ -45,14 +47,14 @@ def vit_embeddings_rule(ctx, m: mv.ViTEmbeddings, name: str, pixel_values, bool_
                         interpolate_pos_encoding: bool = False) -> Dual:
     """``y = dropout([cls; P(x)] + pos)``: ``ẏ = [ċls; Ṗ] + ṗos`` (cls and pos are parameters, broadcast over B)."""
     if bool_masked_pos is not None:
-        raise NotImplementedError("HF ViT embeddings rule: bool_masked_pos (masked image modeling) is not supported")
+        raise UnsupportedError("HF ViT embeddings rule: bool_masked_pos (masked image modeling) is not supported")
     x = as_dual(pixel_values)
     B, _, H, W = x.primal.shape
     e = ctx.call(m.patch_embeddings, f"{name}.patch_embeddings", x)  # (B, N, D)
     n_patches, n_pos = e.primal.shape[1], m.position_embeddings.shape[1] - 1
     if interpolate_pos_encoding:
         if not (n_patches == n_pos and H == W):  # else HF leaves the table unchanged
-            raise NotImplementedError("HF ViT embeddings rule: position-embedding interpolation is not supported")
+            raise UnsupportedError("HF ViT embeddings rule: position-embedding interpolation is not supported")
     elif tuple(m.image_size) != (H, W):
         raise ValueError(f"Input image size ({H}*{W}) doesn't match model ({m.image_size[0]}*{m.image_size[1]}).")
     cls = dual_map(ctx.param(f"{name}.cls_token"), lambda t: t.expand(B, -1, -1))
@@ -66,7 +68,8 @@ def vit_attention_rule(ctx, m: mv.ViTAttention, name: str, h: Dual, attention_ma
     """``Q, K, V = q/k/v_proj(h)`` (Linear rule), ``O = softmax(s·QKᵀ + M)V`` (:func:`attention_dual`,
     ``s = d^-½``), ``y = o_proj(O)``. The same maths for every ``attn_implementation``."""
     if m.training and m.attention_dropout > 0.0:
-        raise NotImplementedError("HF ViT attention rule: attention dropout in training mode is not supported")
+        raise UnsupportedError("HF ViT attention rule: attention dropout in training mode is not supported; "
+                               "call model.eval() (or set the dropout to 0) before the tangent forward")
     return separate_qkv_attention(ctx, m, name, h, ("q_proj", "k_proj", "v_proj", "o_proj"), head_dim=m.head_dim,
                                   scale=m.scaling, mask=attention_mask)
 
@@ -92,13 +95,6 @@ def vit_layer_rule(ctx, m: mv.ViTLayer, name: str, h: Dual, attention_mask: Tens
     return dual_add(ctx.call(m.dropout, f"{name}.dropout", b), h)
 
 
-def _clear_hf_init_flags(module: nn.Module) -> None:
-    # from_pretrained marks loaded tensors so that HF's init helpers skip them; a reinit must not skip.
-    for p in module.parameters():
-        if hasattr(p, "_is_hf_initialized"):
-            del p._is_hf_initialized
-
-
 @register_family
 class HFViTFamily(Family):
     arch = "hf-vit"
@@ -107,7 +103,7 @@ class HFViTFamily(Family):
     def __init__(self, model: nn.Module, root: str = "") -> None:
         super().__init__(model, root)
         if not hasattr(model, "layers"):
-            raise NotImplementedError("HF ViT family: expects the transformers 5.x layout (ViTModel.layers)")
+            raise UnsupportedError("HF ViT family: expects the transformers 5.x layout (ViTModel.layers)")
 
     def stages(self) -> list[Stage]:
         n = len(self.model.layers)
@@ -137,16 +133,15 @@ class HFViTFamily(Family):
             return (e.cls_token[0, 0] + e.position_embeddings[0, 0]).detach().clone()
 
     def reinit_module(self, module: nn.Module) -> None:
-        _clear_hf_init_flags(module)
-        for m in module.modules():
-            self.model._init_weights(m)
+        reinit_hf(self.model, module)
 
     def prepare(self, pixel_values: Tensor, bool_masked_pos=None, interpolate_pos_encoding: bool | None = None,
-                attention_mask: Tensor | None = None) -> State:
+                attention_mask: Tensor | None = None, **kwargs) -> State:
+        refuse_arguments(self.arch, kwargs)
         if bool_masked_pos is not None:
-            raise NotImplementedError("HF ViT family: bool_masked_pos (masked image modeling) is not supported")
+            raise UnsupportedError("HF ViT family: bool_masked_pos (masked image modeling) is not supported")
         if attention_mask is not None:
-            raise NotImplementedError("HF ViT family: attention_mask is not supported")
+            raise UnsupportedError("HF ViT family: attention_mask is not supported")
         dt = self.model.embeddings.patch_embeddings.projection.weight.dtype
         if pixel_values.dtype != dt:  # as ViTModel.forward does
             pixel_values = pixel_values.to(dt)

@@ -6,8 +6,9 @@ Embeddings ``e = ln_pre([c; Conv(x)ᵀ] + P)``; blocks (``ResidualAttentionBlock
 pool = CLS token (``tok``), mean of the patch tokens (``avg``) or every token (``none``). With
 ``output_tokens=True`` the model returns ``(pooled, tokens)``; the family computes ``pooled``.
 
-Not supported (``NotImplementedError``): attentional pooling (CoCa), cross-attention blocks, patch dropout in
-training. Custom blocks (``qk_norm``, scaled-cosine attention, ...) have no rule and run the jvp fallback.
+Not supported (:class:`~taft.errors.UnsupportedError`): attentional pooling (CoCa), cross-attention blocks,
+patch dropout in training. Custom blocks (``qk_norm``, scaled-cosine attention, ...) have no rule and run the
+jvp fallback.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from torch import Tensor, nn
 from taft.engine.dual import Dual, add_tangents, dual_add, dual_cat, dual_map
 from taft.engine.family import Family, Stage, State, register_family
 from taft.engine.registry import register_rule
+from taft.errors import UnsupportedError
 from taft.models.timm_vit import layer_scale_dual, timm_layer_norm_fp32_rule
 from taft.rules.layer_norm import layer_norm_rule
 from taft.rules.quick_gelu import quick_gelu_dual
@@ -67,17 +69,18 @@ def open_clip_patch_dropout_rule(ctx, m, name: str, x: Dual) -> Dual:
     """Patch dropout: identity in eval (``ẏ = ẋ``); random token dropping in training is not supported."""
     if not m.training or m.prob == 0.0:
         return x
-    raise NotImplementedError("open_clip PatchDropout rule: patch dropout in training mode is not supported")
+    raise UnsupportedError("open_clip PatchDropout rule: patch dropout in training mode is not supported; "
+                           "call model.eval() (or set the dropout to 0) before the tangent forward")
 
 
-@register_rule(oct.ResidualAttentionBlock)
+@register_rule(oct.ResidualAttentionBlock, methods=("forward", "attention"), bypassed=("mlp",))
 def open_clip_block_rule(ctx, m: oct.ResidualAttentionBlock, name: str, q_x: Dual, k_x=None, v_x=None,
                          attn_mask: Tensor | None = None) -> Dual:
     """``a = x + LS₁(MHA(LN₁(x)))``, ``y = a + LS₂(mlp(LN₂(a)))``, every sub-module through its own rule (the
     MLP ``Sequential`` child by child); residual adds are linear. Layout-agnostic: the MHA rule handles
     ``batch_first``. ``attn_mask`` is cast to the input dtype first, as open_clip does."""
     if k_x is not None or v_x is not None:
-        raise NotImplementedError("open_clip block rule: cross-attention (k_x / v_x) is not supported")
+        raise UnsupportedError("open_clip block rule: cross-attention (k_x / v_x) is not supported")
     a = ctx.call(m.ln_1, f"{name}.ln_1", q_x)
     if attn_mask is not None:
         attn_mask = attn_mask.to(q_x.primal.dtype)
@@ -96,17 +99,18 @@ class OpenCLIPViTFamily(Family):
 
     arch = "open-clip-vit"
     model_types = (oct.VisionTransformer,)
+    own_methods = ("forward", "_embeds", "_pool", "_global_pool")
 
     @classmethod
-    def matches(cls, model: nn.Module) -> bool:
-        return type(model) is oct.VisionTransformer
+    def bypassed(cls, model: nn.Module) -> dict[str, tuple[type, ...]]:
+        return {"transformer": (oct.Transformer,)}  # its resblocks are called one by one
 
     def __init__(self, model: nn.Module, root: str = "") -> None:
         super().__init__(model, root)
         if model.attn_pool is not None:
-            raise NotImplementedError("open_clip ViT family: attentional pooling (CoCa) is not supported")
+            raise UnsupportedError("open_clip ViT family: attentional pooling (CoCa) is not supported")
         if model.pool_type not in ("tok", "avg", "none"):
-            raise NotImplementedError(f"open_clip ViT family: pool_type={model.pool_type!r} is not supported")
+            raise UnsupportedError(f"open_clip ViT family: pool_type={model.pool_type!r} is not supported")
 
     def _blocks(self) -> nn.ModuleList:
         return self.model.transformer.resblocks

@@ -5,10 +5,10 @@ stage is ``norm_pre(pos_drop([cls; reg; PatchEmbed(x)] + pos))`` (``no_embed_cla
 added to the patches before the prefix tokens are prepended); the final stage is ``norm`` → pool (``token``,
 ``avg`` or none) → ``fc_norm`` → ``head`` (Identity when ``num_classes=0``), i.e. exactly ``model(x)``.
 
-Not supported (``NotImplementedError`` in the family constructor): ``dynamic_img_size``, attention pooling
-(``global_pool='map'``/``'prr'``), ``avgmax``/``max`` pooling, and subclasses of ``VisionTransformer`` (e.g.
-distilled DeiT) are left to the generic fallback family. Gated attention and attention dropout in training
-raise in the attention rule.
+Not supported (:class:`~taft.errors.UnsupportedError` in the family constructor): ``dynamic_img_size``,
+attention pooling (``global_pool='map'``/``'prr'``), ``avgmax``/``max`` pooling. Subclasses of
+``VisionTransformer`` that change the forward (e.g. distilled DeiT) are left to the generic fallback family.
+Gated attention and attention dropout in training raise in the attention rule.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from taft.engine.dual import Dual, as_dual, dual_add, dual_cat, dual_map
 from taft.engine.family import Family, Stage, State, register_family
 from taft.engine.registry import register_rule
+from taft.errors import UnsupportedError
 from taft.rules.attention import attention_dual
 from taft.rules.gelu import gelu_dual
 from taft.rules.layer_norm import layer_norm_dual, layer_norm_rule
@@ -56,7 +57,7 @@ def timm_layer_norm_rule(ctx, m: timm_norm.LayerNorm, name: str, x: Dual) -> Dua
 def timm_layer_norm_fp32_rule(ctx, m, name: str, x: Dual) -> Dual:
     """LayerNorm computed in float32 and cast back: the LayerNorm closed form on ``x.float()`` (tangent too)."""
     if len(m.normalized_shape) != 1:
-        raise NotImplementedError("timm LayerNormFp32 rule: only normalization over the last dimension")
+        raise UnsupportedError("timm LayerNormFp32 rule: only normalization over the last dimension")
     dt = x.primal.dtype
     x32 = Dual(x.primal.float(), None if x.tangent is None else x.tangent.float())
 
@@ -123,7 +124,8 @@ if PatchDropout is not None:
         """Patch dropout: identity in eval (``ẏ = ẋ``); random token dropping in training is not supported."""
         if not m.training or m.prob == 0.0:
             return x
-        raise NotImplementedError("timm PatchDropout rule: patch dropout in training mode is not supported")
+        raise UnsupportedError("timm PatchDropout rule: patch dropout in training mode is not supported; "
+                               "call model.eval() (or set the dropout to 0) before the tangent forward")
 
 
 @register_rule(PatchEmbed)
@@ -146,7 +148,7 @@ def timm_patch_embed_rule(ctx, m: PatchEmbed, name: str, x) -> Dual:
     if m.flatten:
         h = dual_map(h, lambda t: t.flatten(2).transpose(1, 2))  # (B, h·w, D)
     elif m.output_fmt != Format.NCHW:
-        raise NotImplementedError(f"timm PatchEmbed rule: output_fmt={m.output_fmt} is not supported")
+        raise UnsupportedError(f"timm PatchEmbed rule: output_fmt={m.output_fmt} is not supported")
     return ctx.call(m.norm, f"{name}.norm", h)
 
 
@@ -168,9 +170,10 @@ def timm_attention_rule(ctx, m: Attention, name: str, x: Dual, attn_mask: Tensor
     ``O = softmax(s·QKᵀ + M)V`` (:func:`attention_dual`, ``s = d^-½``), ``y = proj(norm(O))`` (Linear rule).
     The same maths whether timm runs SDPA (``fused_attn``) or the explicit path."""
     if getattr(m, "gate", None) is not None:
-        raise NotImplementedError("timm attention rule: gated attention is not supported")
+        raise UnsupportedError("timm attention rule: gated attention is not supported")
     if m.training and m.attn_drop.p > 0.0:
-        raise NotImplementedError("timm attention rule: attention dropout in training mode is not supported")
+        raise UnsupportedError("timm attention rule: attention dropout in training mode is not supported; "
+                               "call model.eval() (or set the dropout to 0) before the tangent forward")
     B, N, _ = x.primal.shape
     nh, hd = m.num_heads, m.head_dim
     attn_dim = getattr(m, "attn_dim", nh * hd)
@@ -192,7 +195,7 @@ def timm_attention_rule(ctx, m: Attention, name: str, x: Dual, attn_mask: Tensor
 def timm_mlp_rule(ctx, m: Mlp, name: str, x: Dual) -> Dual:
     """``y = fc2(norm(act(fc1(x))))`` (dropouts identity in eval): Linear, activation and norm rules chained."""
     if not isinstance(m.fc1, nn.Linear):
-        raise NotImplementedError("timm Mlp rule: use_conv=True (1x1 conv MLP) is not supported")
+        raise UnsupportedError("timm Mlp rule: use_conv=True (1x1 conv MLP) is not supported")
     h = ctx.call(m.fc1, f"{name}.fc1", x)
     h = ctx.call(m.act, f"{name}.act", h)
     h = ctx.call(m.drop1, f"{name}.drop1", h)
@@ -236,11 +239,12 @@ class TimmViTFamily(Family):
 
     arch = "timm-vit"
     model_types = (VisionTransformer,)
+    # Subclasses that change any of these (distilled DeiT, ...) go to the generic fallback family.
+    own_methods = ("forward", "forward_features", "forward_head", "_pos_embed", "pool")
 
     @classmethod
-    def matches(cls, model: nn.Module) -> bool:
-        # Subclasses (distilled DeiT, ...) change the forward: they go to the generic fallback family.
-        return type(model) is VisionTransformer
+    def bypassed(cls, model: nn.Module) -> dict[str, tuple[type, ...]]:
+        return {"blocks": (nn.Sequential,)}  # its blocks are called one by one
 
     def __init__(self, model: nn.Module, root: str = "") -> None:
         super().__init__(model, root)
@@ -249,13 +253,13 @@ class TimmViTFamily(Family):
     def _check(self) -> None:
         m = self.model
         if getattr(m, "dynamic_img_size", False):
-            raise NotImplementedError("timm ViT family: dynamic_img_size=True is not supported")
+            raise UnsupportedError("timm ViT family: dynamic_img_size=True is not supported")
         if getattr(m, "attn_pool", None) is not None:
-            raise NotImplementedError(
+            raise UnsupportedError(
                 f"timm ViT family: attention pooling (global_pool={m.global_pool!r}) is not supported"
             )
         if m.global_pool not in _POOLS:
-            raise NotImplementedError(
+            raise UnsupportedError(
                 f"timm ViT family: global_pool={m.global_pool!r} is not supported (supported: {_POOLS})"
             )
 
@@ -285,7 +289,7 @@ class TimmViTFamily(Family):
         """The embedding stage's output at the CLS position: ``norm_pre(cls + pos[0])``."""
         m = self.model
         if m.cls_token is None:
-            raise NotImplementedError("timm ViT family: linearize_cls needs a model with a class token")
+            raise UnsupportedError("timm ViT family: linearize_cls needs a model with a class token")
         with torch.no_grad():
             v = m.cls_token.reshape(1, 1, -1)
             if m.pos_embed is not None and not m.no_embed_class:

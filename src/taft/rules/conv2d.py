@@ -7,12 +7,13 @@ from torch import nn
 
 from taft.engine.dual import Dual, add_tangents
 from taft.engine.registry import register_rule
+from taft.errors import UnsupportedError
 
 
 @register_rule(nn.Conv2d)
 def conv2d_rule(ctx, module: nn.Conv2d, name: str, x: Dual) -> Dual:
     if module.padding_mode != "zeros":
-        raise NotImplementedError("conv2d rule: only padding_mode='zeros'")
+        raise UnsupportedError("conv2d rule: only padding_mode='zeros'")
     w = ctx.param(f"{name}.weight")
     b = ctx.param(f"{name}.bias") if module.bias is not None else None
     kw = dict(stride=module.stride, padding=module.padding, dilation=module.dilation, groups=module.groups)

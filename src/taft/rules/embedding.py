@@ -7,6 +7,7 @@ from torch import nn
 
 from taft.engine.dual import Dual
 from taft.engine.registry import register_rule
+from taft.errors import UnsupportedError
 
 
 @register_rule(nn.Embedding)
@@ -15,7 +16,7 @@ def embedding_rule(ctx, module: nn.Embedding, name: str, idx) -> Dual:
     w = ctx.param(f"{name}.weight")
     # max_norm renormalizes W in place: not a function of w0, so not supported.
     if module.max_norm is not None:
-        raise NotImplementedError("embedding rule: max_norm is not supported")
+        raise UnsupportedError("embedding rule: max_norm is not supported")
     y = F.embedding(idx, w.primal, module.padding_idx)
     if w.tangent is None:
         return Dual(y, None)

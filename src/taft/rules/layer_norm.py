@@ -11,6 +11,7 @@ from torch import nn
 
 from taft.engine.dual import Dual, add_tangents
 from taft.engine.registry import register_rule
+from taft.errors import UnsupportedError
 
 
 def layer_norm_dual(ctx, x: Dual, gamma: Dual | None, beta: Dual | None, eps: float) -> Dual:
@@ -39,7 +40,7 @@ def layer_norm_dual(ctx, x: Dual, gamma: Dual | None, beta: Dual | None, eps: fl
 @register_rule(nn.LayerNorm)
 def layer_norm_rule(ctx, module: nn.LayerNorm, name: str, x: Dual) -> Dual:
     if len(module.normalized_shape) != 1:
-        raise NotImplementedError("layer_norm rule: only normalization over the last dimension")
+        raise UnsupportedError("layer_norm rule: only normalization over the last dimension")
     gamma = ctx.param(f"{name}.weight") if module.weight is not None else None
     beta = ctx.param(f"{name}.bias") if module.bias is not None else None
     return layer_norm_dual(ctx, x, gamma, beta, module.eps)

@@ -14,7 +14,8 @@ added as they are. ``bias_k``/``bias_v`` append one learned key/value (with tang
 ``add_zero_attn`` one zero key/value, each padding the masks with an attended column, as torch does.
 ``is_causal`` with no ``key_padding_mask`` and ``need_weights=False`` uses the top-left causal mask (what
 SDPA does in that case); otherwise ``attn_mask`` is used, as in torch. Attention dropout in training is not
-supported (``NotImplementedError``). The rule returns ``attn_output`` only (the weights are not a tangent).
+supported (:class:`~taft.errors.UnsupportedError`). The rule returns ``attn_output`` only (the weights are
+not a tangent).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from torch import Tensor, nn
 
 from taft.engine.dual import Dual, dual_map
 from taft.engine.registry import register_rule
+from taft.errors import UnsupportedError
 from taft.rules.attention import attention_dual
 from taft.rules.linear import linear_dual
 
@@ -81,7 +83,8 @@ def multihead_attention_rule(
     ``ẏ`` = the Linear rule on each projection, :func:`attention_dual` on the core, the Linear rule on
     ``out_proj`` (see the module docstring for the masks, ``bias_k/v`` and ``add_zero_attn``)."""
     if m.training and m.dropout > 0.0:
-        raise NotImplementedError("multihead attention rule: attention dropout in training mode is not supported")
+        raise UnsupportedError("multihead attention rule: attention dropout in training mode is not supported; "
+                               "call model.eval() (or set the dropout to 0) before the tangent forward")
     self_attn = query is key and key is value
     query, key, value = _as_dual(query), _as_dual(key), _as_dual(value)
     batched = query.primal.dim() == 3
