@@ -153,6 +153,9 @@ def main(argv: list[str] | None = None) -> int:
     except (typer.Abort, KeyboardInterrupt):
         typer.echo("taft: interrupted", err=True)
         return 130
+    except click_exc.NoArgsIsHelpError as e:  # `taft` alone: the help text
+        e.show()
+        return e.exit_code
     except click_exc.UsageError as e:
         hint = f" (see `{e.ctx.command_path} --help`)" if e.ctx is not None else ""
         return _error(f"{e.format_message()}{hint}")

@@ -28,8 +28,8 @@ def evaluate_run(run_dir: str | Path, *, data: str | None = None, split: str = "
         raise RunDirError(f"{run_dir}: delta.safetensors belongs to run {meta.get('run_id')}, the folder's run.json "
                           f"to run {manifest['run_id']}; train the run again")
     cfg: TrainConfig = load_config(TrainConfig, run_dir / "config.yaml")
-    if data:
-        cfg.data = data
+    if data:  # the run's test file belongs to its own data
+        cfg.data, cfg.test_file = data, None
     device = torch.device(cfg.device)
     if device.type != "cpu" and not _available(device):
         device = torch.device("cpu")  # the run trained on an accelerator this machine lacks; Δw is the same

@@ -32,7 +32,7 @@ from taft.models.classifier import Classifier, pool
 from taft.tangent_model import TangentModel
 from taft.train.cache import FeatureCache
 from taft.train.losses import make_loss, project_to_ball, squared_norm
-from taft.train.rundir import RunFolder, write_json
+from taft.train.rundir import RunFolder, finite_json, write_json
 from taft.train.text import bucketed_batches, padded_batch, prefix_batches, tokenize
 from taft.zoo import load_model, load_tokenizer
 
@@ -383,7 +383,7 @@ def _fit(cfg, tm, train_cache, train_labels, val_cache, val_ds, device, progress
             row["val_acc"] = evaluate(tm, val_cache, val_ds.labels, cfg.eval_batch_size, device)
         result.epochs.append(row)
         if log:
-            log.write(json.dumps(row, allow_nan=False) + "\n")
+            log.write(json.dumps(finite_json(row), allow_nan=False) + "\n")
             log.flush()
         if progress:
             tqdm.write(json.dumps(row))

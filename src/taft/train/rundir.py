@@ -99,6 +99,9 @@ def check_output_dir(output_dir: str | Path, *, overwrite: bool = False) -> Path
             raise RunDirError(f"--output-dir {target} is not empty ({shown}); choose a new or empty folder, or "
                               f"pass --overwrite to replace the folder and everything in it")
     parent = target.parent
+    nearest = next((p for p in (parent, *parent.parents) if p.exists()), None)  # the first existing ancestor
+    if nearest is not None and not nearest.is_dir():
+        raise RunDirError(f"--output-dir {target}: {nearest} is a file, so no folder can be created under it")
     try:
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
