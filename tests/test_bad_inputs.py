@@ -61,6 +61,17 @@ def assert_one_clean_error(code: int, captured, needle: str) -> None:
     assert needle.lower() in errors[0].lower(), errors[0]
 
 
+def _images(root: Path) -> Path:
+    from PIL import Image
+
+    for split, n in (("train", 3), ("test", 1)):
+        for k, name in enumerate(("cat", "dog")):
+            (root / "img" / split / name).mkdir(parents=True)
+            for i in range(n):
+                Image.new("RGB", (16, 16), (100 * k, 20 * i, 0)).save(root / "img" / split / name / f"{i}.png")
+    return root / "img"
+
+
 def _csv(rows: list[tuple[str, str]]) -> str:
     return "text,label\n" + "".join(f"{t},{lab}\n" for t, lab in rows)
 
@@ -112,6 +123,7 @@ CASES: list[tuple[str, Callable[[Case], list[str]], str]] = [
     ("step-gamma-zero", lambda c: c.train("--step-gamma", "0"), "step_gamma must be > 0"),
     ("num-classes-one", lambda c: c.train("--num-classes", "1"), "num_classes must be ≥ 2"),
     ("seed-negative", lambda c: c.train("--seed", "-1"), "seed must be"),
+    ("cache-dir-is-a-file", lambda c: c.train("--cache", "disk", "--cache-dir", str(c.data)), "is a file"),
     ("cache-disk-without-dir", lambda c: c.train("--cache", "disk"), "cache=disk needs cache_dir"),
     ("lora-scope-all", lambda c: c.train("--method", "lora", "--scope", "all"), "use scope last:K"),
     ("adapter-scope-attn", lambda c: c.train("--method", "adapter", "--scope", "attn"), "use scope last:K"),
@@ -119,6 +131,8 @@ CASES: list[tuple[str, Callable[[Case], list[str]], str]] = [
     ("flag-not-an-int", lambda c: c.train("--epochs", "abc"), "--epochs"),
     ("unknown-flag", lambda c: c.train("--epochz", "3"), "no such option"),
     ("unknown-model", lambda c: c.train("--model", "no-such-model"), "no-such-model"),
+    ("text-model-on-images", lambda c: ["train", "--model", "tiny-bert", "--data", f"imagefolder:{_images(c.tmp)}",
+                                        "--head-init", "random"], "cannot take images"),
     # output folders
     ("output-dir-is-a-file", lambda c: c.train("--output-dir", str(c.data)), "is a file"),
     ("output-dir-under-a-file", lambda c: c.train("--output-dir", str(c.data / "run")), "is a file"),
@@ -192,6 +206,13 @@ def test_csv_with_a_byte_order_mark_just_works(tmp_path, capsys):
     data = _write(tmp_path / "bom.csv", b"\xef\xbb\xbf" + rows.encode())
     c = Case(tmp_path)
     assert main(c.train(data=data, test=_write(tmp_path / "bom_t.csv", b"\xef\xbb\xbf" + rows.encode()))) == 0
+
+
+def test_sentences_longer_than_the_model_positions_are_cut(tmp_path):
+    """tiny-bert has 64 positions, the default max_length is 128: inputs are cut at 64 instead of crashing."""
+    long = _write(tmp_path / "long.txt", "".join(f"{i % 2} {' '.join(['word'] * 100)} {i}\n" for i in range(20)))
+    res = train(TrainConfig(model="tiny-bert", data=str(long), head_init="random", epochs=1), progress=False)
+    assert 0.0 <= res.val_acc <= 1.0
 
 
 # -- taft eval on a trained run -----------------------------------------------------------------------------

@@ -32,7 +32,7 @@ def evaluate_run(run_dir: str | Path, *, data: str | None = None, split: str = "
         cfg.data, cfg.test_file = data, None
     device = torch.device(cfg.device)
     if device.type != "cpu" and not _available(device):
-        device = torch.device("cpu")  # the run trained on an accelerator this machine lacks; Δw is the same
+        cfg.device, device = "cpu", torch.device("cpu")  # trained on an accelerator this machine lacks; Δw is the same
     prep = prepare(cfg, device)  # text or images, by the data spec
     ds = getattr(prep.splits, split)
     if ds is None:

@@ -13,7 +13,9 @@ import copy
 import dataclasses
 import json
 import math
+import os
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -211,9 +213,16 @@ def prepare(cfg: TrainConfig, device: torch.device) -> Prepared:
     tokenizer = load_tokenizer(cfg.model)
     backbone = load_model(cfg.model).to(device)
     clf = build_classifier(cfg, backbone, tokenizer, splits.train.num_classes, descriptions).to(device)
+    positions = getattr(getattr(backbone, "config", None), "max_position_embeddings", None)
+    text_cfg = cfg
+    if positions and cfg.max_length > positions:  # longer inputs would index past the position embeddings
+        if cfg.max_length != TrainConfig.max_length:  # the default is only a cap: no warning for small models
+            warnings.warn(f"max_length={cfg.max_length} exceeds the {positions} positions of {cfg.model}; "
+                          f"sentences are cut at {positions} tokens", stacklevel=2)
+        text_cfg = dataclasses.replace(cfg, max_length=positions)
 
     def cache_for(tm, ds, name, progress, cache_dir, key):
-        return _cache_for(tm, tokenizer, ds, cfg, name, progress, cache_dir, key)
+        return _cache_for(tm, tokenizer, ds, text_cfg, name, progress, cache_dir, key)
 
     return Prepared(splits, clf, cache_for)
 
@@ -262,6 +271,8 @@ def train(cfg: TrainConfig, *, progress: bool = True, caches: dict | None = None
     With ``cfg.output_dir`` the folder is checked first (before features are computed) and written only when the
     run is complete: any error, a diverged loss included, leaves it as it was."""
     device = resolve_device(cfg.device)
+    if cfg.cache == "disk":
+        _check_cache_dir(Path(cfg.cache_dir).expanduser())
     if not cfg.output_dir:
         return _run(cfg, device, progress, caches, None, None)
     with RunFolder(cfg.output_dir, overwrite=cfg.overwrite) as folder:
@@ -270,6 +281,17 @@ def train(cfg: TrainConfig, *, progress: bool = True, caches: dict | None = None
         write_json(folder.path / "results.json", result.to_dict())
         folder.commit(num_classes=result.num_classes, method=cfg.method, model=cfg.model, data=cfg.data)
     return result
+
+
+def _check_cache_dir(path: Path) -> None:
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"--cache-dir {path} is a file, not a folder; choose another path")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"--cache-dir {path}: cannot create the folder ({e.strerror or e})") from e
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError(f"--cache-dir {path} is not writable; choose another folder")
 
 
 def _run(cfg: TrainConfig, device: torch.device, progress: bool, caches: dict | None, out_dir: Path | None,
