@@ -136,7 +136,12 @@ CASES: list[tuple[str, Callable[[Case], list[str]], str]] = [
     # output folders
     ("output-dir-is-a-file", lambda c: c.train("--output-dir", str(c.data)), "is a file"),
     ("output-dir-under-a-file", lambda c: c.train("--output-dir", str(c.data / "run")), "is a file"),
-    ("output-dir-with-other-files", lambda c: c.train("--output-dir", str(c.tmp)), "is not empty"),
+    ("output-dir-with-other-files",
+     lambda c: c.train("--output-dir", str(_write(c.tmp / "o" / "notes.txt", "").parent)), "is not empty"),
+    ("overwrite-a-folder-of-folders", lambda c: c.train("--output-dir", str(_write(c.tmp / "proj" / "src" / "a.py",
+                                                                             "").parent.parent), "--overwrite"),
+     "sub-folders"),
+    ("overwrite-current-folder", lambda c: c.train("--output-dir", ".", "--overwrite"), "current folder"),
     # data files
     ("data-missing", lambda c: c.train(data=c.tmp / "nope.txt"), "nope.txt"),
     ("data-empty", lambda c: c.train(data=_write(c.tmp / "e.txt", "")), "no examples"),
@@ -181,6 +186,8 @@ CASES: list[tuple[str, Callable[[Case], list[str]], str]] = [
 @pytest.mark.parametrize("build,needle", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 def test_bad_input_is_one_clean_error(tmp_path, capsys, monkeypatch, build, needle):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")  # a case that wrongly got through may only touch tmp_path
     argv = build(Case(tmp_path))
     capsys.readouterr()
     assert_one_clean_error(main(argv), capsys.readouterr(), needle)

@@ -90,7 +90,14 @@ def check_output_dir(output_dir: str | Path, *, overwrite: bool = False) -> Path
     if target.exists() and not target.is_dir():
         raise RunDirError(f"--output-dir {target} is a file, not a folder; choose another path")
     if target.is_dir():
+        cwd = Path.cwd().absolute()
+        if target == cwd or target in cwd.parents or target == Path.home().absolute():
+            raise RunDirError(f"--output-dir {target} is the current folder, one of its parents or the home folder; "
+                              f"name a new folder for the run, e.g. runs/NAME")
         entries = sorted(p.name for p in target.iterdir())
+        if entries and overwrite and not is_run_folder(target) and any(p.is_dir() for p in target.iterdir()):
+            raise RunDirError(f"--output-dir {target} holds sub-folders and is not a taft run; --overwrite only "
+                              f"replaces a run or a folder of plain files: choose another --output-dir")
         if entries and not overwrite:
             if is_run_folder(target):
                 raise RunDirError(f"--output-dir {target} already holds a run; pass --overwrite to replace it (the "
