@@ -174,3 +174,18 @@ def test_eval_honours_max_eval_and_says_so(data, tmp_path, capsys):
     assert ev["accuracy"] == recorded["test_acc"]
     assert main(["eval", str(out), "--split", "test"]) == 0
     assert "8 examples of 10: max_eval=8 from the run's config" in capsys.readouterr().out
+
+
+def test_overwrite_replaces_a_folder_of_plain_files(data, tmp_path, capsys):
+    out = tmp_path / "scratch"
+    out.mkdir()
+    (out / "notes.txt").write_text("old")
+    assert main(_argv(data, out, "--overwrite")) == 0
+    assert not (out / "notes.txt").exists() and "run_id" in verify_run(out)
+
+
+def test_unwritable_parent_is_refused_first(data, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("taft.train.loop.prepare", lambda *a, **k: pytest.fail("data and model loaded first"))
+    monkeypatch.setattr("taft.train.rundir.os.access", lambda *a, **k: False)  # root ignores chmod
+    assert main(_argv(data, tmp_path / "locked" / "run")) == 2
+    assert "is not writable" in capsys.readouterr().err
