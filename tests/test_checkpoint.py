@@ -103,3 +103,41 @@ def test_failed_save_keeps_the_previous_file(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         save_delta(_tm(), path)
     assert path.read_bytes() == before
+
+
+def test_changed_bytes_are_refused_even_when_finite(tmp_path):
+    import struct
+
+    tm = _tm()
+    randomize_delta(tm)
+    path = save_delta(tm, tmp_path / "d.safetensors")
+    raw = bytearray(path.read_bytes())
+    raw[-4:] = struct.pack("<f", 0.5)  # the last element of the last tensor: still a finite float
+    path.write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match="does not match the content hash"):
+        read_delta(path)
+    with pytest.raises(CheckpointError, match="does not match the content hash"):
+        load_delta(_tm(), path)
+
+
+def test_nan_delta_is_not_saved(tmp_path):
+    tm = _tm()
+    with torch.no_grad():
+        next(iter(tm.delta_dict().values())).fill_(float("nan"))
+    with pytest.raises(CheckpointError, match="NaN or inf"):
+        save_delta(tm, tmp_path / "d.safetensors")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_format_1_files_without_content_hashes_still_load(tmp_path):
+    tm = _tm()
+    randomize_delta(tm)
+    tensors, meta = read_delta(save_delta(tm, tmp_path / "d.safetensors"))
+    old = {k: v for k, v in meta.items() if k not in ("content_sha256", "run_id")} | {"format": "taft-delta/1"}
+    save_file(tensors, str(tmp_path / "old.safetensors"), metadata=old)
+    fresh = _tm()
+    assert load_delta(fresh, tmp_path / "old.safetensors")["format"] == "taft-delta/1"
+    assert all(torch.equal(fresh.delta_dict()[n], d) for n, d in tm.delta_dict().items())
+    save_file(tensors, str(tmp_path / "new.safetensors"), metadata=old | {"format": "taft-delta/2"})
+    with pytest.raises(CheckpointError, match="no valid content hash"):
+        read_delta(tmp_path / "new.safetensors")

@@ -1,10 +1,15 @@
 """Δw checkpoints: safetensors holding only the linearized tensors, plus metadata tying them to w0.
 
 Metadata: ``taft_version``, ``arch``, ``scope``, ``reinit``, ``linearize_cls``, ``seed``, ``linearized``
-(JSON list) and ``base_fingerprint``: a SHA-256 over the architecture name and the names, shapes and float32
-bytes of every base tensor the tangent model uses (w0 after re-initialization). Loading onto any other base is
-refused. Writes go to a temporary file that is renamed over the target, so an interrupted save never leaves
-a corrupt checkpoint behind.
+(JSON list), ``base_fingerprint``: a SHA-256 over the architecture name and the names, shapes and float32
+bytes of every base tensor the tangent model uses (w0 after re-initialization), and ``content_sha256``: one
+SHA-256 per stored Δw tensor (name, dtype, shape, bytes), so a file whose bytes were changed after saving is
+refused even when the new values are finite. Loading onto any other base is refused; so is a non-finite Δw,
+on save and on load. Writes go to a temporary file that is fsynced and renamed over the target, so an
+interrupted save never leaves a corrupt checkpoint behind.
+
+Format ``taft-delta/2`` carries the content hashes; ``taft-delta/1`` files (written before they existed) are
+still read, without that check.
 """
 
 from __future__ import annotations
@@ -21,9 +26,29 @@ from safetensors.torch import save_file
 import taft
 from taft.errors import TaftError
 
+FORMAT = "taft-delta/2"
+FORMATS = ("taft-delta/1", FORMAT)
+
 
 class CheckpointError(TaftError):
     pass
+
+
+def tensor_sha256(name: str, t: torch.Tensor) -> str:
+    """SHA-256 of one stored tensor: its name, dtype, shape and raw bytes (any dtype, bfloat16 included)."""
+    h = hashlib.sha256(name.encode())
+    h.update(str(t.dtype).encode())
+    h.update(str(tuple(t.shape)).encode())
+    h.update(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def content_hashes(tensors: dict[str, torch.Tensor]) -> dict[str, str]:
+    return {n: tensor_sha256(n, t) for n, t in sorted(tensors.items())}
+
+
+def _non_finite(tensors: dict[str, torch.Tensor]) -> list[str]:
+    return [n for n, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
 
 
 def base_fingerprint(tm) -> str:
@@ -38,7 +63,7 @@ def base_fingerprint(tm) -> str:
 
 def delta_metadata(tm, fingerprint: str | None = None) -> dict[str, str]:
     return {
-        "format": "taft-delta/1",
+        "format": FORMAT,
         "taft_version": taft.__version__,
         "arch": tm.family.arch,
         "scope": str(tm.scope),
@@ -50,22 +75,46 @@ def delta_metadata(tm, fingerprint: str | None = None) -> dict[str, str]:
     }
 
 
-def save_delta(tm, path: str | Path, *, extra_metadata: dict[str, str] | None = None) -> Path:
-    """Save Δw of ``tm`` to ``path`` (safetensors). Returns the path."""
+def save_delta(tm, path: str | Path, *, extra_metadata: dict[str, str] | None = None,
+               run_id: str | None = None) -> Path:
+    """Save Δw of ``tm`` to ``path`` (safetensors). Returns the path.
+
+    A Δw holding NaN or inf is refused (it could never be loaded). ``run_id`` ties the file to the
+    ``run.json`` manifest of a run folder."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {n: d.detach().to("cpu").contiguous() for n, d in tm.delta_dict().items()}
+    bad = _non_finite(tensors)
+    if bad:
+        raise CheckpointError(f"save_delta: Δw holds NaN or inf in {_short(bad)}; refusing to write {path} "
+                              f"(training diverged: lower the learning rate)")
+    path.parent.mkdir(parents=True, exist_ok=True)
     meta = delta_metadata(tm)
+    meta["content_sha256"] = json.dumps(content_hashes(tensors))
+    if run_id is not None:
+        meta["run_id"] = run_id
     for k, v in (extra_metadata or {}).items():
         meta[f"user.{k}"] = str(v)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file(tensors, str(tmp), metadata=meta)
-    os.replace(tmp, path)
+    try:
+        save_file(tensors, str(tmp), metadata=meta)
+        fsync_file(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 
+def fsync_file(path: str | Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def read_delta(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors and metadata of a Δw file (no checks against a model)."""
+    """Tensors and metadata of a Δw file, checked to be finite and (format 2) to match their content hashes;
+    no checks against a model."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"load_delta: no file at {path}")
@@ -75,9 +124,35 @@ def read_delta(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str
             tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
     except Exception as e:  # safetensors raises its own error types for truncated / foreign files
         raise CheckpointError(f"load_delta: {path} is not a readable safetensors file ({e})") from e
-    if meta.get("format") != "taft-delta/1":
+    if meta.get("format") not in FORMATS:
+        if str(meta.get("format", "")).startswith("taft-delta/"):
+            raise CheckpointError(f"load_delta: {path} has format {meta['format']!r}, which this taft "
+                                  f"({taft.__version__}) cannot read; supported: {list(FORMATS)}")
         raise CheckpointError(f"load_delta: {path} has no taft metadata; it was not written by taft.save_delta")
+    bad = _non_finite(tensors)
+    if bad:
+        raise CheckpointError(f"load_delta: {path} holds NaN or inf in {_short(bad)}; refusing to load it")
+    if meta["format"] != "taft-delta/1":
+        _check_content(path, tensors, meta)
     return tensors, meta
+
+
+def _check_content(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
+    try:
+        stored = json.loads(meta["content_sha256"])
+        assert isinstance(stored, dict)
+    except (KeyError, ValueError, AssertionError):
+        raise CheckpointError(f"load_delta: {path} has no valid content hash in its metadata; the file is "
+                              f"damaged: restore it or retrain") from None
+    if set(stored) != set(tensors):
+        missing, extra = sorted(set(stored) - set(tensors)), sorted(set(tensors) - set(stored))
+        raise CheckpointError(f"load_delta: {path} does not hold the tensors it was saved with "
+                              f"(missing={_short(missing)} extra={_short(extra)}); restore the file or retrain")
+    for n, t in sorted(tensors.items()):
+        if tensor_sha256(n, t) != stored[n]:
+            raise CheckpointError(
+                f"load_delta: {n!r} in {path} (shape {tuple(t.shape)}, dtype {t.dtype}) does not match the content "
+                f"hash stored when it was saved: the file was modified or corrupted; restore it or retrain")
 
 
 def load_delta(tm, path: str | Path) -> dict[str, str]:
@@ -104,7 +179,10 @@ def load_delta(tm, path: str | Path) -> dict[str, str]:
             f"vs {fp[:12]}): load the same pretrained weights (and reinit/seed settings) it was trained from"
         )
     device = next(iter(tm.delta_dict().values())).device
-    tm.load_delta({n: t.to(device) for n, t in tensors.items()})
+    try:
+        tm.load_delta({n: t.to(device) for n, t in tensors.items()})
+    except ValueError as e:  # names / shapes / dtype: say which file
+        raise CheckpointError(f"{path}: {e}") from e
     return meta
 
 

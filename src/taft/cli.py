@@ -40,9 +40,13 @@ def check(
     pretrained: bool = typer.Option(True, help="load pretrained weights where the model has them"),
 ) -> None:
     """Compare the closed-form tangent with the torch.func reference on random inputs."""
-    from taft.check import check_model
+    from taft.check import DTYPES, check_model
+    from taft.config import ConfigError, check_scope_syntax
     from taft.zoo import load_model
 
+    if dtype not in DTYPES:
+        raise ConfigError(f"--dtype {dtype}: not supported by taft check; use one of {sorted(DTYPES)}")
+    check_scope_syntax(scope)
     reports = []
     for name in models:
         model = load_model(name, pretrained=pretrained)
@@ -155,25 +159,51 @@ def eval_cmd(
     from taft.train.evaluate import evaluate_run
 
     res = evaluate_run(run_dir, data=data, split=split)
-    typer.echo(json.dumps(res, indent=2) if as_json else f"{res['split']} accuracy: {res['accuracy']:.4f}"
-               f" ({res['examples']} examples, {res['method']} on {res['data']})")
+    if as_json:
+        typer.echo(json.dumps(res, indent=2))
+        return
+    limited = (f" of {res['available']}: max_eval={res['max_eval']} from the run's config"
+               if res["examples"] < res["available"] else "")
+    typer.echo(f"{res['split']} accuracy: {res['accuracy']:.4f} ({res['examples']} examples{limited}, "
+               f"{res['method']} on {res['data']})")
+
+
+def _error(message: str) -> int:
+    typer.echo(f"taft: error: {message}", err=True)
+    return 2
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point; ``main([...])`` runs a command in-process and returns its exit code."""
+    """Entry point; ``main([...])`` runs a command in-process and returns its exit code.
+
+    User errors (:class:`TaftError`, bad flags, files that cannot be read or written, running out of memory)
+    print one ``taft: error: ...`` line and return 2; anything else is a bug and keeps its traceback."""
     cmd = typer.main.get_command(app)
     try:
         rv = cmd.main(args=argv if argv is not None else sys.argv[1:], prog_name="taft", standalone_mode=False)
     except typer.Exit as e:
         return e.exit_code
-    except typer.Abort:
-        return 1
-    except click_exc.ClickException as e:
+    except (typer.Abort, KeyboardInterrupt):
+        typer.echo("taft: interrupted", err=True)
+        return 130
+    except click_exc.NoArgsIsHelpError as e:  # `taft` alone: the help text
         e.show()
         return e.exit_code
+    except click_exc.UsageError as e:
+        hint = f" (see `{e.ctx.command_path} --help`)" if e.ctx is not None else ""
+        return _error(f"{e.format_message()}{hint}")
+    except click_exc.ClickException as e:
+        typer.echo(f"taft: error: {e.format_message()}", err=True)
+        return e.exit_code
     except TaftError as e:
-        typer.echo(f"taft: error: {e}", err=True)
-        return 2
+        return _error(str(e))
+    except OSError as e:  # a file or folder the user named cannot be read or written (disk full, permissions)
+        where = f": {e.filename}" if e.filename else ""
+        return _error(f"{e.strerror or e}{where}")
+    except Exception as e:
+        if type(e).__name__ == "OutOfMemoryError":  # torch's, without importing torch for `taft --help`
+            return _error("out of memory; lower --batch-size / --eval-batch-size or --max-length")
+        raise
     return rv if isinstance(rv, int) else 0
 
 

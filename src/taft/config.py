@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import re
+import types
+import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeVar
@@ -20,47 +24,116 @@ class ConfigError(TaftError):
 
 
 def load_config(cls: type[C], path: str | Path, **overrides: Any) -> C:
-    """Read a YAML or JSON file into ``cls``; unknown keys are an error naming the valid ones."""
-    path = Path(path)
+    """Read a YAML or JSON file into ``cls``; unknown keys are an error naming the valid ones.
+
+    Values are checked against the field types (see :func:`coerce_fields`); every problem is a
+    :class:`ConfigError` naming the file."""
+    data = read_config_file(path)
+    return from_dict(cls, {**data, **overrides})
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The mapping stored in a YAML or JSON file (``.json`` is parsed as JSON, anything else as YAML)."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a folder; pass a .yaml or .json file")
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
-    text = path.read_text()
-    data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8") from e
+    except OSError as e:
+        raise ConfigError(f"config file {path} cannot be read: {e.strerror}") from e
+    try:
+        data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"config file {path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from e
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"config file {path}: invalid YAML{where}: {problem}") from e
+    if data is None:
+        raise ConfigError(f"config file {path} is empty; write one `option: value` per line")
     if not isinstance(data, dict):
-        raise ConfigError(f"config file {path}: expected a mapping of option: value")
-    return from_dict(cls, {**data, **overrides})
+        raise ConfigError(f"config file {path}: expected a mapping of option: value, got a {type(data).__name__}")
+    bad = [k for k in data if not isinstance(k, str)]
+    if bad:
+        raise ConfigError(f"config file {path}: option names must be strings, got {bad}")
+    return data
 
 
 def from_dict(cls: type[C], data: dict[str, Any]) -> C:
     names = {f.name for f in fields(cls)}
-    unknown = sorted(set(data) - names)
+    unknown = sorted(set(data) - names, key=str)
     if unknown:
         raise ConfigError(f"{cls.__name__}: unknown option(s) {unknown}; valid options: {sorted(names)}")
     return cls(**data)
 
 
-def coerce_value(cls: type, name: str, text: str) -> Any:
-    """One option's value from text (``"1e-3"``, ``"true"``, ``"none"``), typed by the field's annotation."""
-    import typing
+def _describe(value: Any) -> str:
+    return f"{value!r} ({type(value).__name__})"
 
-    hint = typing.get_type_hints(cls)[name]
-    args = typing.get_args(hint)
-    optional = type(None) in args
-    base = next((a for a in args if a is not type(None)), hint) if args else hint
-    if optional and text.lower() in ("none", "null", ""):
-        return None
-    try:
-        if base is bool:
-            if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                raise ValueError(text)
-            return text.lower() in ("true", "1", "yes")
-        if base is int:
-            return int(text)
-        if base is float:
-            return float(text)
-    except ValueError:
-        raise ConfigError(f"{name}={text!r}: expected a {base.__name__}") from None
-    return text
+
+def _coerce(name: str, value: Any, annotation: Any) -> Any:
+    """``value`` as the type ``annotation`` (``int``, ``float``, ``bool``, ``str``, optionally ``| None``).
+
+    Conversions are the lossless ones a YAML file needs: PyYAML reads ``1e-3`` as a string, so numeric
+    strings become numbers; an integral float (``2.0``) becomes an int. Booleans are never numbers."""
+    args = typing.get_args(annotation)
+    optional = typing.get_origin(annotation) in (typing.Union, types.UnionType) and type(None) in args
+    base = next(a for a in args if a is not type(None)) if optional else annotation
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{name} needs a value (got null)")
+    if base is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+            return value.strip().lower() == "true"
+        raise ConfigError(f"{name} must be true or false, got {_describe(value)}")
+    if base is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str) and re.fullmatch(r"\s*[+-]?[0-9]+\s*", value):
+            return int(value)
+        raise ConfigError(f"{name} must be an integer, got {_describe(value)}")
+    if base is float:
+        number = None
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            number = float(value)
+        elif isinstance(value, str):
+            try:
+                number = float(value)
+            except ValueError:
+                number = None
+        if number is None:
+            raise ConfigError(f"{name} must be a number, got {_describe(value)}")
+        if not math.isfinite(number):
+            raise ConfigError(f"{name} must be a finite number, got {value!r}")
+        return number
+    if base is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{name} must be a string, got {_describe(value)}; quote it in YAML")
+    return value
+
+
+def coerce_fields(obj: Any) -> None:
+    """Check (and losslessly convert, in place) every field of the dataclass ``obj`` against its annotation."""
+    hints = typing.get_type_hints(type(obj))
+    for f in fields(obj):
+        setattr(obj, f.name, _coerce(f.name, getattr(obj, f.name), hints[f.name]))
+
+
+def coerce_value(cls: type, name: str, text: str) -> Any:
+    """One option's value from command-line text (``"1e-3"``, ``"true"``, ``"none"``), typed by the field."""
+    value = None if text.strip().lower() in ("none", "null") else text
+    return _coerce(name, value, typing.get_type_hints(cls)[name])
 
 
 def save_config(cfg: Any, path: str | Path) -> Path:
@@ -74,6 +147,24 @@ def save_config(cfg: Any, path: str | Path) -> Path:
 def _check_choice(name: str, value: Any, choices: tuple) -> None:
     if value not in choices:
         raise ConfigError(f"{name}={value!r} is not valid; choose one of {list(choices)}")
+
+
+def check_scope_syntax(spec: str) -> None:
+    """Refuse scope strings that cannot be parsed (``last:abc``, a bad regex) before any model is built."""
+    if not spec.strip():
+        raise ConfigError("scope is empty; use last[:k], all, attn, head or a pattern")
+    for raw in (s.strip() for s in spec.split(",")):
+        item = raw.removeprefix("!")
+        if item.startswith("re:"):
+            try:
+                re.compile(item[3:])
+            except re.error as e:
+                raise ConfigError(f"scope {spec!r}: {item!r} is not a valid regular expression ({e})") from e
+        elif item.split(":")[0] == "last" and not re.fullmatch(r"last(:[1-9][0-9]*)?", item):
+            raise ConfigError(f"scope {spec!r}: {item!r} is not valid; write last or last:K with K a whole number ≥ 1")
+
+
+DEVICE = re.compile(r"cpu|cuda(:[0-9]+)?|mps")
 
 
 METHODS = ("taft", "nlft", "fc", "lora", "adapter", "zero-shot")
@@ -126,20 +217,45 @@ class TrainConfig:
     device: str = field(default="cpu", metadata={"help": "cpu | cuda"})
     threads: int | None = field(default=None, metadata={"help": "torch CPU threads (default: torch's choice)"})
     output_dir: str | None = field(default=None, metadata={"help": "where Δw, config and metrics are written"})
+    overwrite: bool = field(default=False, metadata={
+        "help": "replace a run already in output_dir (the old run is kept until the new one is complete)"})
 
     def __post_init__(self) -> None:
+        coerce_fields(self)
         _check_choice("method", self.method, METHODS)
         _check_choice("loss", self.loss, LOSSES)
         _check_choice("schedule", self.schedule, SCHEDULES)
         _check_choice("optimizer", self.optimizer, OPTIMIZERS)
         _check_choice("head_init", self.head_init, HEAD_INITS)
         _check_choice("cache", self.cache, ("memory", "disk", "none"))
-        for name in ("epochs", "batch_size", "eval_batch_size", "max_length"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be ≥ 1, got {getattr(self, name)}")
-        if self.lr <= 0 or self.penalty < 0 or not 0 <= self.warmup < 1:
-            raise ConfigError("need lr > 0, penalty ≥ 0 and 0 ≤ warmup < 1")
-        if self.radius is not None and self.radius <= 0:
-            raise ConfigError(f"radius must be > 0, got {self.radius}")
+        for name in ("epochs", "batch_size", "eval_batch_size", "max_length", "probe_epochs", "step_epochs",
+                     "lora_r", "max_train", "max_eval", "threads"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"{name} must be ≥ 1, got {value}")
+        for name in ("lr", "probe_lr", "kappa", "rsl_m", "step_gamma", "lora_alpha", "radius"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ConfigError(f"{name} must be > 0, got {value}")
+        if self.penalty < 0:
+            raise ConfigError(f"penalty must be ≥ 0, got {self.penalty}")
+        if not 0 <= self.warmup < 1:
+            raise ConfigError(f"warmup is a fraction of all steps: need 0 ≤ warmup < 1, got {self.warmup}")
+        if self.num_classes is not None and self.num_classes < 2:
+            raise ConfigError(f"num_classes must be ≥ 2 (a classifier needs two classes), got {self.num_classes}")
+        if not 0 <= self.seed < 2**63:
+            raise ConfigError(f"seed must be in 0..2**63-1, got {self.seed}")
+        for name in ("model", "data"):
+            if not getattr(self, name).strip():
+                raise ConfigError(f"{name} is empty")
+        for name in ("data_root", "test_file", "cache_dir", "output_dir"):
+            if getattr(self, name) is not None and not getattr(self, name).strip():
+                raise ConfigError(f"{name} is an empty path; leave it out or name a path")
+        if not DEVICE.fullmatch(self.device):
+            raise ConfigError(f"device={self.device!r} is not valid; use cpu, cuda, cuda:N or mps")
+        check_scope_syntax(self.scope)
+        if self.method in ("lora", "adapter") and not re.fullmatch(r"last(:[1-9][0-9]*)?", self.scope):
+            raise ConfigError(f"method={self.method} adds adapters to the last k blocks only; use scope last:K, "
+                              f"not {self.scope!r}")
         if self.cache == "disk" and not self.cache_dir:
-            raise ConfigError("cache=disk needs cache_dir")
+            raise ConfigError("cache=disk needs cache_dir (a folder reused across runs)")

@@ -114,7 +114,7 @@ def test_cli_search_and_its_errors(tmp_path, capsys):
                  "--output-dir", str(tmp_path / "s")]) == 0
     assert "test accuracy of the chosen setting" in capsys.readouterr().out
     assert main(["search", *common, "--grid", "lr=fast"]) == 2
-    assert "lr='fast'" in capsys.readouterr().err
+    assert "lr must be a number, got 'fast'" in capsys.readouterr().err
     assert main(["search", *common, "--seeds", "0,x"]) == 2
     assert main(["search", *common, "--output-dir", str(tmp_path / "s")]) == 2  # not empty: never overwritten
     assert "not empty" in capsys.readouterr().err

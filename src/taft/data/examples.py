@@ -189,3 +189,40 @@ def carve_validation(dataset: S, val_fraction: float, seed: int) -> tuple[S, S]:
     n_val = min(max(round(n * val_fraction), 1), n - 1)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
     return dataset.subset(sorted(perm[n_val:])), dataset.subset(sorted(perm[:n_val]))
+
+
+RARE_LABEL_MIN_ROWS = 100  # from this many training examples on, a label seen once is taken for a typo
+
+
+def check_label_space(splits: DatasetSplits) -> None:
+    """Refuse label spaces a classifier cannot learn, or that are almost surely mistakes: fewer than 2
+    classes, a class without training examples (a gap in integer labels, a ``num_classes`` the data does
+    not have), a val/test label never seen in training, and, among many examples, a label that occurs once
+    (a typo that became a class of its own). Checked on whole splits, before any ``max_train`` cut."""
+    train = splits.train
+    names = getattr(train, "class_names", None)
+
+    def name(label: int) -> str:
+        return repr(names[label]) if names and label < len(names) else str(label)
+
+    counts: dict[int, int] = {}
+    for label in train.labels.tolist():
+        counts[label] = counts.get(label, 0) + 1
+    if len(counts) < 2:
+        raise DataError(f"the training data has examples of {len(counts)} class(es) "
+                        f"({', '.join(name(c) for c in counts) or 'none'}); a classifier needs at least 2")
+    for split in ("val", "test"):
+        ds = getattr(splits, split)
+        unseen = sorted(set(ds.labels.tolist()) - set(counts)) if ds is not None else []
+        if unseen:
+            raise DataError(f"the {split} data has label(s) {', '.join(name(c) for c in unseen)} that never occur in "
+                            f"the training data: fix the label (a typo?), or add training examples of that class")
+    missing = [c for c in range(train.num_classes) if c not in counts]
+    if missing:
+        raise DataError(f"class(es) {', '.join(name(c) for c in missing)} of the {train.num_classes} in the label "
+                        f"space have no training examples (present: {', '.join(name(c) for c in sorted(counts))}); "
+                        f"labels are 0-based, and a declared --num-classes must match the data")
+    once = [c for c, n in counts.items() if n == 1]
+    if once and len(train) >= RARE_LABEL_MIN_ROWS:
+        raise DataError(f"label {name(once[0])} occurs in only 1 of {len(train)} training examples: probably a typo; "
+                        f"fix it, or give that class more examples")

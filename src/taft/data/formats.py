@@ -8,6 +8,7 @@ line found mid-training costs far more than one found at load time.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import re
 import warnings
@@ -48,6 +49,17 @@ def check_file(path: str | Path) -> Path:
     names = sorted(p.name for p in parent.iterdir() if p.is_file())
     listing = ", ".join(names[:30]) + (f", ... ({len(names)} files)" if len(names) > 30 else "")
     raise DataError(f"data file not found: {path}. Files in {parent}: {listing or '(none)'}")
+
+
+def read_utf8(path: Path) -> str:
+    """The text of ``path`` as UTF-8 (a leading byte-order mark is dropped); bad bytes name their line."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise DataError(f"{path}: line {line} is not valid UTF-8 ({e.reason} at byte {e.start}); save the file as "
+                        f"UTF-8 (e.g. `iconv -f latin1 -t utf-8`)") from e
 
 
 def records_to_dataset(
@@ -228,11 +240,13 @@ def read_csv(
     """Read a CSV file with a header row; labels are integers or names (see :func:`map_labels`)."""
     path = check_file(path)
     records: list[Record] = []
-    with path.open(encoding="utf-8", newline="") as f:
-        reader = csv.DictReader(f)
+    reader = csv.DictReader(io.StringIO(read_utf8(path), newline=""))
+    try:
         _require_columns(path, reader.fieldnames or [], text_column, label_column)
         for row in reader:
             records.append((f"line {reader.line_num}", row[text_column], row[label_column]))
+    except csv.Error as e:
+        raise DataError(f"{path}, line {reader.line_num}: not valid CSV ({e})") from e
     return _column_records_to_dataset(
         records, source=path, label_names=label_names, num_classes=num_classes, name=name, split=split
     )
@@ -251,19 +265,18 @@ def read_jsonl(
     """Read one JSON object per line (blank lines skipped); same label rules as :func:`read_csv`."""
     path = check_file(path)
     records: list[Record] = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            try:
-                obj = json.loads(raw)
-            except json.JSONDecodeError as e:
-                shown = _clip(raw.strip())
-                raise DataError(f"{path}: invalid JSON on line {lineno} ({e.msg}): {shown!r}") from e
-            if not isinstance(obj, dict):
-                raise DataError(f"{path}: line {lineno} is not a JSON object: {_clip(raw.strip())!r}")
-            _require_columns(path, list(obj), text_column, label_column, where=f", line {lineno}")
-            records.append((f"line {lineno}", obj[text_column], obj[label_column]))
+    for lineno, raw in enumerate(read_utf8(path).split("\n"), 1):
+        if not raw.strip():
+            continue
+        try:
+            obj = json.loads(raw)
+        except json.JSONDecodeError as e:
+            shown = _clip(raw.strip())
+            raise DataError(f"{path}: invalid JSON on line {lineno} ({e.msg}): {shown!r}") from e
+        if not isinstance(obj, dict):
+            raise DataError(f"{path}: line {lineno} is not a JSON object: {_clip(raw.strip())!r}")
+        _require_columns(path, list(obj), text_column, label_column, where=f", line {lineno}")
+        records.append((f"line {lineno}", obj[text_column], obj[label_column]))
     return _column_records_to_dataset(
         records, source=path, label_names=label_names, num_classes=num_classes, name=name, split=split
     )

@@ -176,7 +176,12 @@ def _pooling_and_dim(backbone: nn.Module, example: torch.Tensor) -> tuple[str, i
     from taft.engine.family import family_for
 
     p = next(backbone.parameters())
-    out = family_for(backbone).select_output(backbone(example[None].to(device=p.device, dtype=p.dtype)))
+    try:
+        out = family_for(backbone).select_output(backbone(example[None].to(device=p.device, dtype=p.dtype)))
+    except (RuntimeError, ValueError, TypeError, IndexError) as e:  # e.g. a text model handed pixels
+        raise ConfigError(f"{type(backbone).__name__} cannot take images ({type(e).__name__}: {e}); image data "
+                          f"needs an image model: tiny-vit, vit_* / timm:NAME, open_clip:ARCH/TAG, hf:<ViT or CLIP>"
+                          ) from e
     if out.dim() == 2:
         return "none", out.shape[-1]
     if out.dim() == 3:

@@ -2,7 +2,9 @@
 
 ``train(cfg)`` builds the classifier (backbone + pooling + head), wraps it in a :class:`TangentModel`
 (``linear=True`` for TAFT, ``False`` for NLFT / FC / LoRA / adapters), caches the frozen prefix once per split,
-trains Δw and writes ``delta.safetensors``, ``config.yaml``, ``metrics.jsonl`` and ``results.json``.
+trains Δw and writes ``delta.safetensors``, ``config.yaml``, ``metrics.jsonl``, ``results.json`` and last the
+``run.json`` manifest — into a staging folder that replaces ``output_dir`` only when complete
+(:mod:`taft.train.rundir`). A non-finite loss stops the run with a :class:`TrainingDiverged` error.
 """
 
 from __future__ import annotations
@@ -11,7 +13,9 @@ import copy
 import dataclasses
 import json
 import math
+import os
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,16 +27,36 @@ from tqdm.auto import tqdm
 
 from taft.checkpoint import save_delta
 from taft.config import ConfigError, TrainConfig, save_config
-from taft.data.examples import DatasetSplits
+from taft.data.examples import DatasetSplits, check_label_space
 from taft.data.text import SENTENCE_TASKS, load_text_dataset
+from taft.errors import TaftError
 from taft.models.classifier import Classifier, pool
 from taft.tangent_model import TangentModel
 from taft.train.cache import FeatureCache
 from taft.train.losses import make_loss, project_to_ball, squared_norm
+from taft.train.rundir import RunFolder, finite_json, write_json
 from taft.train.text import bucketed_batches, padded_batch, prefix_batches, tokenize
 from taft.zoo import load_model, load_tokenizer
 
 ZERO_SHOT_SCALE = 20.0  # logit scale of cosine-similarity heads (sentence-transformers' usual temperature)
+
+
+class TrainingDiverged(TaftError):
+    """The loss or Δw became NaN / infinite; nothing is written."""
+
+
+def resolve_device(name: str) -> torch.device:
+    """``name`` as a device that exists on this machine, or a :class:`ConfigError` saying what does."""
+    dev = torch.device(name)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device={name!r}: no CUDA GPU is available here; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"device={name!r}: this machine has {torch.cuda.device_count()} GPU(s) "
+                              f"(cuda:0..cuda:{torch.cuda.device_count() - 1})")
+    if dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise ConfigError(f"device={name!r}: MPS is not available here; use --device cpu")
+    return dev
 
 
 @dataclass
@@ -49,6 +73,7 @@ class RunResult:
     total_s: float = 0.0
     device: str = "cpu"
     output_dir: str | None = None
+    num_classes: int = 0
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -93,7 +118,8 @@ def probe_head(cfg: TrainConfig, clf: Classifier, train_feats: FeatureCache, lab
                                  radius=None, warmup=0.0, schedule="cosine")
     tm = make_tangent_model(fc_cfg, clf).to(device).eval()
     scratch = RunResult(config={}, val_acc=float("nan"), test_acc=None)
-    _fit(fc_cfg, tm, train_feats, labels, None, None, device, False, scratch, None)
+    _fit(fc_cfg, tm, train_feats, labels, None, None, device, False, scratch, None,
+         what="the linear probe (head_init=probe)", lr_flag="--probe-lr")
     with torch.no_grad():
         for n, d in tm.delta_dict().items():
             clf.get_parameter(n).add_(d)
@@ -195,9 +221,16 @@ def prepare(cfg: TrainConfig, device: torch.device) -> Prepared:
     tokenizer = load_tokenizer(cfg.model)
     backbone = load_model(cfg.model).to(device)
     clf = build_classifier(cfg, backbone, tokenizer, splits.train.num_classes, descriptions).to(device)
+    positions = getattr(getattr(backbone, "config", None), "max_position_embeddings", None)
+    text_cfg = cfg
+    if positions and cfg.max_length > positions:  # longer inputs would index past the position embeddings
+        if cfg.max_length != TrainConfig.max_length:  # the default is only a cap: no warning for small models
+            warnings.warn(f"max_length={cfg.max_length} exceeds the {positions} positions of {cfg.model}; "
+                          f"sentences are cut at {positions} tokens", stacklevel=2)
+        text_cfg = dataclasses.replace(cfg, max_length=positions)
 
     def cache_for(tm, ds, name, progress, cache_dir, key):
-        return _cache_for(tm, tokenizer, ds, cfg, name, progress, cache_dir, key)
+        return _cache_for(tm, tokenizer, ds, text_cfg, name, progress, cache_dir, key)
 
     return Prepared(splits, clf, cache_for)
 
@@ -245,15 +278,44 @@ def train(cfg: TrainConfig, *, progress: bool = True, caches: dict | None = None
     """Run ``cfg`` end to end. ``caches`` (a dict) lets several runs share prefix features in one process.
 
     ``evaluate_test=False`` never touches the test split (no features, no accuracy): hyperparameter search
-    runs its candidates this way and scores only the selected one on test."""
+    runs its candidates this way and scores only the selected one on test.
+
+    With ``cfg.output_dir`` the folder is checked first (before features are computed) and written only when the
+    run is complete: any error, a diverged loss included, leaves it as it was."""
+    device = resolve_device(cfg.device)
+    if cfg.cache == "disk":
+        _check_cache_dir(Path(cfg.cache_dir).expanduser())
+    if not cfg.output_dir:
+        return _run(cfg, device, progress, caches, None, None, evaluate_test)
+    with RunFolder(cfg.output_dir, overwrite=cfg.overwrite) as folder:
+        result = _run(cfg, device, progress, caches, folder.path, folder.run_id, evaluate_test)
+        result.output_dir = str(folder.target)
+        write_json(folder.path / "results.json", result.to_dict())
+        folder.commit(num_classes=result.num_classes, method=cfg.method, model=cfg.model, data=cfg.data)
+    return result
+
+
+def _check_cache_dir(path: Path) -> None:
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"--cache-dir {path} is a file, not a folder; choose another path")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"--cache-dir {path}: cannot create the folder ({e.strerror or e})") from e
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError(f"--cache-dir {path} is not writable; choose another folder")
+
+
+def _run(cfg: TrainConfig, device: torch.device, progress: bool, caches: dict | None, out_dir: Path | None,
+         run_id: str | None, evaluate_test: bool = True) -> RunResult:
     t_start = time.perf_counter()
     caches = {} if caches is None else caches
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    device = torch.device(cfg.device)
     prep = prepare(cfg, device)  # text or images
     splits, clf = prep.splits, prep.clf
+    check_label_space(splits if evaluate_test else dataclasses.replace(splits, test=None))
     train_ds = splits.train.subset(range(min(len(splits.train), cfg.max_train or len(splits.train))))
     evals = {"val": splits.val, "test": splits.test if evaluate_test else None}
     evals = {k: (v.subset(range(min(len(v), cfg.max_eval or len(v)))) if v is not None else None)
@@ -287,11 +349,9 @@ def train(cfg: TrainConfig, *, progress: bool = True, caches: dict | None = None
         caches.clear()
 
     result = RunResult(config=dataclasses.asdict(cfg), val_acc=float("nan"), test_acc=None,
-                       device=str(device), cache_s=cache_s,
+                       device=str(device), cache_s=cache_s, num_classes=int(clf.head.out_features),
                        trainable_params=sum(d.numel() for d in tm.delta_dict().values()))
-    out_dir = Path(cfg.output_dir) if cfg.output_dir else None
     if out_dir:
-        out_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out_dir / "config.yaml")
         if cfg.head_init == "probe":  # part of w0 that cannot be rebuilt from the config alone
             save_file({n: p.detach().cpu().contiguous() for n, p in clf.head.named_parameters()},
@@ -307,16 +367,14 @@ def train(cfg: TrainConfig, *, progress: bool = True, caches: dict | None = None
             acc = evaluate(tm, feats[name], evals[name].labels, cfg.eval_batch_size, device)
             setattr(result, f"{name}_acc", acc)
     if out_dir:
-        save_delta(tm, out_dir / "delta.safetensors",
+        save_delta(tm, out_dir / "delta.safetensors", run_id=run_id,
                    extra_metadata={"method": cfg.method, "model": cfg.model, "data": cfg.data})
     result.total_s = time.perf_counter() - t_start
-    result.output_dir = str(out_dir) if out_dir else None
-    if out_dir:
-        (out_dir / "results.json").write_text(json.dumps(result.to_dict(), indent=2))
     return result
 
 
-def _fit(cfg, tm, train_cache, train_labels, val_cache, val_ds, device, progress, result, out_dir) -> None:
+def _fit(cfg, tm, train_cache, train_labels, val_cache, val_ds, device, progress, result, out_dir,
+         what: str = "training", lr_flag: str = "--lr") -> None:
     delta = tm.delta_dict()
     opt = _optimizer(cfg, list(delta.values()))
     g = torch.Generator().manual_seed(cfg.seed)
@@ -330,27 +388,36 @@ def _fit(cfg, tm, train_cache, train_labels, val_cache, val_ds, device, progress
         total, n = 0.0, 0
         bar = tqdm(bucketed_batches(lengths, cfg.batch_size, g), desc=f"epoch {epoch + 1}/{cfg.epochs}",
                    disable=not progress, leave=False)
-        for idx in bar:
+        for step, idx in enumerate(bar, 1):
             state = train_cache.collate(idx, device)
             logits = tm.suffix(state)
             loss = loss_fn(logits, train_labels[idx].to(device))
             objective = loss + cfg.penalty * squared_norm(delta) if cfg.penalty else loss
+            value = float(loss.detach())  # one sync per step, as for the running mean below
+            if not math.isfinite(value):
+                hint = ", or use --optimizer adam" if cfg.optimizer == "sgd" else ""
+                raise TrainingDiverged(
+                    f"{what} diverged: the loss is {value} at epoch {epoch + 1}, step {step}; nothing was written. "
+                    f"Lower the learning rate (now {lr_flag} {cfg.lr:g}){hint}")
             opt.zero_grad(set_to_none=True)
             objective.backward()
             opt.step()
             sched.step()
             if cfg.radius is not None:
                 project_to_ball(delta, cfg.radius)
-            total += float(loss.detach()) * len(idx)
+            total += value * len(idx)
             n += len(idx)
             bar.set_postfix(loss=f"{total / n:.4f}")
-        row = {"epoch": epoch + 1, "train_loss": total / n, "delta_norm": float(squared_norm(delta).detach().sqrt()),
-               "epoch_s": time.perf_counter() - t}
+        norm = float(squared_norm(delta).detach().sqrt())
+        if not math.isfinite(norm):
+            raise TrainingDiverged(f"{what} diverged: Δw is NaN or infinite after epoch {epoch + 1}; nothing was "
+                                   f"written. Lower the learning rate ({lr_flag} {cfg.lr:g})")
+        row = {"epoch": epoch + 1, "train_loss": total / n, "delta_norm": norm, "epoch_s": time.perf_counter() - t}
         if val_cache is not None:
             row["val_acc"] = evaluate(tm, val_cache, val_ds.labels, cfg.eval_batch_size, device)
         result.epochs.append(row)
         if log:
-            log.write(json.dumps(row) + "\n")
+            log.write(json.dumps(finite_json(row), allow_nan=False) + "\n")
             log.flush()
         if progress:
             tqdm.write(json.dumps(row))

@@ -23,7 +23,8 @@ def print_results(results) -> None:
     console().print(table)
     for r in results:
         if r.output_dir:
-            console().print(f"wrote {r.output_dir}/delta.safetensors, config.yaml, metrics.jsonl, results.json")
+            console().print(f"wrote {r.output_dir}/ (delta.safetensors, config.yaml, metrics.jsonl, results.json, "
+                          f"run.json)")
 
 
 def print_search(res) -> None:
