@@ -86,7 +86,7 @@ CASES: list[tuple[str, Callable[[Case], list[str]], str]] = [
     ("yaml-number-for-str", lambda c: c.config("schedule: 3\n"), "schedule must be a string"),
     ("yaml-str-for-int", lambda c: c.config("num_classes: two\n"), "num_classes must be an integer"),
     ("yaml-word-for-bool", lambda c: c.config("reinit: maybe\n"), "reinit must be true or false"),
-    ("yaml-null-for-required", lambda c: c.config("epochs: null\n"), "epochs needs a value"),
+    ("yaml-null-for-required", lambda c: c.config("batch_size: null\n"), "batch_size needs a value"),
     ("yaml-syntax", lambda c: c.config("lr: [1, 2\n"), "invalid YAML"),
     ("json-syntax", lambda c: c.config('{"lr": 1e-3,}', "c.json"), "invalid JSON"),
     ("config-not-utf8", lambda c: c.config(b"lr: 0.001\nmodel: \xff\xfe\n"), "not UTF-8"),
