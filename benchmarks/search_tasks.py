@@ -30,6 +30,7 @@ import torch
 from taft.config import TrainConfig
 from taft.train.evaluate import evaluate_run
 from taft.train.loop import train
+from taft.train.rundir import write_json
 from taft.train.search import DEFAULT_GRIDS, search
 
 RESULTS = Path(__file__).parent / "results"
@@ -161,9 +162,7 @@ def main(argv: list[str] | None = None) -> None:
         out["meta"] = {"date": datetime.date.today().isoformat(), "device": _device(), "torch": torch.__version__,
                        "threads": torch.get_num_threads(), "seeds": seeds,
                        "command": "python benchmarks/search_tasks.py " + " ".join(sys.argv[1:])}
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(out, indent=2))
-        tmp.replace(path)
+        write_json(path, out)  # atomic: a killed run never leaves a half-written task file
     print(report(args.tasks.split(",")))
 
 

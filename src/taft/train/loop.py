@@ -13,7 +13,6 @@ import copy
 import dataclasses
 import json
 import math
-import os
 import time
 import warnings
 from collections.abc import Callable
@@ -34,7 +33,7 @@ from taft.models.classifier import Classifier, pool
 from taft.tangent_model import TangentModel
 from taft.train.cache import FeatureCache
 from taft.train.losses import make_loss, project_to_ball, squared_norm
-from taft.train.rundir import RunFolder, finite_json, write_json
+from taft.train.rundir import RunFolder, ensure_writable_folder, finite_json, write_json
 from taft.train.text import bucketed_batches, padded_batch, prefix_batches, tokenize
 from taft.zoo import load_model, load_tokenizer
 
@@ -284,7 +283,8 @@ def train(cfg: TrainConfig, *, progress: bool = True, caches: dict | None = None
     run is complete: any error, a diverged loss included, leaves it as it was."""
     device = resolve_device(cfg.device)
     if cfg.cache == "disk":
-        _check_cache_dir(Path(cfg.cache_dir).expanduser())
+        cache_dir = Path(cfg.cache_dir).expanduser()
+        ensure_writable_folder(cache_dir, f"--cache-dir {cache_dir}", ConfigError)
     if not cfg.output_dir:
         return _run(cfg, device, progress, caches, None, None, evaluate_test)
     with RunFolder(cfg.output_dir, overwrite=cfg.overwrite) as folder:
@@ -293,17 +293,6 @@ def train(cfg: TrainConfig, *, progress: bool = True, caches: dict | None = None
         write_json(folder.path / "results.json", result.to_dict())
         folder.commit(num_classes=result.num_classes, method=cfg.method, model=cfg.model, data=cfg.data)
     return result
-
-
-def _check_cache_dir(path: Path) -> None:
-    if path.exists() and not path.is_dir():
-        raise ConfigError(f"--cache-dir {path} is a file, not a folder; choose another path")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ConfigError(f"--cache-dir {path}: cannot create the folder ({e.strerror or e})") from e
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise ConfigError(f"--cache-dir {path} is not writable; choose another folder")
 
 
 def _run(cfg: TrainConfig, device: torch.device, progress: bool, caches: dict | None, out_dir: Path | None,

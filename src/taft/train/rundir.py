@@ -105,17 +105,22 @@ def check_output_dir(output_dir: str | Path, *, overwrite: bool = False) -> Path
             shown = ", ".join(entries[:5]) + (f", ... ({len(entries)} in all)" if len(entries) > 5 else "")
             raise RunDirError(f"--output-dir {target} is not empty ({shown}); choose a new or empty folder, or "
                               f"pass --overwrite to replace the folder and everything in it")
-    parent = target.parent
-    nearest = next((p for p in (parent, *parent.parents) if p.exists()), None)  # the first existing ancestor
-    if nearest is not None and not nearest.is_dir():
-        raise RunDirError(f"--output-dir {target}: {nearest} is a file, so no folder can be created under it")
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise RunDirError(f"--output-dir {target}: cannot create the folder {parent} ({e.strerror or e})") from e
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise RunDirError(f"--output-dir {target}: the folder {parent} is not writable; choose another path")
+    ensure_writable_folder(target.parent, f"--output-dir {target}")
     return target
+
+
+def ensure_writable_folder(folder: Path, what: str, error: type[TaftError] = RunDirError) -> None:
+    """Create ``folder`` (and its parents) or fail with one clear ``error`` naming ``what`` (the flag and value):
+    a file in the way, a folder that cannot be created, or one this process cannot write to."""
+    nearest = next((p for p in (folder, *folder.parents) if p.exists()), None)  # the first existing ancestor
+    if nearest is not None and not nearest.is_dir():
+        raise error(f"{what}: {nearest} is a file, so no folder can be created there; choose another path")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise error(f"{what}: cannot create the folder {folder} ({e.strerror or e})") from e
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise error(f"{what}: the folder {folder} is not writable; choose another path")
 
 
 def sha256_file(path: Path) -> str:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
 import math
 import statistics
 import tempfile
@@ -27,6 +26,7 @@ from typing import Any
 
 from taft.config import ConfigError, TrainConfig, coerce_value
 from taft.train.loop import RunResult, train
+from taft.train.rundir import write_json
 
 # The same number of points for every method: equal tuning budgets in every comparison.
 DEFAULT_GRIDS: dict[str, dict[str, list]] = {
@@ -148,13 +148,6 @@ def search(cfg: TrainConfig, grid: dict[str, list] | None = None, seeds: list[in
             for c in result.candidates:
                 c.output_dir = None
         else:
-            _write_json(out / "search.json", result.to_dict())
+            write_json(out / "search.json", result.to_dict())
     return result
 
-
-def _write_json(path: Path, data: dict) -> None:
-    import os
-
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, allow_nan=False))
-    os.replace(tmp, path)
