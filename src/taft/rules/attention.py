@@ -9,31 +9,90 @@ Nothing cubic in sequence length is built: the largest tensors are (B, h, T, S).
 
 from __future__ import annotations
 
+import os
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from taft.engine.dual import Dual, add_tangents, dual_map
+from taft.kernels import attention as fused
+
+FUSED = os.environ.get("TAFT_FUSED_ATTENTION", "1") != "0"
+KERNEL_ON_CPU = False  # tests: run the kernel on CPU tensors through Triton's interpreter
 
 
 def attention_dual(ctx, q: Dual, k: Dual, v: Dual, *, scale: float, mask: Tensor | None = None) -> Dual:
-    """q: (B, h, T, d), k/v: (B, h, S, d), mask broadcastable to (B, h, T, S). Returns O: (B, h, T, d)."""
-    s = torch.matmul(q.primal, k.primal.transpose(-2, -1)) * scale  # (B, h, T, S)
-    if mask is not None:
-        s = s + mask
-    p = torch.softmax(s, dim=-1)
+    """q: (B, h, T, d), k/v: (B, h, S, d), mask broadcastable to (B, h, T, S). Returns O: (B, h, T, d).
+
+    Three exact paths, chosen per call:
+
+    * the fused Triton kernel (:mod:`taft.kernels.attention`) for the tangent when the tensors are on a GPU in
+      float32/bfloat16/float16 and the tangent needs no gradient (inference, the VJP backward). Under no_grad it
+      also gives the primal; with grad the primal is the model's fused ``scaled_dot_product_attention``, so
+      training saves what ordinary fine-tuning saves;
+    * elsewhere with grad in VJP mode: the primal through SDPA, the tangent from probabilities recomputed under
+      no_grad (nothing of the T×S matrices is kept for backward);
+    * otherwise (``backward="tangent"``, which differentiates through the tangent, or no grad on CPU): the
+      explicit closed form above, probabilities shared by primal and tangent.
+    """
+    has_ds = q.tangent is not None or k.tangent is not None
+    if not has_ds and v.tangent is None:
+        return Dual(_sdpa(q.primal, k.primal, v.primal, mask, scale), None)
+    primal_grad = torch.is_grad_enabled() and any(x.primal.requires_grad for x in (q, k, v))
+    if ctx.vjp and use_kernel(q.primal):
+        o = _sdpa(q.primal, k.primal, v.primal, mask, scale) if primal_grad else None
+        with torch.no_grad():
+            o_k, t = fused.tangent_attention(
+                q.primal.detach(), k.primal.detach(), v.primal.detach(), q.tangent, k.tangent, v.tangent,
+                scale=scale, mask=None if mask is None else mask.detach(), need_primal=o is None)
+        return Dual(o_k if o is None else o, t)
+    if ctx.vjp and primal_grad:
+        o = _sdpa(q.primal, k.primal, v.primal, mask, scale)
+        with torch.no_grad():
+            p = _probabilities(q.primal, k.primal, mask, scale)
+            return Dual(o, _tangent(p, o, q.primal, k.primal, v.primal, q, k, v, scale))
+    p = _probabilities(q.primal, k.primal, mask, scale)  # (B, h, T, S)
     o = torch.matmul(p, v.primal)  # (B, h, T, d)
     with ctx.tangent_mode():
-        ds = add_tangents(
-            None if q.tangent is None else torch.matmul(q.tangent, k.primal.transpose(-2, -1)),
-            None if k.tangent is None else torch.matmul(q.primal, k.tangent.transpose(-2, -1)),
-        )
-        t_p = None
-        if ds is not None:
-            pds = p * (ds * scale)  # (B, h, T, S)
-            t_p = torch.matmul(pds, v.primal) - pds.sum(-1, keepdim=True) * o
-        t_v = None if v.tangent is None else torch.matmul(p, v.tangent)
-        t = add_tangents(t_p, t_v)
-    return Dual(o, t)
+        return Dual(o, _tangent(p, o, q.primal, k.primal, v.primal, q, k, v, scale))
+
+
+def _probabilities(q: Tensor, k: Tensor, mask: Tensor | None, scale: float) -> Tensor:
+    s = torch.matmul(q, k.transpose(-2, -1)) * scale  # (B, h, T, S)
+    if mask is not None:
+        s = s + mask
+    return torch.softmax(s, dim=-1)
+
+
+def _tangent(p: Tensor, o: Tensor, qp: Tensor, kp: Tensor, vp: Tensor, q: Dual, k: Dual, v: Dual,
+             scale: float) -> Tensor | None:
+    """``Ȯ = (P⊙Ṡ)V − rowsum(P⊙Ṡ)⊙O + PV̇`` from the probabilities."""
+    ds = add_tangents(
+        None if q.tangent is None else torch.matmul(q.tangent, kp.transpose(-2, -1)),
+        None if k.tangent is None else torch.matmul(qp, k.tangent.transpose(-2, -1)),
+    )
+    t_p = None
+    if ds is not None:
+        pds = p * (ds * scale)  # (B, h, T, S)
+        t_p = torch.matmul(pds, vp) - pds.sum(-1, keepdim=True) * o
+    t_v = None if v.tangent is None else torch.matmul(p, v.tangent)
+    return add_tangents(t_p, t_v)
+
+
+def _sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float) -> Tensor:
+    if mask is not None and mask.dtype != q.dtype:
+        mask = mask.to(q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
+def use_kernel(x: Tensor) -> bool:
+    """Whether the fused tangent-attention kernel runs for tensors like ``x``: a GPU tensor in a dtype it takes,
+    unless ``TAFT_FUSED_ATTENTION=0``. CPU tensors only when :data:`KERNEL_ON_CPU` is set under Triton's
+    interpreter (tests)."""
+    if not FUSED or not fused.available(x) or x.shape[-1] > fused.MAX_HEAD_DIM:
+        return False
+    return x.is_cuda or KERNEL_ON_CPU
 
 
 def additive_mask(attention_mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:

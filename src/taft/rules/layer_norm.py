@@ -15,6 +15,38 @@ from taft.errors import UnsupportedError
 
 
 def layer_norm_dual(ctx, x: Dual, gamma: Dual | None, beta: Dual | None, eps: float) -> Dual:
+    if not ctx.vjp:
+        return _layer_norm_explicit(ctx, x, gamma, beta, eps)
+    # The model's own fused kernels: ``native_layer_norm`` for the primal (what ordinary fine-tuning saves for
+    # backward, statistics in float32 for low-precision inputs), and for the tangent the LayerNorm backward with
+    # no affine weight, which is the same map: ``rstd·(g − mean g − x̂·mean(x̂g))`` is self-adjoint.
+    xp = x.primal
+    shape = (xp.shape[-1],)
+    y, mean, rstd = torch.native_layer_norm(
+        xp, shape, None if gamma is None else gamma.primal, None if beta is None else beta.primal, eps
+    )
+    with torch.no_grad():
+        t_x = None
+        if x.tangent is not None:
+            t_x = torch.ops.aten.native_layer_norm_backward(
+                x.tangent, xp, shape, mean, rstd, None, None, [True, False, False]
+            )[0]
+            if gamma is not None:
+                t_x = t_x * gamma.primal
+        t_g = None
+        if gamma is not None and gamma.tangent is not None:
+            xhat = ((xp - mean) * rstd).to(xp.dtype)
+            t_g = xhat * gamma.tangent if t_x is None else t_x.addcmul_(xhat, gamma.tangent)
+            t_x = None
+        t_b = None if beta is None or beta.tangent is None else beta.tangent
+        t = add_tangents(t_x, t_g, t_b)
+        if t is not None and t.shape != y.shape:
+            t = t.expand(y.shape)
+    return Dual(y, t)
+
+
+def _layer_norm_explicit(ctx, x: Dual, gamma: Dual | None, beta: Dual | None, eps: float) -> Dual:
+    """The closed form written out (differentiable through the tangent: ``backward="tangent"``)."""
     xp = x.primal
     mu = xp.mean(-1, keepdim=True)  # (..., 1)
     xc = xp - mu

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import nn
 
@@ -14,14 +15,19 @@ def linear_dual(ctx, x: Dual, w: Dual, b: Dual | None) -> Dual:
     y = F.linear(x.primal, w.primal, None if b is None else b.primal)  # (..., out)
     with ctx.tangent_mode():
         bt = None if b is None else b.tangent
-        t_x = None if x.tangent is None else F.linear(x.tangent, w.primal)
+        t_w = None
         if w.tangent is not None:
             t_w = F.linear(x.primal, w.tangent, bt)  # x Ẇᵀ + ḃ in one GEMM
         elif bt is not None:
             t_w = bt.expand(y.shape)
+        if x.tangent is None:
+            t = t_w
+        elif w.tangent is not None and not torch.is_grad_enabled():
+            # ẋWᵀ accumulated by the GEMM itself into x Ẇᵀ + ḃ, a fresh (..., out) tensor: no separate add pass
+            t = t_w.view(-1, y.shape[-1]).addmm_(x.tangent.reshape(-1, x.tangent.shape[-1]), w.primal.t())
+            t = t.view(y.shape)
         else:
-            t_w = None
-        t = add_tangents(t_x, t_w)
+            t = add_tangents(F.linear(x.tangent, w.primal), t_w)
     return Dual(y, t)
 
 
