@@ -6,7 +6,8 @@
 
 Models (random Δw ~ N(0, 1e-3), eval mode): ``vit_b16`` / ``vit_l16`` (timm, random init, batch 64 / 32),
 ``bert_base`` (BERT-base shape, random init, no pooler, batch 64 × 128 tokens, all-ones mask), ``minilm``
-(all-MiniLM-L6-v2, 64 × 128); any other :func:`taft.zoo.load_model` name works too (``--small``:
+(all-MiniLM-L6-v2, 64 × 128; ``minilm_shape``: its shape with random weights, where the package is not
+installed); any other :func:`taft.zoo.load_model` name works too (``--small``:
 ``tiny-vit,tiny-bert``, batch 4, 16 tokens). One row per (model, scope, dtype); each row measures
 (median of ``--repeat`` calls after ``--warmup``; CUDA events on CUDA, ``perf_counter`` on CPU):
 
@@ -63,16 +64,17 @@ MODELS = {
     "vit_l16": (lambda: load_model("timm:vit_large_patch16_224", pretrained=False), 32, 128),
     "bert_base": (lambda: _bert_base(), 64, 128),
     "minilm": (lambda: load_model("minilm"), 64, 128),
+    "minilm_shape": (lambda: _bert_base(hidden_size=384, num_hidden_layers=6, intermediate_size=1536), 64, 128),
 }
 SMALL = {"models": "tiny-vit,tiny-bert", "batch": 4, "seq": 16, "repeat": 2, "warmup": 1}
 CHECK_EXAMPLES = 4
 LR = 1e-4
 
 
-def _bert_base():
+def _bert_base(**config):
     from transformers import BertConfig, BertModel
 
-    return BertModel(BertConfig(), add_pooling_layer=False).eval()
+    return BertModel(BertConfig(**config), add_pooling_layer=False).eval()
 
 
 def build(name: str):
