@@ -161,14 +161,17 @@ class TangentModel(nn.Module):
 
     def _context(self, with_deltas: bool = True) -> TangentContext:
         params = self.base_params()
+        # every value not the base model's own parameter is a w0 buffer (w0 + Δw in non-linear mode)
+        replaced = frozenset(k.replace(":", ".") for k, _ in self.w0.named_buffers(recurse=False))
         if not with_deltas:
-            return TangentContext(params, {})
+            return TangentContext(params, {}, replaced=replaced)
         if not self.linear:
             for n, d in self.delta_dict().items():
                 params[n] = params[n] + d
-            return TangentContext(params, {}, trainable=frozenset(self.linearized))
+            return TangentContext(params, {}, trainable=frozenset(self.linearized), replaced=replaced)
         return TangentContext(
-            params, self.delta_dict(), vjp=self.backward == "vjp", force_fallback=self.force_fallback
+            params, self.delta_dict(), vjp=self.backward == "vjp", force_fallback=self.force_fallback,
+            replaced=replaced,
         )
 
     def prefix(self, *args, **kwargs) -> State:

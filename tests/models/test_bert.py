@@ -35,6 +35,17 @@ def test_padding_tokens_do_not_leak():
     assert torch.equal(f0a[:, :3], f0b[:, :3]) and torch.equal(ta[:, :3], tb[:, :3])
 
 
+def test_mask_edited_in_place_between_calls():
+    """The per-forward mask (``None`` when nothing is padded) is rebuilt for every call, also for the same tensor."""
+    m = tiny_bert()
+    tm = tangent_model(m, "all")
+    ids = torch.tensor([[5, 6, 7, 8], [1, 2, 3, 4]])
+    mask = torch.ones_like(ids)
+    check_against_reference(tm, ids, attention_mask=mask)
+    mask[0, 2:] = 0
+    check_against_reference(tm, ids, attention_mask=mask)
+
+
 def test_force_fallback_matches_rules():
     m = tiny_bert()
     tm = tangent_model(m, "last:1")

@@ -33,6 +33,7 @@ class TangentContext:
         vjp: bool = True,
         force_fallback: bool = False,
         trainable: frozenset[str] = frozenset(),
+        replaced: frozenset[str] | None = None,
     ) -> None:
         self.params = params
         self.deltas = deltas
@@ -41,6 +42,10 @@ class TangentContext:
         # Non-linear mode (ordinary fine-tuning through the same stages): ``params`` already hold w0 + Δw for
         # these names and modules run their own forward with autograd on; no tangent is computed.
         self.trainable = trainable
+        # Names whose value in ``params`` is not the module's own parameter (w0 copies, re-initialized blocks,
+        # w0 + Δw). A module with none of them and no gradient to record runs as itself, exactly the plain
+        # model's forward (no parameter swapping). ``None``: unknown, always swap.
+        self.replaced = replaced
         self.fallback_modules: list[str] = []
         self._straight_through = vjp and torch.is_grad_enabled()
         self._cache: dict[str, Dual] = {}
@@ -112,6 +117,9 @@ class TangentContext:
     def _plain(self, module, name, entry, args, kwargs, grad: bool = False) -> Tensor:
         prim_args = [a.primal if isinstance(a, Dual) else a for a in args]
         prim_kwargs = {k: (v.primal if isinstance(v, Dual) else v) for k, v in kwargs.items()}
+        if not grad and self.replaced is not None and not self._under(self.replaced, name):
+            with torch.no_grad():
+                return primary_output(module(*prim_args, **prim_kwargs), entry)
         local = {k[len(name) + 1 :] if name else k: self.params[k] for k in self.names_under(name)}
         with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
             out = torch.func.functional_call(module, local, tuple(prim_args), prim_kwargs, strict=False)

@@ -170,6 +170,7 @@ class BertFamily(Family):
                 inputs_embeds=None, **kwargs) -> State:
         """``BertModel.forward``'s arguments, in its order (see the module docstring for what is supported)."""
         refuse_arguments(self.arch, kwargs, _FORMAT_ONLY)
+        self._mask_memo = None  # a mask changed in place between calls is never served stale
         if (input_ids is None) == (inputs_embeds is None):
             raise TaftError("BERT family: pass exactly one of input_ids or inputs_embeds")
         ref = input_ids if input_ids is not None else inputs_embeds
@@ -191,6 +192,17 @@ class BertFamily(Family):
             kw = {k: state.aux.get(k) for k in _EMBEDDING_INPUTS if state.aux.get(k) is not None}
             h = ctx.call(m.embeddings, self.q("embeddings"), **kw)
             return State(h, state.aux)
-        mask = additive_mask(state.aux["attention_mask"], state.h.primal.dtype)
+        mask = self._layer_mask(state.aux["attention_mask"], state.h.primal.dtype)
         h = ctx.call(m.encoder.layer[i - 1], self.q(f"encoder.layer.{i - 1}"), state.h, mask)
         return State(h, state.aux)
+
+    def _layer_mask(self, attention_mask: Tensor, dtype: torch.dtype) -> Tensor | None:
+        """The additive mask every layer gets, built once per forward; ``None`` when a padding mask pads nothing
+        (the same attention, and the fused kernels run without a mask, as HF's own SDPA path does)."""
+        memo = getattr(self, "_mask_memo", None)
+        if memo is not None and memo[0] is attention_mask and memo[1] == dtype:
+            return memo[2]
+        no_padding = attention_mask.dim() == 2 and bool(attention_mask.all())
+        mask = None if no_padding else additive_mask(attention_mask, dtype)
+        self._mask_memo = (attention_mask, dtype, mask)
+        return mask

@@ -28,9 +28,9 @@ def attention_dual(ctx, q: Dual, k: Dual, v: Dual, *, scale: float, mask: Tensor
     Three exact paths, chosen per call:
 
     * the fused Triton kernel (:mod:`taft.kernels.attention`) for the tangent when the tensors are on a GPU in
-      float32/bfloat16/float16 and the tangent needs no gradient (inference, the VJP backward). Under no_grad it
-      also gives the primal; with grad the primal is the model's fused ``scaled_dot_product_attention``, so
-      training saves what ordinary fine-tuning saves;
+      bfloat16/float16 (float32 with TF32 allowed: :func:`use_kernel`) and the tangent needs no gradient
+      (inference, the VJP backward). Under no_grad it also gives the primal; with grad the primal is the model's
+      fused ``scaled_dot_product_attention``, so training saves what ordinary fine-tuning saves;
     * elsewhere with grad in VJP mode: the primal through SDPA, the tangent from probabilities recomputed under
       no_grad (nothing of the T×S matrices is kept for backward);
     * otherwise (``backward="tangent"``, which differentiates through the tangent, or no grad on CPU): the
@@ -45,7 +45,8 @@ def attention_dual(ctx, q: Dual, k: Dual, v: Dual, *, scale: float, mask: Tensor
         with torch.no_grad():
             o_k, t = fused.tangent_attention(
                 q.primal.detach(), k.primal.detach(), v.primal.detach(), q.tangent, k.tangent, v.tangent,
-                scale=scale, mask=None if mask is None else mask.detach(), need_primal=o is None)
+                scale=scale, mask=None if mask is None else mask.detach(), need_primal=o is None,
+                tf32=torch.backends.cuda.matmul.allow_tf32)
         return Dual(o_k if o is None else o, t)
     if ctx.vjp and primal_grad:
         o = _sdpa(q.primal, k.primal, v.primal, mask, scale)
@@ -87,12 +88,15 @@ def _sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float) ->
 
 
 def use_kernel(x: Tensor) -> bool:
-    """Whether the fused tangent-attention kernel runs for tensors like ``x``: a GPU tensor in a dtype it takes,
-    unless ``TAFT_FUSED_ATTENTION=0``. CPU tensors only when :data:`KERNEL_ON_CPU` is set under Triton's
-    interpreter (tests)."""
+    """Whether the fused tangent-attention kernel runs for tensors like ``x``: a GPU tensor in bfloat16/float16,
+    or in float32 when TF32 matmuls are allowed (``torch.backends.cuda.matmul.allow_tf32``; IEEE float32 products
+    in Triton are slower than cuBLAS's unfused ones), unless ``TAFT_FUSED_ATTENTION=0``. CPU tensors only when
+    :data:`KERNEL_ON_CPU` is set under Triton's interpreter (tests)."""
     if not FUSED or not fused.available(x) or x.shape[-1] > fused.MAX_HEAD_DIM:
         return False
-    return x.is_cuda or KERNEL_ON_CPU
+    if not x.is_cuda:
+        return KERNEL_ON_CPU
+    return x.dtype != torch.float32 or torch.backends.cuda.matmul.allow_tf32
 
 
 def additive_mask(attention_mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
