@@ -10,10 +10,12 @@ no gradient (inference, and the VJP backward, where the tangent is computed unde
 
 Inputs are (B, h, T, d) / (B, h, S, d) tensors of any strides; the additive mask broadcasts to (B, h, T, S)
 (stride 0 on broadcast dimensions, so a (B, 1, 1, S) padding mask is never expanded in memory). Matrix products
-accumulate in float32; float32 inputs use IEEE products unless ``tf32=True`` (no TF32: float32 results match the
-exact path to ~1e-6, but IEEE float32 products run on CUDA cores, so the engine only calls the kernel in float32
-when TF32 is allowed); bfloat16/float16 products round their inputs (``P`` and ``P⊙Ṡ`` too) to
-the input dtype, as flash attention does. Any sequence lengths (partial blocks are masked) and head dims up to 256.
+accumulate in float32; float32 inputs use IEEE products (``input_precision="ieee"``, no TF32), so float32 results
+match the exact path to ~1e-6 — but those run on CUDA cores: with the kernel, the float32 ViT-B/16 tangent forward
+was 2.3× slower than with the unfused cuBLAS path (H200, benchmarks/results/gpu-run1), so the engine calls it for
+bfloat16/float16 only (float32 stays checked here and in CI). bfloat16/float16 products round their inputs (``P``
+and ``P⊙Ṡ`` too) to the input dtype, as flash attention does. Any sequence lengths (partial blocks are masked) and
+head dims up to 256.
 
 Triton is optional: :func:`available` says whether the kernel can run on a tensor. With ``TRITON_INTERPRET=1``
 set before import, the kernel runs on CPU tensors through Triton's interpreter (how CI checks it).
@@ -54,7 +56,7 @@ if triton is not None:
         s_mb, s_mh, s_mt, s_ms, s_ob, s_oh, s_ot, s_od, s_pb, s_ph, s_pt, s_pd,
         H, T, S, D, scale,
         HAS_DQ: tl.constexpr, HAS_DK: tl.constexpr, HAS_DV: tl.constexpr, HAS_BIAS: tl.constexpr,
-        WRITE_O: tl.constexpr, PRECISION: tl.constexpr,
+        WRITE_O: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
         pid_m = tl.program_id(0)
@@ -82,7 +84,7 @@ if triton is not None:
             kv_ok = col_ok[:, None] & dim_ok[None, :]
             k = tl.load(K + b * s_kb + h * s_kh + cols[:, None] * s_ks + dims[None, :] * s_kd, mask=kv_ok, other=0.0)
             v = tl.load(V + b * s_vb + h * s_vh + cols[:, None] * s_vs + dims[None, :] * s_vd, mask=kv_ok, other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+            s = tl.dot(q, tl.trans(k), input_precision="ieee")
             s = s * scale
             if HAS_BIAS:
                 bias = tl.load(BIAS + b * s_mb + h * s_mh + rows[:, None] * s_mt + cols[None, :] * s_ms,
@@ -96,23 +98,23 @@ if triton is not None:
             l_i = l_i * alpha + tl.sum(p, 1)
             acc_o = acc_o * alpha[:, None]
             acc_t = acc_t * alpha[:, None]
-            acc_o += tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            acc_o += tl.dot(p.to(v.dtype), v, input_precision="ieee")
             if HAS_DQ or HAS_DK:
                 ds = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
                 if HAS_DQ:
-                    ds += tl.dot(dq, tl.trans(k), input_precision=PRECISION)
+                    ds += tl.dot(dq, tl.trans(k), input_precision="ieee")
                 if HAS_DK:
                     dk = tl.load(DK + b * s_dkb + h * s_dkh + cols[:, None] * s_dks + dims[None, :] * s_dkd,
                                  mask=kv_ok, other=0.0)
-                    ds += tl.dot(q, tl.trans(dk), input_precision=PRECISION)
+                    ds += tl.dot(q, tl.trans(dk), input_precision="ieee")
                 # rounded once, used twice: Σ(P⊙Ṡ)·V and rowsum(P⊙Ṡ)·O then cancel as in exact arithmetic
                 pds = (p * (ds * scale)).to(v.dtype)
                 sum_pds = sum_pds * alpha + tl.sum(pds.to(p.dtype), 1)
-                acc_t += tl.dot(pds, v, input_precision=PRECISION)
+                acc_t += tl.dot(pds, v, input_precision="ieee")
             if HAS_DV:
                 dv = tl.load(DV + b * s_dvb + h * s_dvh + cols[:, None] * s_dvs + dims[None, :] * s_dvd,
                              mask=kv_ok, other=0.0)
-                acc_t += tl.dot(p.to(dv.dtype), dv, input_precision=PRECISION)
+                acc_t += tl.dot(p.to(dv.dtype), dv, input_precision="ieee")
             m_i = m_new
         o = acc_o / l_i[:, None]
         t = acc_t / l_i[:, None] - (sum_pds / l_i)[:, None] * o
@@ -138,14 +140,12 @@ def _strides(x: Tensor | None) -> tuple[int, int, int, int]:
 
 
 def tangent_attention(q: Tensor, k: Tensor, v: Tensor, dq: Tensor | None, dk: Tensor | None, dv: Tensor | None,
-                      *, scale: float, mask: Tensor | None = None, need_primal: bool = True, tf32: bool = False,
+                      *, scale: float, mask: Tensor | None = None, need_primal: bool = True,
                       block: tuple[int, int] | None = None) -> tuple[Tensor | None, Tensor]:
     """``(O, Ȯ)`` of softmax attention (``O`` is ``None`` when ``need_primal`` is False).
 
     q, dq: (B, h, T, d); k, v, dk, dv: (B, h, S, d); tangents may be ``None`` (zero). ``mask``: additive,
-    broadcastable to (B, h, T, S). ``tf32``: float32 products on TF32 tensor cores (what
-    ``torch.backends.cuda.matmul.allow_tf32`` asks of PyTorch's matmuls) instead of IEEE float32. ``block``
-    overrides (BLOCK_M, BLOCK_N) (tests)."""
+    broadcastable to (B, h, T, S). ``block`` overrides (BLOCK_M, BLOCK_N) (tests)."""
     if triton is None:
         raise RuntimeError("tangent_attention needs Triton")
     B, H, T, D = q.shape
@@ -174,7 +174,7 @@ def tangent_attention(q: Tensor, k: Tensor, v: Tensor, dq: Tensor | None, dk: Te
         *_strides(o), *do.stride(),
         H, T, S, D, float(scale),
         HAS_DQ=dq is not None, HAS_DK=dk is not None, HAS_DV=dv is not None, HAS_BIAS=mask is not None,
-        WRITE_O=need_primal, PRECISION="tf32" if tf32 and q.dtype == torch.float32 else "ieee",
+        WRITE_O=need_primal,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, num_warps=warps, num_stages=stages,
     )
     return o, do

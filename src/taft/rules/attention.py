@@ -28,7 +28,7 @@ def attention_dual(ctx, q: Dual, k: Dual, v: Dual, *, scale: float, mask: Tensor
     Three exact paths, chosen per call:
 
     * the fused Triton kernel (:mod:`taft.kernels.attention`) for the tangent when the tensors are on a GPU in
-      bfloat16/float16 (float32 with TF32 allowed: :func:`use_kernel`) and the tangent needs no gradient
+      bfloat16/float16 (:func:`use_kernel`) and the tangent needs no gradient
       (inference, the VJP backward). Under no_grad it also gives the primal; with grad the primal is the model's
       fused ``scaled_dot_product_attention``, so training saves what ordinary fine-tuning saves;
     * elsewhere with grad in VJP mode: the primal through SDPA, the tangent from probabilities recomputed under
@@ -45,8 +45,7 @@ def attention_dual(ctx, q: Dual, k: Dual, v: Dual, *, scale: float, mask: Tensor
         with torch.no_grad():
             o_k, t = fused.tangent_attention(
                 q.primal.detach(), k.primal.detach(), v.primal.detach(), q.tangent, k.tangent, v.tangent,
-                scale=scale, mask=None if mask is None else mask.detach(), need_primal=o is None,
-                tf32=torch.backends.cuda.matmul.allow_tf32)
+                scale=scale, mask=None if mask is None else mask.detach(), need_primal=o is None)
         return Dual(o_k if o is None else o, t)
     if ctx.vjp and primal_grad:
         o = _sdpa(q.primal, k.primal, v.primal, mask, scale)
@@ -88,15 +87,15 @@ def _sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float) ->
 
 
 def use_kernel(x: Tensor) -> bool:
-    """Whether the fused tangent-attention kernel runs for tensors like ``x``: a GPU tensor in bfloat16/float16,
-    or in float32 when TF32 matmuls are allowed (``torch.backends.cuda.matmul.allow_tf32``; IEEE float32 products
-    in Triton are slower than cuBLAS's unfused ones), unless ``TAFT_FUSED_ATTENTION=0``. CPU tensors only when
-    :data:`KERNEL_ON_CPU` is set under Triton's interpreter (tests)."""
+    """Whether the fused tangent-attention kernel runs for tensors like ``x``: a GPU tensor in bfloat16/float16
+    (IEEE float32 products in Triton are slower than cuBLAS's unfused float32 path; benchmarks/results/gpu-run1),
+    unless ``TAFT_FUSED_ATTENTION=0``. CPU tensors only when :data:`KERNEL_ON_CPU` is set under Triton's
+    interpreter (tests: float32 through the interpreter)."""
     if not FUSED or not fused.available(x) or x.shape[-1] > fused.MAX_HEAD_DIM:
         return False
     if not x.is_cuda:
         return KERNEL_ON_CPU
-    return x.dtype != torch.float32 or torch.backends.cuda.matmul.allow_tf32
+    return x.dtype != torch.float32
 
 
 def additive_mask(attention_mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
