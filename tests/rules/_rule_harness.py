@@ -75,10 +75,16 @@ def make_deltas(params: dict[str, Tensor], which: Iterable[str], g: torch.Genera
     return out
 
 
-def run_rule(module: nn.Module, name: str, params, deltas, *args) -> Dual:
-    """``ctx.call`` in reference mode; asserts the closed-form rule ran (not the jvp fallback)."""
-    ctx = TangentContext(params, deltas, vjp=False)
-    out = ctx.call(module, name, *args)
+# (vjp, grad enabled): the reference mode (autograd through the tangent), and the VJP training mode with and
+# without grad, whose rules take the fused paths (SDPA primal, LayerNorm/GELU backward kernels, addmm_ under no_grad)
+MODES = ((False, True), (True, True), (True, False))
+
+
+def run_rule(module: nn.Module, name: str, params, deltas, *args, vjp: bool = False, grad: bool = True) -> Dual:
+    """``ctx.call`` (in reference mode unless ``vjp``); asserts the closed-form rule ran (not the jvp fallback)."""
+    ctx = TangentContext(params, deltas, vjp=vjp)
+    with torch.set_grad_enabled(grad):
+        out = ctx.call(module, name, *args)
     assert ctx.fallback_modules == [], f"{type(module).__name__} went to the fallback"
     assert isinstance(out, Dual)
     return out
@@ -132,7 +138,7 @@ def check_rule(module, name, params, deltas, x, xdot=None, *, differentiable_inp
     ``elementwise``: parameter-free pointwise map; errors are measured on the scale of the input as well as
     the output (see :func:`assert_close_scaled`)."""
     arg = Dual(x, xdot) if differentiable_input else x
-    out = run_rule(module, name, params, deltas, arg)
+    outs = [run_rule(module, name, params, deltas, arg, vjp=vjp, grad=grad) for vjp, grad in MODES]
     dtype = x.dtype if differentiable_input else next(iter(params.values())).dtype
     if dtype == torch.float64:
         y, ty = reference(module, name, params, deltas, x, xdot, differentiable_input=differentiable_input)
@@ -140,16 +146,18 @@ def check_rule(module, name, params, deltas, x, xdot=None, *, differentiable_inp
         x64 = x.double() if differentiable_input else x
         y, ty = reference(module, name, upcast(params), upcast(deltas), x64,
                           None if xdot is None else xdot.double(), differentiable_input=differentiable_input)
-    assert out.primal.dtype == dtype
-    assert out.tangent is not None, "a tangent came in but the rule returned None"
-    assert out.tangent.dtype == dtype
-    if elementwise:
-        assert_close_scaled(out.primal.double(), y, what="primal", dtype=dtype, floor=x.abs().max().item())
-        assert_close_scaled(out.tangent.double(), ty, what="tangent", dtype=dtype, floor=xdot.abs().max().item())
-    else:
-        assert_close(out.primal.double(), y, what="primal", dtype=dtype)
-        assert_close(out.tangent.double(), ty, what="tangent", dtype=dtype)
-    return out, ty
+    for out, mode in zip(outs, MODES, strict=True):
+        assert out.primal.dtype == dtype
+        assert out.tangent is not None, f"a tangent came in but the rule returned None (vjp, grad = {mode})"
+        assert out.tangent.dtype == dtype
+        p, t = out.primal.detach().double(), out.tangent.detach().double()
+        if elementwise:
+            assert_close_scaled(p, y, what=f"primal {mode}", dtype=dtype, floor=x.abs().max().item())
+            assert_close_scaled(t, ty, what=f"tangent {mode}", dtype=dtype, floor=xdot.abs().max().item())
+        else:
+            assert_close(p, y, what=f"primal (vjp, grad = {mode})", dtype=dtype)
+            assert_close(t, ty, what=f"tangent (vjp, grad = {mode})", dtype=dtype)
+    return outs[0], ty
 
 
 def check_non_contiguous(module, name, shape, seed: int, which: Iterable[str] = ("weight", "bias")) -> None:

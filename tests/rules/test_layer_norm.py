@@ -176,3 +176,17 @@ def test_layer_norm_multi_dim_normalized_shape_not_supported():
     x = torch.zeros(1, 2, 3, dtype=torch.float64)
     with pytest.raises(NotImplementedError):
         rh.run_rule(ln, NAME, params, {}, Dual(x, torch.ones_like(x)))
+
+
+@pytest.mark.parametrize("vjp", [False, True])
+def test_layer_norm_bias_without_weight(vjp):
+    """``layer_norm_dual`` with β but no γ (functional callers): ẏ = (ẋ − mean ẋ − x̂·mean(x̂ẋ))/σ + β̇."""
+    from taft.engine.context import TangentContext
+
+    g = rh.gen(21)
+    x, xdot, b, bdot = (rh.rand(s, g) for s in ((2, 3, 5), (2, 3, 5), (5,), (5,)))
+    with torch.no_grad():
+        out = layer_norm_dual(TangentContext({}, {}, vjp=vjp), Dual(x, xdot), None, Dual(b, bdot), 1e-5)
+    y, ty = torch.func.jvp(lambda x, b: torch.nn.functional.layer_norm(x, (5,), None, b, 1e-5), (x, b), (xdot, bdot))
+    assert_close(out.primal, y, what="primal")
+    assert_close(out.tangent, ty, what="tangent")

@@ -12,6 +12,19 @@ from taft.engine.dual import Dual
 from taft.engine.registry import find_rule
 
 
+class _StraightThrough(torch.autograd.Function):
+    """``w0 + (Δw − sg(Δw))`` without computing it: the value is w0 itself (no copy, nothing new to save for
+    backward) and the gradient flows to Δw unchanged."""
+
+    @staticmethod
+    def forward(ctx, w0: Tensor, delta: Tensor) -> Tensor:
+        return w0.view_as(w0)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[None, Tensor]:
+        return None, grad
+
+
 class TangentContext:
     """Carries w0 and Δw through one forward and dispatches modules to their rules.
 
@@ -64,7 +77,7 @@ class TangentContext:
         if delta is None:
             out = Dual(w0, None)
         elif self._straight_through:
-            out = Dual(w0 + (delta - delta.detach()), delta.detach())
+            out = Dual(_StraightThrough.apply(w0, delta), delta.detach())
         elif self.vjp:
             out = Dual(w0, delta.detach())
         else:

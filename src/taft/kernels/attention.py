@@ -163,8 +163,9 @@ def tangent_attention(q: Tensor, k: Tensor, v: Tensor, dq: Tensor | None, dk: Te
     bm, bn, warps, stages = _config(q.dtype, block_d)
     if block is not None:
         bm, bn = block
-    o = torch.empty((B, H, T, D), dtype=q.dtype, device=q.device) if need_primal else None
-    do = torch.empty((B, H, T, D), dtype=q.dtype, device=q.device)
+    # (B, h, T, d) views of (B, T, h, d) memory: merging the heads afterwards (``transpose(1, 2).reshape``) is free
+    o = torch.empty((B, T, H, D), dtype=q.dtype, device=q.device).transpose(1, 2) if need_primal else None
+    do = torch.empty((B, T, H, D), dtype=q.dtype, device=q.device).transpose(1, 2)
     dummy = q  # never read: the matching HAS_* flag is off
     grid = (triton.cdiv(T, bm), B * H)
     _tangent_attention_kernel[grid](

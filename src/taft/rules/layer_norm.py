@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from taft.engine.dual import Dual, add_tangents
@@ -26,22 +27,23 @@ def layer_norm_dual(ctx, x: Dual, gamma: Dual | None, beta: Dual | None, eps: fl
         xp, shape, None if gamma is None else gamma.primal, None if beta is None else beta.primal, eps
     )
     with torch.no_grad():
-        t_x = None
+        # γ̇·x̂ + β̇ is itself a LayerNorm of x with weight γ̇ and bias β̇: one fused kernel
+        g_t = None if gamma is None else gamma.tangent
+        b_t = None if beta is None else beta.tangent
+        t_p = None
+        if g_t is not None:
+            t_p = F.layer_norm(xp, shape, g_t, b_t, eps)
+        elif b_t is not None:
+            t_p = b_t.expand(y.shape)
+        t = t_p
         if x.tangent is not None:
             t_x = torch.ops.aten.native_layer_norm_backward(
                 x.tangent, xp, shape, mean, rstd, None, None, [True, False, False]
             )[0]
-            if gamma is not None:
-                t_x = t_x * gamma.primal
-        t_g = None
-        if gamma is not None and gamma.tangent is not None:
-            xhat = ((xp - mean) * rstd).to(xp.dtype)
-            t_g = xhat * gamma.tangent if t_x is None else t_x.addcmul_(xhat, gamma.tangent)
-            t_x = None
-        t_b = None if beta is None or beta.tangent is None else beta.tangent
-        t = add_tangents(t_x, t_g, t_b)
-        if t is not None and t.shape != y.shape:
-            t = t.expand(y.shape)
+            if gamma is None:
+                t = t_x if t_p is None else t_x + t_p
+            else:
+                t = t_x * gamma.primal if t_p is None else torch.addcmul(t_p, t_x, gamma.primal)
     return Dual(y, t)
 
 
