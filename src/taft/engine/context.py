@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 
 import torch
 from torch import Tensor, nn
@@ -59,6 +59,8 @@ class TangentContext:
         # w0 + Δw). A module with none of them and no gradient to record runs as itself, exactly the plain
         # model's forward (no parameter swapping). ``None``: unknown, always swap.
         self.replaced = replaced
+        self._replaced_prefixes = frozenset() if replaced is None else _prefixes(replaced)
+        self._delta_prefixes: frozenset[str] | None = None  # built on first use (deltas is read lazily)
         self.fallback_modules: list[str] = []
         self._straight_through = vjp and torch.is_grad_enabled()
         self._cache: dict[str, Dual] = {}
@@ -95,16 +97,13 @@ class TangentContext:
         return [k for k in self.params if k.startswith(p)]
 
     def linearized_under(self, prefix: str) -> bool:
-        return self._under(self.deltas, prefix)
+        if self._delta_prefixes is None:
+            self._delta_prefixes = _prefixes(self.deltas)
+        return prefix in self._delta_prefixes
 
-    @contextlib.contextmanager
-    def tangent_mode(self) -> Iterator[None]:
+    def tangent_mode(self) -> contextlib.AbstractContextManager:
         """Wrap tangent arithmetic: in vjp mode it must not enter the autograd graph."""
-        if self.vjp:
-            with torch.no_grad():
-                yield
-        else:
-            yield
+        return torch.no_grad() if self.vjp else contextlib.nullcontext()
 
     # -- dispatch -------------------------------------------------------------------------------------
     def call(self, module: nn.Module, name: str, *args, **kwargs) -> Dual:
@@ -130,7 +129,7 @@ class TangentContext:
     def _plain(self, module, name, entry, args, kwargs, grad: bool = False) -> Tensor:
         prim_args = [a.primal if isinstance(a, Dual) else a for a in args]
         prim_kwargs = {k: (v.primal if isinstance(v, Dual) else v) for k, v in kwargs.items()}
-        if not grad and self.replaced is not None and not self._under(self.replaced, name):
+        if not grad and self.replaced is not None and name not in self._replaced_prefixes:
             with torch.no_grad():
                 return primary_output(module(*prim_args, **prim_kwargs), entry)
         local = {k[len(name) + 1 :] if name else k: self.params[k] for k in self.names_under(name)}
@@ -144,6 +143,15 @@ class TangentContext:
             return bool(names)
         p = prefix + "."
         return any(k.startswith(p) for k in names)
+
+
+def _prefixes(names) -> frozenset[str]:
+    """Every module path that holds one of ``names`` ("" included when there is any): ``_under`` as a lookup."""
+    out = set()
+    for n in names:
+        parts = n.split(".")
+        out.update(".".join(parts[:i]) for i in range(len(parts)))
+    return frozenset(out)
 
 
 def primary_output(out, entry=None) -> Tensor:
