@@ -119,3 +119,16 @@ def test_fast_paths_on_gpu(name, scope, dtype, monkeypatch, kernel_calls):
     bar = _errors(slow, ref, args, kw, args64, kw64, dtype)
     for what, e, b in zip(("f0", "jvp", "grad"), errs, bar, strict=True):
         assert e <= 2 * b + 1e-3, f"{what}: fused {e:.2e} vs exact-in-bf16 {b:.2e}"
+
+
+def test_too_large_for_32_bit_offsets_takes_the_exact_path(monkeypatch, kernel_calls):
+    monkeypatch.setattr(attention_rule, "KERNEL_ON_CPU", True)
+    monkeypatch.setattr(fused, "MAX_NUMEL", 64)  # as if q held 2³¹ elements
+    m64 = _models()["timm-vit"]
+    fast, ref = _pair(m64, "all", torch.float32, "cpu")
+    args, kw, args64, kw64 = _inputs(m64, "cpu", torch.float32)
+    assert max(_errors(fast, ref, args, kw, args64, kw64, torch.float32)) < 1e-5
+    assert not kernel_calls
+    q = torch.zeros(1, 1, 80, 8)
+    with pytest.raises(ValueError, match="64-bit"):
+        fused.tangent_attention(q, q, q, None, None, None, scale=1.0)

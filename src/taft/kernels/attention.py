@@ -37,6 +37,7 @@ except ImportError:  # pragma: no cover - triton ships with CUDA builds of torch
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_HEAD_DIM = 256
+MAX_NUMEL = 2**31  # element offsets are computed in 32 bits
 
 
 def available(x: Tensor) -> bool:
@@ -59,8 +60,12 @@ if triton is not None:
         WRITE_O: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
-        pid_m = tl.program_id(0)
-        pid_bh = tl.program_id(1)
+        # one flat grid (CUDA's second grid dimension stops at 65,535, which B·h can pass); consecutive programs
+        # are query blocks of the same head, so they share K and V in cache
+        n_m = tl.cdiv(T, BLOCK_M)
+        pid = tl.program_id(0)
+        pid_m = pid % n_m
+        pid_bh = pid // n_m
         b = pid_bh // H
         h = pid_bh % H
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -154,6 +159,8 @@ def tangent_attention(q: Tensor, k: Tensor, v: Tensor, dq: Tensor | None, dk: Te
         raise ValueError(f"tangent_attention: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} disagree")
     if D > MAX_HEAD_DIM:
         raise ValueError(f"tangent_attention: head dim {D} > {MAX_HEAD_DIM}")
+    if max(q.numel(), k.numel()) >= MAX_NUMEL:
+        raise ValueError(f"tangent_attention: tensors of {MAX_NUMEL} elements or more need 64-bit offsets")
     for name, t, ref in (("dq", dq, q), ("dk", dk, k), ("dv", dv, v)):
         if t is not None and (t.shape != ref.shape or t.dtype != ref.dtype):
             raise ValueError(f"tangent_attention: {name} must match its primal's shape and dtype")
@@ -167,7 +174,7 @@ def tangent_attention(q: Tensor, k: Tensor, v: Tensor, dq: Tensor | None, dk: Te
     o = torch.empty((B, T, H, D), dtype=q.dtype, device=q.device).transpose(1, 2) if need_primal else None
     do = torch.empty((B, T, H, D), dtype=q.dtype, device=q.device).transpose(1, 2)
     dummy = q  # never read: the matching HAS_* flag is off
-    grid = (triton.cdiv(T, bm), B * H)
+    grid = (triton.cdiv(T, bm) * B * H,)
     _tangent_attention_kernel[grid](
         q, k, v, dummy if dq is None else dq, dummy if dk is None else dk, dummy if dv is None else dv,
         dummy if mask is None else mask, do if o is None else o, do,

@@ -40,7 +40,7 @@ def attention_dual(ctx, q: Dual, k: Dual, v: Dual, *, scale: float, mask: Tensor
     if not has_ds and v.tangent is None:
         return Dual(_sdpa(q.primal, k.primal, v.primal, mask, scale), None)
     primal_grad = torch.is_grad_enabled() and any(x.primal.requires_grad for x in (q, k, v))
-    if ctx.vjp and use_kernel(q.primal):
+    if ctx.vjp and use_kernel(q.primal, k.primal):
         o = _sdpa(q.primal, k.primal, v.primal, mask, scale) if primal_grad else None
         with torch.no_grad():
             o_k, t = fused.tangent_attention(
@@ -86,12 +86,14 @@ def _sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float) ->
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 
-def use_kernel(x: Tensor) -> bool:
+def use_kernel(x: Tensor, *more: Tensor) -> bool:
     """Whether the fused tangent-attention kernel runs for tensors like ``x``: a GPU tensor in bfloat16/float16
     (IEEE float32 products in Triton are slower than cuBLAS's unfused float32 path; benchmarks/results/gpu-run1),
     unless ``TAFT_FUSED_ATTENTION=0``. CPU tensors only when :data:`KERNEL_ON_CPU` is set under Triton's
     interpreter (tests: float32 through the interpreter)."""
     if not FUSED or not fused.available(x) or x.shape[-1] > fused.MAX_HEAD_DIM:
+        return False
+    if any(t.numel() >= fused.MAX_NUMEL for t in (x, *more)):  # the kernel's offsets are 32-bit
         return False
     if not x.is_cuda:
         return KERNEL_ON_CPU
