@@ -32,7 +32,9 @@ def _root() -> None:
 @app.command()
 def check(
     models: list[str] = typer.Argument(..., help="minilm, tiny-vit, tiny-hf-vit, tiny-clip-vision, tiny-open-clip"),
-    scope: str = typer.Option("all", help="parameters to linearize: all | last[:k] | attn | head | patterns"),
+    scope: str = typer.Option(
+        "all", help="parameters to linearize: all | last[:k] | attn | attn+bias | bias | norm | head | patterns"
+    ),
     dtype: str = typer.Option("float64", help="float64 | float32"),
     batch: int = typer.Option(3, min=1),
     seed: int = typer.Option(0),

@@ -152,7 +152,7 @@ def _check_choice(name: str, value: Any, choices: tuple) -> None:
 def check_scope_syntax(spec: str) -> None:
     """Refuse scope strings that cannot be parsed (``last:abc``, a bad regex) before any model is built."""
     if not spec.strip():
-        raise ConfigError("scope is empty; use last[:k], all, attn, head or a pattern")
+        raise ConfigError("scope is empty; use last[:k], all, attn, attn+bias, bias, norm, head or a pattern")
     for raw in (s.strip() for s in spec.split(",")):
         item = raw.removeprefix("!")
         if item.startswith("re:"):
@@ -194,7 +194,8 @@ class TrainConfig:
     test_file: str | None = field(default=None, metadata={"help": "test file when --data is a single file"})
     num_classes: int | None = field(default=None, metadata={"help": "declared classes (labels outside are errors)"})
     method: str = field(default="taft", metadata={"help": "taft | nlft | fc | lora | adapter | zero-shot"})
-    scope: str = field(default="last:1", metadata={"help": "parameters trained: last[:k] | all | attn | head | ..."})
+    scope: str = field(default="last:1", metadata={
+        "help": "parameters trained: last[:k] | all | attn | attn+bias | bias | norm | head | ..."})
     head_init: str = field(default="probe", metadata={
         "help": "random | zero-shot | zeros | probe (zero-shot, then a linear probe on frozen features)"})
     probe_epochs: int = field(default=30, metadata={"help": "head_init=probe: epochs of the linear probe"})

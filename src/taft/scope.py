@@ -3,6 +3,17 @@
 A scope is written as a comma-separated list, e.g. ``"last:1"``, ``"attn"``, ``"head"``, ``"all"``,
 ``"re:.*\\.bias"`` (regex, full match), ``"LayerNorm.weight"`` (name suffix), and ``"!pattern"`` to exclude.
 The union of presets and include patterns, minus excludes, is linearized.
+
+Presets (every family):
+
+* ``all``: every parameter that reaches the output; ``last[:k]``: the last k blocks and the head;
+* ``attn``: the attention q, k, v and output-projection weights (the linear-layers-only method);
+  ``attn+bias``: those and their biases;
+* ``bias``: every bias (BitFit); ``norm``: every LayerNorm's weight and bias; ``head``: the classifier head.
+
+Presets skip parameters the model marks ``requires_grad=False`` (fixed sin-cos position embeddings, frozen
+parts), unless the whole model is frozen — then ``requires_grad`` says nothing and is ignored. A pattern names
+parameters explicitly and takes frozen ones too.
 """
 
 from __future__ import annotations
@@ -13,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 from taft.engine.family import Family, is_under
 from taft.errors import TaftError
 
-PRESETS = ("all", "last", "attn", "head")
+PRESETS = ("all", "last", "attn", "attn+bias", "bias", "norm", "head")
 
 
 class ScopeError(TaftError):
@@ -22,7 +33,8 @@ class ScopeError(TaftError):
 
 @dataclass
 class Scope:
-    presets: list[str] = field(default_factory=list, metadata={"help": "all | last[:k] | attn | head"})
+    presets: list[str] = field(default_factory=list,
+                               metadata={"help": "all | last[:k] | attn | attn+bias | bias | norm | head"})
     include: list[str] = field(default_factory=list, metadata={"help": "regex (re:...) or name suffix"})
     exclude: list[str] = field(default_factory=list, metadata={"help": "patterns removed from the scope"})
 
@@ -58,13 +70,30 @@ def _matcher(pattern: str):
     return lambda n: n == pattern or n.endswith("." + pattern)
 
 
-def resolve_scope(scope: Scope, family: Family, names: list[str]) -> list[str]:
-    """Linearized parameter names, in model order. ``names`` are the parameters that reach the output."""
+def _bias_of(weight: str) -> str:
+    """The bias beside a weight: ``x.weight`` → ``x.bias``, ``in_proj_weight`` → ``in_proj_bias``."""
+    head, _, last = weight.rpartition(".")
+    if last == "weight":
+        return f"{head}.bias"
+    return weight.removesuffix("weight") + "bias"
+
+
+def _layer_norms(model) -> list[str]:
+    """Qualified names of every LayerNorm module (torch's and its subclasses: timm, open_clip)."""
+    from torch import nn
+
+    return [n for n, m in model.named_modules() if isinstance(m, nn.LayerNorm) and n]
+
+
+def resolve_scope(scope: Scope, family: Family, names: list[str], frozen: frozenset[str] = frozenset()) -> list[str]:
+    """Linearized parameter names, in model order. ``names`` are the parameters that reach the output; presets
+    skip ``frozen`` ones (``requires_grad=False``)."""
     chosen: set[str] = set()
+    present = set(names)
     for preset in scope.presets:
         kind, _, arg = preset.partition(":")
         if kind == "all":
-            chosen.update(names)
+            picked = set(names)
         elif kind == "last":
             k = int(arg) if arg else 1
             blocks = family.blocks()
@@ -73,17 +102,29 @@ def resolve_scope(scope: Scope, family: Family, names: list[str]) -> list[str]:
             if not 1 <= k <= len(blocks):
                 raise ScopeError(f"scope 'last:{k}': k must be in 1..{len(blocks)} for this model")
             prefixes = [p for s in blocks[-k:] for p in s.prefixes] + family.head_prefixes()
-            chosen.update(n for n in names if is_under(n, prefixes))
-        elif kind == "attn":
+            picked = {n for n in names if is_under(n, prefixes)}
+        elif kind in ("attn", "attn+bias"):
             w = family.attn_linear_weights()
             if not w:
-                raise ScopeError(f"scope 'attn': no attention weights known for {family.arch}; use patterns")
-            chosen.update(w)
+                raise ScopeError(f"scope '{kind}': no attention weights known for {family.arch}; use patterns")
+            picked = set(w)
+            if kind == "attn+bias":
+                picked |= {b for b in map(_bias_of, w) if b in present}
+        elif kind == "bias":
+            picked = {n for n in names if n.rpartition(".")[2] == "bias" or n.endswith("_bias")}
+        elif kind == "norm":
+            picked = {n for n in names if is_under(n, _layer_norms(family.model))}
         elif kind == "head":
             heads = family.head_only()
             if not heads:
                 raise ScopeError(f"scope 'head': {family.arch} model has no head; wrap it in a classifier")
-            chosen.update(n for n in names if is_under(n, heads))
+            picked = {n for n in names if is_under(n, heads)}
+        else:  # pragma: no cover - Scope.parse only lets presets through
+            raise ScopeError(f"unknown scope preset {preset!r}")
+        picked -= frozen
+        if not picked:
+            raise ScopeError(f"scope preset {preset!r} selects no trainable parameter of this {family.arch} model")
+        chosen |= picked
     for pat in scope.include:
         hit = [n for n in names if _matcher(pat)(n)]
         if not hit:

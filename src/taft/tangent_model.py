@@ -81,7 +81,10 @@ class TangentModel(nn.Module):
         self._stages = self.family.stages()
         all_names = [n for n, _ in model.named_parameters()]
         used = [n for n in all_names if any(is_under(n, s.prefixes) for s in self._stages)]
-        self.linearized: list[str] = resolve_scope(self.scope, self.family, used)
+        frozen = frozenset(n for n, p in model.named_parameters() if not p.requires_grad)
+        if len(frozen) == len(all_names):  # frozen wholesale (a common habit before wrapping): no information
+            frozen = frozenset()
+        self.linearized: list[str] = resolve_scope(self.scope, self.family, used, frozen)
         lin_stages = [i for i, s in enumerate(self._stages) if any(is_under(n, s.prefixes) for n in self.linearized)]
         self.start = lin_stages[0]
         lin_blocks = [i for i in lin_stages if self._stages[i].block]

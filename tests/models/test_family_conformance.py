@@ -248,3 +248,22 @@ def test_nonlinear_mode(case):
     with torch.no_grad():
         expected = nl.family.select_output(torch.func.functional_call(m, w, args, kw))
     assert_close(nl(*args, **kw).detach(), expected, what="non-linear")
+
+
+@pytest.mark.parametrize("case", params(), indirect=["case"])
+def test_scope_presets(case):
+    """``bias`` (BitFit), ``norm`` and ``attn+bias`` select what they name in every family, and are exact."""
+    m = case.build("default")
+    names = [n for n, _ in m.named_parameters()]
+    ln_modules = [n for n, mod in m.named_modules() if isinstance(mod, nn.LayerNorm) and n]
+    bias = TangentModel(m, "bias").linearized
+    assert bias and all(n.endswith("bias") for n in bias)
+    norm = TangentModel(m, "norm").linearized
+    assert norm and all(any(n.startswith(p + ".") for p in ln_modules) for n in norm)
+    assert {n for n in names if any(n.startswith(p + ".") for p in ln_modules)} >= set(norm)
+    attn = set(TangentModel(m, "attn").linearized)
+    tm = tangent_model(m, "attn+bias")
+    extra = set(tm.linearized) - attn
+    assert set(tm.linearized) >= attn and extra and all(n.endswith("bias") for n in extra)
+    args, kw = example_inputs(m)
+    check_against_reference(tm, *args, **kw)
