@@ -141,3 +141,45 @@ def test_format_1_files_without_content_hashes_still_load(tmp_path):
     save_file(tensors, str(tmp_path / "new.safetensors"), metadata=old | {"format": "taft-delta/2"})
     with pytest.raises(CheckpointError, match="no valid content hash"):
         read_delta(tmp_path / "new.safetensors")
+
+
+def test_nonlinear_and_tangent_deltas_are_not_interchangeable(tmp_path):
+    """An NLFT Δw (the same parameters trained through the model itself) computes a different function from a
+    TAFT Δw: each loads only into its own kind of model; format 2 files (no kind recorded) still load."""
+    tm, nl = _tm(), _tm(linear=False)
+    randomize_delta(tm)
+    randomize_delta(nl, seed=1)
+    taft_file, nlft_file = save_delta(tm, tmp_path / "taft.safetensors"), save_delta(nl, tmp_path / "nlft.safetensors")
+    assert read_delta(taft_file)[1]["kind"] == "tangent" and read_delta(nlft_file)[1]["kind"] == "nonlinear"
+    with pytest.raises(CheckpointError, match="holds a nonlinear Δw.*linear=False"):
+        load_delta(_tm(), nlft_file)
+    with pytest.raises(CheckpointError, match="holds a tangent Δw"):
+        load_delta(_tm(linear=False), taft_file)
+    load_delta(_tm(linear=False), nlft_file)
+    tensors, meta = read_delta(nlft_file)
+    v2 = {k: v for k, v in meta.items() if k not in ("kind", "dtype", "backbone_fingerprint", "head_fingerprint")}
+    save_file(tensors, str(tmp_path / "v2.safetensors"), metadata=v2 | {"format": "taft-delta/2"})
+    load_delta(_tm(), tmp_path / "v2.safetensors")  # nothing recorded, nothing to check
+
+
+def test_fingerprints_split_backbone_and_head(tmp_path):
+    """Two models with one backbone and different heads share the backbone fingerprint, not the head's or the
+    whole's; the parts partition the base (changing a block weight changes the backbone's only)."""
+    from taft.models.classifier import Classifier
+
+    def build(head_shift=0.0, block0_shift=0.0):
+        torch.manual_seed(0)
+        m = Classifier(tiny_bert(0).eval(), 3)
+        with torch.no_grad():
+            m.head.weight.add_(head_shift)
+            m.backbone.encoder.layer[0].output.dense.weight.add_(block0_shift)
+        return TangentModel(m, "last:1")
+
+    a, b, c = build(), build(head_shift=1.0), build(block0_shift=1.0)
+    assert base_fingerprint(a, "backbone") == base_fingerprint(b, "backbone")
+    assert base_fingerprint(a, "head") != base_fingerprint(b, "head")
+    assert base_fingerprint(a) != base_fingerprint(b)
+    assert base_fingerprint(a, "backbone") != base_fingerprint(c, "backbone")
+    assert base_fingerprint(a, "head") == base_fingerprint(c, "head")
+    meta = read_delta(save_delta(a, tmp_path / "d.safetensors"))[1]
+    assert meta["backbone_fingerprint"] == base_fingerprint(a, "backbone") and meta["dtype"] == "float32"

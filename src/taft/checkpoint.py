@@ -8,8 +8,11 @@ refused even when the new values are finite. Loading onto any other base is refu
 on save and on load. Writes go to a temporary file that is fsynced and renamed over the target, so an
 interrupted save never leaves a corrupt checkpoint behind.
 
-Format ``taft-delta/2`` carries the content hashes; ``taft-delta/1`` files (written before they existed) are
-still read, without that check.
+Format ``taft-delta/3`` also records ``kind`` (``tangent``: TAFT's Δw of f_lin; ``nonlinear``: the same
+parameters trained through the model's own forward — NLFT, LoRA-free baselines), ``dtype``, and the base
+fingerprint split into ``backbone_fingerprint`` and ``head_fingerprint`` (task vectors trained with different heads
+on one backbone share the first). A Δw of the other kind is refused on load. ``taft-delta/2`` (content hashes, no
+kind) and ``taft-delta/1`` (neither) files are still read, without those checks.
 """
 
 from __future__ import annotations
@@ -26,8 +29,8 @@ from safetensors.torch import save_file
 import taft
 from taft.errors import TaftError
 
-FORMAT = "taft-delta/2"
-FORMATS = ("taft-delta/1", FORMAT)
+FORMAT = "taft-delta/3"
+FORMATS = ("taft-delta/1", "taft-delta/2", FORMAT)
 
 
 class CheckpointError(TaftError):
@@ -51,14 +54,25 @@ def _non_finite(tensors: dict[str, torch.Tensor]) -> list[str]:
     return [n for n, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
 
 
-def base_fingerprint(tm) -> str:
-    """Content hash of w0 (dtype-independent: tensors are hashed as float32 on the CPU)."""
+def base_fingerprint(tm, part: str = "all") -> str:
+    """Content hash of w0 (dtype-independent: tensors are hashed as float32 on the CPU). ``part``: ``"all"``,
+    ``"head"`` (the task head a classifier adds: ``family.head_only()``; none for a bare backbone) or
+    ``"backbone"`` (everything else)."""
+    if part not in ("all", "backbone", "head"):
+        raise ValueError(f"base_fingerprint: part must be all, backbone or head, not {part!r}")
+    heads = tm.family.head_only()
     h = hashlib.sha256(tm.family.arch.encode())
     for name, t in sorted(tm.base_params().items()):
+        if part != "all" and (part == "head") != any(name == p or name.startswith(p + ".") for p in heads):
+            continue
         h.update(name.encode())
         h.update(str(tuple(t.shape)).encode())
         h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
     return h.hexdigest()
+
+
+def delta_kind(tm) -> str:
+    return "tangent" if tm.linear else "nonlinear"
 
 
 def delta_metadata(tm, fingerprint: str | None = None) -> dict[str, str]:
@@ -72,6 +86,10 @@ def delta_metadata(tm, fingerprint: str | None = None) -> dict[str, str]:
         "seed": json.dumps(tm.seed),
         "linearized": json.dumps(tm.linearized),
         "base_fingerprint": fingerprint or base_fingerprint(tm),
+        "backbone_fingerprint": base_fingerprint(tm, "backbone"),
+        "head_fingerprint": base_fingerprint(tm, "head"),
+        "kind": delta_kind(tm),
+        "dtype": str(next(iter(tm.delta_dict().values())).dtype).removeprefix("torch."),
     }
 
 
@@ -163,6 +181,16 @@ def load_delta(tm, path: str | Path) -> dict[str, str]:
     if meta["arch"] != tm.family.arch:
         raise CheckpointError(
             f"load_delta: {path} is for architecture {meta['arch']!r}, the model is {tm.family.arch!r}"
+        )
+    kind = meta.get("kind")  # absent in formats 1 and 2
+    if kind is not None and kind != delta_kind(tm):
+        if kind == "nonlinear":
+            how, want = "through the model itself, e.g. NLFT", "TangentModel(..., linear=False)"
+        else:
+            how, want = "as TAFT, in the tangent space", "TangentModel(...) (linear=True)"
+        raise CheckpointError(
+            f"load_delta: {path} holds a {kind} Δw (trained {how}), the model is {delta_kind(tm)}: they compute "
+            f"different functions. Load it into {want}"
         )
     saved = json.loads(meta["linearized"])
     if saved != tm.linearized:

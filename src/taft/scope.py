@@ -11,9 +11,9 @@ Presets (every family):
   ``attn+bias``: those and their biases;
 * ``bias``: every bias (BitFit); ``norm``: every LayerNorm's weight and bias; ``head``: the classifier head.
 
-Presets skip parameters the model marks ``requires_grad=False`` (fixed sin-cos position embeddings, frozen
-parts), unless the whole model is frozen — then ``requires_grad`` says nothing and is ignored. A pattern names
-parameters explicitly and takes frozen ones too.
+``all`` skips parameters the model marks ``requires_grad=False`` (fixed sin-cos position embeddings), unless the
+whole model is frozen — then ``requires_grad`` says nothing and is ignored. Other presets and patterns name
+parameters explicitly and take frozen ones too (peft freezes a base model's head, which a baseline still trains).
 """
 
 from __future__ import annotations
@@ -86,14 +86,14 @@ def _layer_norms(model) -> list[str]:
 
 
 def resolve_scope(scope: Scope, family: Family, names: list[str], frozen: frozenset[str] = frozenset()) -> list[str]:
-    """Linearized parameter names, in model order. ``names`` are the parameters that reach the output; presets
-    skip ``frozen`` ones (``requires_grad=False``)."""
+    """Linearized parameter names, in model order. ``names`` are the parameters that reach the output; ``all``
+    skips ``frozen`` ones (``requires_grad=False``)."""
     chosen: set[str] = set()
     present = set(names)
     for preset in scope.presets:
         kind, _, arg = preset.partition(":")
         if kind == "all":
-            picked = set(names)
+            picked = set(names) - frozen
         elif kind == "last":
             k = int(arg) if arg else 1
             blocks = family.blocks()
@@ -121,7 +121,6 @@ def resolve_scope(scope: Scope, family: Family, names: list[str], frozen: frozen
             picked = {n for n in names if is_under(n, heads)}
         else:  # pragma: no cover - Scope.parse only lets presets through
             raise ScopeError(f"unknown scope preset {preset!r}")
-        picked -= frozen
         if not picked:
             raise ScopeError(f"scope preset {preset!r} selects no trainable parameter of this {family.arch} model")
         chosen |= picked
