@@ -67,7 +67,9 @@ class TangentModel(nn.Module):
         super().__init__()
         if backward not in ("vjp", "tangent"):
             raise ValueError(f"TangentModel(backward={backward!r}): expected 'vjp' or 'tangent'")
-        self.base = model
+        # Not a registered submodule: ``tm.parameters()`` is Δw only (what optimizers, Opacus and checkpoints see)
+        # and ``state_dict`` holds Δw and w0; ``.to()`` / ``.train()`` still reach the base (see ``_apply``).
+        object.__setattr__(self, "base", model)
         self.family: Family = family_for(model)
         self.scope = Scope.parse(scope)
         self.reinit = reinit
@@ -229,6 +231,14 @@ class TangentModel(nn.Module):
     def forward(self, *args, **kwargs) -> Tensor:
         f0, t = self.forward_parts(*args, **kwargs)
         return f0 + t
+
+    def _apply(self, fn, recurse=True):
+        self.base._apply(fn, recurse)
+        return super()._apply(fn, recurse)
+
+    def train(self, mode: bool = True):
+        self.base.train(mode)
+        return super().train(mode)
 
     def extra_repr(self) -> str:
         return (

@@ -231,3 +231,17 @@ def test_all_skips_frozen_parameters_unless_everything_is_frozen():
         p.requires_grad_(not n.startswith(("blocks.1.", "norm.", "fc_norm.", "head.")))
     assert "head.weight" in TangentModel(m, "last:1").linearized
     assert not any(n.startswith("blocks.1.") for n in TangentModel(m, "all").linearized)
+
+
+def test_parameters_are_delta_only_and_the_base_still_follows():
+    """Optimizers (and Opacus) see Δw and nothing else; ``.to()`` and ``.train()`` still reach the base model."""
+    m = tiny_bert(0).eval()
+    tm = TangentModel(m, "last:1")
+    assert [id(p) for p in tm.parameters()] == [id(p) for p in tm.delta_dict().values()]
+    assert all(k.startswith(("delta.", "w0.")) for k in tm.state_dict())
+    tm.to(torch.float64)
+    assert all(p.dtype == torch.float64 for p in m.parameters())
+    tm.train()
+    assert m.training and all(mod.training for mod in m.modules())
+    tm.eval()
+    assert not m.training
