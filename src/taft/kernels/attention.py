@@ -4,8 +4,10 @@
 ``Ȯ = PV̇ + (P⊙Ṡ)V − rowsum(P⊙Ṡ)⊙O``.
 
 Per block of queries the kernel streams over key blocks with the online softmax: with ``e = exp(S − m)``
-it keeps ``l = Σe``, ``A = Σe·V``, ``Σe·Ṡ`` and ``Σ(e·V̇ + e·Ṡ·V)``, rescaled when the running max ``m`` grows;
-at the end ``O = A/l`` and ``Ȯ = Σ(...)/l − (Σe·Ṡ/l)·O``. Forward only: it is used where the tangent needs
+it keeps ``l = Σe``, ``A = Σe·V``, ``Σe·Ṡ`` and ``Σ(e·V̇ + e·(Ṡ − c)·V)``, rescaled when the running max ``m``
+grows, with ``c`` the running mean ``Σe·Ṡ/l`` (the centred form ``Ṗ = P⊙(Ṡ − rowsum(P⊙Ṡ))``, computed online: when
+``c`` moves, the sum is shifted by ``(c_old − c_new)·A``); at the end ``O = A/l`` and
+``Ȯ = Σ(...)/l − (Σe·Ṡ/l − c)·O``, whose last term is ≈ 0. Forward only: it is used where the tangent needs
 no gradient (inference, and the VJP backward, where the tangent is computed under ``no_grad``).
 
 Inputs are (B, h, T, d) / (B, h, S, d) tensors of any strides; the additive mask broadcasts to (B, h, T, S)
@@ -14,7 +16,8 @@ accumulate in float32; float32 inputs use IEEE products (``input_precision="ieee
 match the exact path to ~1e-6 — but those run on CUDA cores: with the kernel, the float32 ViT-B/16 tangent forward
 was 2.3× slower than with the unfused cuBLAS path (H200, benchmarks/results/gpu-run1), so the engine calls it for
 bfloat16/float16 only (float32 stays checked here and in CI). bfloat16/float16 products round their inputs (``P``
-and ``P⊙Ṡ`` too) to the input dtype, as flash attention does. Any sequence lengths (partial blocks are masked) and
+and ``P⊙(Ṡ − c)`` too) to the input dtype, as flash attention does; centring keeps that rounding on Ṡ's deviation
+from its mean, not on Ṡ. Any sequence lengths (partial blocks are masked) and
 head dims up to 256.
 
 Triton is optional: :func:`available` says whether the kernel can run on a tensor. With ``TRITON_INTERPRET=1``
@@ -81,6 +84,7 @@ if triton is not None:
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         sum_pds = tl.zeros([BLOCK_M], tl.float32)
+        c_i = tl.zeros([BLOCK_M], tl.float32)
         acc_o = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         acc_t = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         for start in range(0, S, BLOCK_N):
@@ -100,10 +104,9 @@ if triton is not None:
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row masked so far: keep exp() finite
             alpha = tl.exp(m_i - m_use)
             p = tl.exp(s - m_use[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
+            l_new = l_i * alpha + tl.sum(p, 1)
             acc_o = acc_o * alpha[:, None]
             acc_t = acc_t * alpha[:, None]
-            acc_o += tl.dot(p.to(v.dtype), v, input_precision="ieee")
             if HAS_DQ or HAS_DK:
                 ds = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
                 if HAS_DQ:
@@ -112,17 +115,27 @@ if triton is not None:
                     dk = tl.load(DK + b * s_dkb + h * s_dkh + cols[:, None] * s_dks + dims[None, :] * s_dkd,
                                  mask=kv_ok, other=0.0)
                     ds += tl.dot(q, tl.trans(dk), input_precision="ieee")
-                # rounded once, used twice: Σ(P⊙Ṡ)·V and rowsum(P⊙Ṡ)·O then cancel as in exact arithmetic
-                pds = (p * (ds * scale)).to(v.dtype)
-                sum_pds = sum_pds * alpha + tl.sum(pds.to(p.dtype), 1)
-                acc_t += tl.dot(pds, v, input_precision="ieee")
+                ds = ds * scale
+                # Centred form: accumulate P⊙(Ṡ − c)·V with c the running mean of Ṡ under P (exact for any
+                # constant c per row: the rowsum term absorbs it). The rounded products then carry only Ṡ's
+                # deviation from its mean, so a row whose Ṡ is constant (Ṗ = 0) gives Ȯ = PV̇ with no
+                # cancellation. When c moves, the rows already summed are shifted with A = Σe·V.
+                sum_new = sum_pds * alpha + tl.sum(p * ds, 1)
+                c_new = tl.where(l_new > 0, sum_new / l_new, 0.0)
+                acc_t += (c_i - c_new)[:, None] * acc_o
+                pdc = (p * (ds - c_new[:, None])).to(v.dtype)
+                acc_t += tl.dot(pdc, v, input_precision="ieee")
+                sum_pds = sum_new
+                c_i = c_new
+            acc_o += tl.dot(p.to(v.dtype), v, input_precision="ieee")
             if HAS_DV:
                 dv = tl.load(DV + b * s_dvb + h * s_dvh + cols[:, None] * s_dvs + dims[None, :] * s_dvd,
                              mask=kv_ok, other=0.0)
                 acc_t += tl.dot(p.to(dv.dtype), dv, input_precision="ieee")
+            l_i = l_new
             m_i = m_new
         o = acc_o / l_i[:, None]
-        t = acc_t / l_i[:, None] - (sum_pds / l_i)[:, None] * o
+        t = acc_t / l_i[:, None] - (sum_pds / l_i - c_i)[:, None] * o
         if WRITE_O:
             tl.store(O + b * s_ob + h * s_oh + rows[:, None] * s_ot + dims[None, :] * s_od,
                      o.to(O.dtype.element_ty), mask=q_ok)
