@@ -14,15 +14,28 @@ from taft.engine.registry import find_rule
 
 class _StraightThrough(torch.autograd.Function):
     """``w0 + (Δw − sg(Δw))`` without computing it: the value is w0 itself (no copy, nothing new to save for
-    backward) and the gradient flows to Δw unchanged."""
+    backward) and the derivative with respect to Δw is the identity (reverse and forward mode). Written in the
+    ``setup_context`` form so that ``torch.func.grad`` / ``vmap`` (per-example gradients) can transform it."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, w0: Tensor, delta: Tensor) -> Tensor:
+    def forward(w0: Tensor, delta: Tensor) -> Tensor:
         return w0.view_as(w0)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        pass
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[None, Tensor]:
         return None, grad
+
+    @staticmethod
+    def jvp(ctx, w0_t: Tensor | None, delta_t: Tensor | None) -> Tensor:
+        if w0_t is None:
+            return delta_t
+        return w0_t if delta_t is None else w0_t + delta_t
 
 
 class TangentContext:
