@@ -100,9 +100,6 @@ class TangentContext:
         self._cache[name] = out
         return out
 
-    def maybe_param(self, name: str) -> Dual | None:
-        return self.param(name) if name in self.params else None
-
     def names_under(self, prefix: str) -> list[str]:
         if not prefix:
             return list(self.params)

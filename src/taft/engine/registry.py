@@ -72,7 +72,3 @@ def find_rule(module: nn.Module) -> RuleEntry | None:
     if customized(module) or any(customized(module.get_submodule(b)) for b in entry.bypassed):
         return None
     return entry
-
-
-def registered_types() -> list[type[nn.Module]]:
-    return sorted(_RULES, key=lambda t: f"{t.__module__}.{t.__qualname__}")
