@@ -12,7 +12,7 @@ from torch import nn
 
 from taft.engine.context import TangentContext
 from taft.engine.dual import Dual
-from taft.rules.gelu import gelu_dual, gelu_grad
+from taft.rules.gelu import gelu_dual
 from tests.helpers import assert_close
 from tests.rules import _rule_harness as rh
 
@@ -58,8 +58,9 @@ def test_gelu_slope_at_zero_is_exactly_half(approximate, dtype):
     out = rh.run_rule(nn.GELU(approximate=approximate), NAME, {}, {}, Dual(x, xdot))
     assert torch.equal(out.primal, torch.zeros_like(x))
     assert torch.equal(out.tangent, 0.5 * xdot)
-    assert torch.equal(gelu_grad(torch.tensor([0.0, -0.0], dtype=dtype), approximate),
-                       torch.tensor([0.5, 0.5], dtype=dtype))
+    signed = gelu_dual(TangentContext({}, {}, vjp=False), Dual(torch.tensor([0.0, -0.0], dtype=dtype),
+                                                              torch.ones(2, dtype=dtype)), approximate)
+    assert torch.equal(signed.tangent, torch.tensor([0.5, 0.5], dtype=dtype))
 
 
 NEAR_ZERO = [5e-324, 1e-300, 1e-45, 1e-30, 1e-12, 1e-8, 1e-6, 1e-4, 1e-2]
@@ -110,8 +111,22 @@ def test_gelu_concrete_slope_at_one(approximate):
 
 def test_gelu_forms_differ():
     """The two forms must not be swapped: their slopes differ by ~3.5e-4 at x = 1."""
-    x = torch.ones(1, dtype=torch.float64)
-    assert abs((gelu_grad(x, "none") - gelu_grad(x, "tanh")).item()) > 1e-4
+    one = Dual(torch.ones(1, dtype=torch.float64), torch.ones(1, dtype=torch.float64))
+    erf, tanh = (gelu_dual(TangentContext({}, {}, vjp=False), one, a).tangent for a in ("none", "tanh"))
+    assert abs((erf - tanh).item()) > 1e-4
+
+
+@pytest.mark.parametrize("approximate", APPROX)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_gelu_tangent_is_finite_in_half_precision(approximate, dtype):
+    """|x| up to 6e4: a written-out tanh-GELU derivative overflows x² in float16 and gives 0·inf = NaN."""
+    x = torch.tensor([-6e4, -300.0, -50.0, -3.0, 0.0, 3.0, 50.0, 300.0, 6e4], dtype=dtype)
+    for vjp in (False, True):
+        out = gelu_dual(TangentContext({}, {}, vjp=vjp), Dual(x, torch.ones_like(x)), approximate)
+        expected = gelu_dual(TangentContext({}, {}, vjp=vjp), Dual(x.double(), torch.ones_like(x.double())),
+                             approximate).tangent
+        assert torch.isfinite(out.tangent).all()
+        assert (out.tangent.double() - expected).abs().max() < 2e-2
 
 
 def test_gelu_batch1_seq1_non_contiguous_reference_nonzero():

@@ -2,31 +2,18 @@
 
 erf form:  ``g(x) = x·Φ(x)``,  ``g'(x) = Φ(x) + x·φ(x)``.
 tanh form: ``u = c·(x + a·x³)``, ``g = ½x(1 + tanh u)``, ``g' = ½(1 + tanh u) + ½x(1 − tanh²u)·c·(1 + 3a·x²)``
-with ``c = √(2/π)``, ``a = 0.044715``. Both are smooth at x = 0 (g'(0) = ½).
+with ``c = √(2/π)``, ``a = 0.044715``. Both are smooth at x = 0 (g'(0) = ½). ``g'(x)·ẋ`` is computed by
+torch's own GELU backward kernel (one fused pass, float32 internally for half precisions: finite at any |x|).
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
 
 from taft.engine.dual import Dual
 from taft.engine.registry import register_rule
-
-_C = math.sqrt(2.0 / math.pi)
-_A = 0.044715
-
-
-def gelu_grad(x: Tensor, approximate: str = "none") -> Tensor:
-    if approximate == "tanh":
-        th = torch.tanh(_C * (x + _A * x.pow(3)))
-        return 0.5 * (1.0 + th) + 0.5 * x * (1.0 - th.pow(2)) * _C * (1.0 + 3.0 * _A * x.pow(2))
-    cdf = 0.5 * (1.0 + torch.erf(x * (1.0 / math.sqrt(2.0))))
-    pdf = torch.exp(-0.5 * x.pow(2)) * (1.0 / math.sqrt(2.0 * math.pi))
-    return cdf + x * pdf
 
 
 def gelu_dual(ctx, x: Dual, approximate: str = "none") -> Dual:
