@@ -5,6 +5,12 @@ re-formed in any order across epochs (and, later, across shards). Kept in memory
 for large sets (``save``/``load``), keyed by the caller (base fingerprint, start stage, example ids).
 Inputs without a padding mask (images) are stored per example as is, one "length" each; auxiliary flags of
 the state (``is_causal``, ``interpolate_pos_encoding``: the same for every batch) are kept as constants.
+
+A cache knows which examples it holds (``ids``: the datasets' stable content ids, in row order) and what produced
+them (``info``: start stage, dtype, model, max length, ...); both are stored in the file. ``subset(ids)`` takes the
+rows of some examples (a shard, or everything but a forgotten example); ``load`` with ``expect_ids`` /
+``expect_info`` refuses a file that holds other examples or came from another setting
+(:class:`StaleCacheError`), so callers rebuild instead of training on stale features.
 """
 
 from __future__ import annotations
@@ -20,18 +26,40 @@ from tqdm.auto import tqdm
 
 from taft.engine.dual import Dual
 from taft.engine.family import State
+from taft.errors import TaftError
 
 _PAD = {"attention_mask": 0, "input_ids": 0}
+
+
+class StaleCacheError(TaftError):
+    """A cached feature file that does not hold what the caller expects (other examples or another setting)."""
 
 
 class FeatureCache:
     """Per-example prefix states ``{"h": (T_i, D), "attention_mask": (T_i,), ...}`` in dataset order."""
 
     def __init__(self, items: list[dict[str, Tensor]], none_keys: Sequence[str] = (),
-                 constants: dict[str, bool | int | float | str] | None = None) -> None:
+                 constants: dict[str, bool | int | float | str] | None = None, *,
+                 ids: Sequence[str] | None = None, info: dict[str, str] | None = None) -> None:
+        if ids is not None and len(ids) != len(items):
+            raise ValueError(f"FeatureCache: {len(ids)} ids for {len(items)} rows")
         self.items = items
         self.none_keys = tuple(none_keys)
         self.constants = dict(constants or {})
+        self.ids = None if ids is None else list(ids)
+        self.info = dict(info or {})
+
+    def subset(self, ids: Sequence[str]) -> FeatureCache:
+        """The rows of examples ``ids``, in that order (tensors shared, not copied)."""
+        if self.ids is None:
+            raise StaleCacheError("FeatureCache.subset: this cache does not record example ids; rebuild it")
+        row = {i: r for r, i in enumerate(self.ids)}
+        missing = [i for i in ids if i not in row]
+        if missing:
+            raise StaleCacheError(f"FeatureCache.subset: {len(missing)} of the requested examples are not in the "
+                                  f"cache (e.g. {missing[:3]}); build the cache over a split that holds them")
+        return FeatureCache([self.items[row[i]] for i in ids], self.none_keys, self.constants, ids=list(ids),
+                            info=self.info)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -45,7 +73,8 @@ class FeatureCache:
     @classmethod
     @torch.no_grad()
     def build(cls, tm, batches: Iterable[tuple[list[int], tuple, dict]], total: int, *,
-              desc: str = "prefix features", progress: bool = True, drop: Sequence[str] = ()) -> FeatureCache:
+              desc: str = "prefix features", progress: bool = True, drop: Sequence[str] = (),
+              ids: Sequence[str] | None = None, info: dict[str, str] | None = None) -> FeatureCache:
         """Run ``tm.prefix`` on ``(indices, args, kwargs)`` batches and split the states per example.
 
         ``drop``: auxiliary inputs the suffix never reads (pixels, once the embedding stage is in the prefix)."""
@@ -70,7 +99,7 @@ class FeatureCache:
                             for k, v in tensors.items()}
             bar.update(len(idx))
         bar.close()
-        return cls(items, sorted(none_keys), constants)
+        return cls(items, sorted(none_keys), constants, ids=ids, info=info)
 
     def collate(self, indices: Sequence[int], device: torch.device | str = "cpu",
                 dtype: torch.dtype | None = None) -> State:
@@ -109,19 +138,31 @@ class FeatureCache:
         for k in keys[1:]:
             if not torch.equal(lengths[k], lengths[keys[0]]):
                 flat[f"__lengths__.{k}"] = lengths[k]
-        meta = {"none_keys": ",".join(self.none_keys), "keys": ",".join(keys)}
+        meta = {"none_keys": ",".join(self.none_keys), "keys": ",".join(keys), "info": json.dumps(self.info)}
         if self.constants:
             meta["constants"] = json.dumps(self.constants)
+        if self.ids is not None:
+            meta["ids"] = json.dumps(self.ids)
         tmp = path.with_name(path.name + ".tmp")
         save_file({k: v.contiguous() for k, v in flat.items()}, str(tmp), metadata=meta)
         tmp.replace(path)
 
     @classmethod
-    def load(cls, path: str | Path) -> FeatureCache:
+    def load(cls, path: str | Path, *, expect_ids: Sequence[str] | None = None,
+             expect_info: dict[str, str] | None = None) -> FeatureCache:
+        """Read a saved cache; with ``expect_ids`` / ``expect_info``, a file holding other examples (or in another
+        order) or made in another setting raises :class:`StaleCacheError`."""
         from safetensors import safe_open
 
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata()
+        stored_ids = json.loads(meta["ids"]) if "ids" in meta else None
+        info = json.loads(meta.get("info", "{}"))
+        if expect_ids is not None and stored_ids != list(expect_ids):
+            raise StaleCacheError(f"{path}: holds features of other examples than the split asks for")
+        for k, v in (expect_info or {}).items():
+            if info.get(k) != v:
+                raise StaleCacheError(f"{path}: made with {k}={info.get(k)!r}, this run has {k}={v!r}")
         flat = load_file(str(path))
         keys = [k for k in meta["keys"].split(",") if k]
         lengths = flat.pop("__lengths__").tolist() if keys else []
@@ -129,4 +170,4 @@ class FeatureCache:
                                 else lengths) for k in keys}
         items = [{k: split[k][i] for k in keys} for i in range(len(lengths))]
         constants = json.loads(meta.get("constants", "{}"))
-        return cls(items, [k for k in meta["none_keys"].split(",") if k], constants)
+        return cls(items, [k for k in meta["none_keys"].split(",") if k], constants, ids=stored_ids, info=info)

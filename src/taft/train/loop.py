@@ -31,7 +31,7 @@ from taft.data.text import SENTENCE_TASKS, load_text_dataset
 from taft.errors import TaftError
 from taft.models.classifier import Classifier, pool
 from taft.tangent_model import TangentModel
-from taft.train.cache import FeatureCache
+from taft.train.cache import FeatureCache, StaleCacheError
 from taft.train.losses import make_loss, project_to_ball, squared_norm
 from taft.train.rundir import RunFolder, ensure_writable_folder, finite_json, write_json
 from taft.train.text import bucketed_batches, padded_batch, prefix_batches, tokenize
@@ -157,15 +157,34 @@ def make_tangent_model(cfg: TrainConfig, clf: Classifier) -> TangentModel:
 
 
 # -- data -------------------------------------------------------------------------------------------------
+def cache_info(tm: TangentModel, cfg: TrainConfig) -> dict[str, str]:
+    """What produced a split's prefix features, stored with them and checked when they are read back."""
+    return {"arch": tm.family.arch, "start": tm._stages[tm.start].name, "model": cfg.model,
+            "max_length": str(cfg.max_length), "dtype": str(next(tm.base.parameters()).dtype)}
+
+
+def load_cached(path: Path, dataset, info: dict[str, str]) -> FeatureCache | None:
+    """The cache file at ``path`` if it holds exactly ``dataset``'s examples made in setting ``info``, else
+    ``None`` (missing or stale: the caller rebuilds it)."""
+    if not path.is_file():
+        return None
+    try:
+        return FeatureCache.load(path, expect_ids=dataset.ids, expect_info=info)
+    except StaleCacheError:
+        return None
+
+
 def _cache_for(tm, tokenizer, dataset, cfg, name: str, progress: bool, cache_dir: Path | None, key: str):
+    info = cache_info(tm, cfg)
     if cache_dir is not None:
-        path = cache_dir / f"{key}-{name}.safetensors"
-        if path.is_file():
-            return FeatureCache.load(path)
+        hit = load_cached(cache_dir / f"{key}-{name}.safetensors", dataset, info)
+        if hit is not None:
+            return hit
     ids = tokenize(tokenizer, dataset.texts, cfg.max_length)
     dev = torch.device(cfg.device)
     cache = FeatureCache.build(tm, prefix_batches(ids, cfg.eval_batch_size, tokenizer.pad_token_id or 0, dev),
-                               len(ids), desc=f"prefix features ({name})", progress=progress)
+                               len(ids), desc=f"prefix features ({name})", progress=progress,
+                               ids=dataset.ids, info=info)
     if cache_dir is not None:
         cache.save(cache_dir / f"{key}-{name}.safetensors")
     return cache
@@ -183,7 +202,7 @@ def cache_key(tm: TangentModel, cfg: TrainConfig, dataset, extra: str = "") -> s
     from taft.engine.family import is_under
 
     h = hashlib.sha256()
-    for part in (tm.family.arch, tm._stages[tm.start].name, str(cfg.max_length), cfg.model):
+    for part in cache_info(tm, cfg).values():
         h.update(part.encode())
     prefixes = [p for s in tm._stages[: tm.start] for p in s.prefixes]
     for name, t in sorted(tm.base_params().items()):  # only what the frozen prefix computes with
