@@ -1,7 +1,6 @@
 """taft: tangent fine-tuning of pretrained transformers."""
 
-__version__ = "0.1.0"
-
+from taft._version import __version__
 from taft.checkpoint import load_delta, save_delta  # noqa: E402
 from taft.config import TrainConfig  # noqa: E402
 from taft.models.classifier import Classifier  # noqa: E402

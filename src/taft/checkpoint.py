@@ -26,7 +26,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-import taft
+from taft._version import __version__
 from taft.errors import TaftError
 
 FORMAT = "taft-delta/3"
@@ -78,7 +78,7 @@ def delta_kind(tm) -> str:
 def delta_metadata(tm, fingerprint: str | None = None) -> dict[str, str]:
     return {
         "format": FORMAT,
-        "taft_version": taft.__version__,
+        "taft_version": __version__,
         "arch": tm.family.arch,
         "scope": str(tm.scope),
         "reinit": json.dumps(tm.reinit),
@@ -145,7 +145,7 @@ def read_delta(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str
     if meta.get("format") not in FORMATS:
         if str(meta.get("format", "")).startswith("taft-delta/"):
             raise CheckpointError(f"load_delta: {path} has format {meta['format']!r}, which this taft "
-                                  f"({taft.__version__}) cannot read; supported: {list(FORMATS)}")
+                                  f"({__version__}) cannot read; supported: {list(FORMATS)}")
         raise CheckpointError(f"load_delta: {path} has no taft metadata; it was not written by taft.save_delta")
     bad = _non_finite(tensors)
     if bad:

@@ -9,16 +9,11 @@ import warnings
 import typer
 from typer._click import exceptions as click_exc
 
+from taft.console import console
 from taft.errors import TaftError
 
 # Library chatter that says nothing to a taft user (a deprecation inside an upstream import).
 warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.* is deprecated")
-
-
-def console():
-    from rich.console import Console
-
-    return Console() if sys.stdout.isatty() else Console(width=140)
 
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Tangent fine-tuning of pretrained transformers.")

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
+import taft.models  # noqa: F401  (registers the built-in families and their rules)
 import taft.rules  # noqa: F401  (registers the closed-form rules)
 from taft.engine.context import TangentContext
 from taft.engine.dual import Dual

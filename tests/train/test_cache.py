@@ -10,8 +10,7 @@ import torch
 from taft.config import TrainConfig
 from taft.models.classifier import Classifier
 from taft.tangent_model import TangentModel
-from taft.train.cache import FeatureCache, StaleCacheError
-from taft.train.loop import cache_info, cache_key, load_cached
+from taft.train.cache import FeatureCache, StaleCacheError, cache_info, cache_key, load_cached
 from taft.train.text import prefix_batches, tokenize
 from taft.zoo import load_model, load_tokenizer
 from tests.helpers import assert_close, randomize_delta

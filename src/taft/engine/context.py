@@ -9,7 +9,8 @@ import torch
 from torch import Tensor, nn
 
 from taft.engine.dual import Dual
-from taft.engine.registry import find_rule
+from taft.engine.fallback import jvp_fallback
+from taft.engine.registry import find_rule, primary_output
 
 
 class _StraightThrough(torch.autograd.Function):
@@ -130,8 +131,6 @@ class TangentContext:
         if not has_tangent and not self.linearized_under(name):
             return Dual(self._plain(module, name, entry, args, kwargs), None)
         if entry is None or self.force_fallback:
-            from taft.engine.fallback import jvp_fallback
-
             self.fallback_modules.append(name or "<root>")
             return jvp_fallback(self, module, name, entry, args, kwargs)
         return entry.fn(self, module, name, *args, **kwargs)
@@ -162,16 +161,3 @@ def _prefixes(names) -> frozenset[str]:
         parts = n.split(".")
         out.update(".".join(parts[:i]) for i in range(len(parts)))
     return frozenset(out)
-
-
-def primary_output(out, entry=None) -> Tensor:
-    """The one tensor a module call stands for (first element of HF tuples / ModelOutputs)."""
-    if entry is not None and entry.plain_output is not None:
-        return entry.plain_output(out)
-    if isinstance(out, Tensor):
-        return out
-    if isinstance(out, Mapping):
-        return next(iter(out.values()))
-    if isinstance(out, tuple | list):
-        return out[0]
-    raise TypeError(f"cannot take a tensor output from {type(out).__name__}")

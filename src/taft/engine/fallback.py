@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from taft.engine.context import TangentContext, primary_output
 from taft.engine.dual import Dual
+from taft.engine.registry import primary_output
+
+if TYPE_CHECKING:
+    from taft.engine.context import TangentContext
 
 
 @contextlib.contextmanager

@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from taft.engine.context import TangentContext, primary_output
+from taft.engine.context import TangentContext
 from taft.engine.dual import Dual
-from taft.engine.registry import customized, keeps_methods
+from taft.engine.registry import customized, keeps_methods, primary_output
 from taft.errors import TaftError, UnsupportedError
 
 
@@ -286,8 +286,8 @@ def register_family(cls: type[Family]) -> type[Family]:
 
 
 def family_for(model: nn.Module, root: str = "") -> Family:
-    import taft.models  # noqa: F401  (registers the built-in families and their rules)
-
+    """The registered family that computes ``model``'s forward exactly, else the generic fallback family. The
+    built-in families register when ``taft.models`` is imported (``import taft`` does it)."""
     note = None
     for cls in _FAMILIES:
         if isinstance(model, cls.model_types):

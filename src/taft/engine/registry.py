@@ -12,10 +12,10 @@ touching its callers.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from torch import nn
+from torch import Tensor, nn
 
 Rule = Callable[..., object]
 
@@ -72,3 +72,16 @@ def find_rule(module: nn.Module) -> RuleEntry | None:
     if customized(module) or any(customized(module.get_submodule(b)) for b in entry.bypassed):
         return None
     return entry
+
+
+def primary_output(out, entry=None) -> Tensor:
+    """The one tensor a module call stands for (first element of HF tuples / ModelOutputs)."""
+    if entry is not None and entry.plain_output is not None:
+        return entry.plain_output(out)
+    if isinstance(out, Tensor):
+        return out
+    if isinstance(out, Mapping):
+        return next(iter(out.values()))
+    if isinstance(out, tuple | list):
+        return out[0]
+    raise TypeError(f"cannot take a tensor output from {type(out).__name__}")

@@ -15,9 +15,11 @@ rows of some examples (a shard, or everything but a forgotten example); ``load``
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -25,8 +27,12 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from taft.engine.dual import Dual
-from taft.engine.family import State
+from taft.engine.family import State, is_under
 from taft.errors import TaftError
+
+if TYPE_CHECKING:
+    from taft.config import TrainConfig
+    from taft.tangent_model import TangentModel
 
 _PAD = {"attention_mask": 0, "input_ids": 0}
 
@@ -171,3 +177,42 @@ class FeatureCache:
         items = [{k: split[k][i] for k in keys} for i in range(len(lengths))]
         constants = json.loads(meta.get("constants", "{}"))
         return cls(items, [k for k in meta["none_keys"].split(",") if k], constants, ids=stored_ids, info=info)
+
+
+# -- keys and reuse (the training pipelines) ------------------------------------------------------------
+def cache_info(tm: TangentModel, cfg: TrainConfig) -> dict[str, str]:
+    """What produced a split's prefix features, stored with them and checked when they are read back."""
+    return {"arch": tm.family.arch, "start": tm._stages[tm.start].name, "model": cfg.model,
+            "max_length": str(cfg.max_length), "dtype": str(next(tm.base.parameters()).dtype)}
+
+
+def load_cached(path: Path, dataset, info: dict[str, str]) -> FeatureCache | None:
+    """The cache file at ``path`` if it holds exactly ``dataset``'s examples made in setting ``info``, else
+    ``None`` (missing or stale: the caller rebuilds it)."""
+    if not path.is_file():
+        return None
+    try:
+        return FeatureCache.load(path, expect_ids=dataset.ids, expect_info=info)
+    except StaleCacheError:
+        return None
+
+
+def cache_key(tm: TangentModel, cfg: TrainConfig, dataset, extra: str = "") -> str:
+    """Key of one split's prefix features: the prefix's parameters, the start stage, tokenization, and that
+    split's example ids (not the head or the linearized blocks, so runs that differ only there share features).
+
+    ``extra``: what else identifies the data (image ids are paths, not contents). Only ``dataset``'s own ids
+    enter the key, so a subset (``max_train``) never reuses another subset's features, and a run that does not
+    evaluate on test never reads the test split."""
+    h = hashlib.sha256()
+    for part in cache_info(tm, cfg).values():
+        h.update(part.encode())
+    prefixes = [p for s in tm._stages[: tm.start] for p in s.prefixes]
+    for name, t in sorted(tm.base_params().items()):  # only what the frozen prefix computes with
+        if is_under(name, prefixes):
+            h.update(name.encode())
+            h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    h.update("\n".join(dataset.ids).encode())
+    if extra:
+        h.update(extra.encode())
+    return h.hexdigest()[:16]

@@ -31,8 +31,8 @@ from taft.config import ConfigError, TrainConfig
 from taft.data.examples import DataError, DatasetSplits, carve_validation
 from taft.data.images import load_image_folder, load_torchvision_dataset, model_transform
 from taft.models.classifier import Classifier
-from taft.train.cache import FeatureCache
-from taft.train.loop import Prepared, cache_info, load_cached
+from taft.train.cache import FeatureCache, cache_info, load_cached
+from taft.train.pipeline import Prepared
 from taft.train.zero_shot import clip_logit_scale, clip_text_head, prompt_name
 from taft.zoo import is_clip_model, load_clip_pair, load_model
 

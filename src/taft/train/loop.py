@@ -15,7 +15,6 @@ import json
 import math
 import time
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,13 +25,14 @@ from tqdm.auto import tqdm
 
 from taft.checkpoint import save_delta
 from taft.config import ConfigError, TrainConfig, save_config
-from taft.data.examples import DatasetSplits, check_label_space
+from taft.data.examples import check_label_space
 from taft.data.text import SENTENCE_TASKS, load_text_dataset
 from taft.errors import TaftError
 from taft.models.classifier import Classifier, pool
 from taft.tangent_model import TangentModel
-from taft.train.cache import FeatureCache, StaleCacheError
+from taft.train.cache import FeatureCache, cache_info, cache_key, load_cached
 from taft.train.losses import make_loss, project_to_ball, squared_norm
+from taft.train.pipeline import Prepared
 from taft.train.rundir import RunFolder, ensure_writable_folder, finite_json, write_json
 from taft.train.text import bucketed_batches, padded_batch, prefix_batches, tokenize
 from taft.zoo import load_model, load_tokenizer
@@ -157,23 +157,6 @@ def make_tangent_model(cfg: TrainConfig, clf: Classifier) -> TangentModel:
 
 
 # -- data -------------------------------------------------------------------------------------------------
-def cache_info(tm: TangentModel, cfg: TrainConfig) -> dict[str, str]:
-    """What produced a split's prefix features, stored with them and checked when they are read back."""
-    return {"arch": tm.family.arch, "start": tm._stages[tm.start].name, "model": cfg.model,
-            "max_length": str(cfg.max_length), "dtype": str(next(tm.base.parameters()).dtype)}
-
-
-def load_cached(path: Path, dataset, info: dict[str, str]) -> FeatureCache | None:
-    """The cache file at ``path`` if it holds exactly ``dataset``'s examples made in setting ``info``, else
-    ``None`` (missing or stale: the caller rebuilds it)."""
-    if not path.is_file():
-        return None
-    try:
-        return FeatureCache.load(path, expect_ids=dataset.ids, expect_info=info)
-    except StaleCacheError:
-        return None
-
-
 def _cache_for(tm, tokenizer, dataset, cfg, name: str, progress: bool, cache_dir: Path | None, key: str):
     info = cache_info(tm, cfg)
     if cache_dir is not None:
@@ -188,42 +171,6 @@ def _cache_for(tm, tokenizer, dataset, cfg, name: str, progress: bool, cache_dir
     if cache_dir is not None:
         cache.save(cache_dir / f"{key}-{name}.safetensors")
     return cache
-
-
-def cache_key(tm: TangentModel, cfg: TrainConfig, dataset, extra: str = "") -> str:
-    """Key of one split's prefix features: the prefix's parameters, the start stage, tokenization, and that
-    split's example ids (not the head or the linearized blocks, so runs that differ only there share features).
-
-    ``extra``: what else identifies the data (image ids are paths, not contents). Only ``dataset``'s own ids
-    enter the key, so a subset (``max_train``) never reuses another subset's features, and a run that does not
-    evaluate on test never reads the test split."""
-    import hashlib
-
-    from taft.engine.family import is_under
-
-    h = hashlib.sha256()
-    for part in cache_info(tm, cfg).values():
-        h.update(part.encode())
-    prefixes = [p for s in tm._stages[: tm.start] for p in s.prefixes]
-    for name, t in sorted(tm.base_params().items()):  # only what the frozen prefix computes with
-        if is_under(name, prefixes):
-            h.update(name.encode())
-            h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-    h.update("\n".join(dataset.ids).encode())
-    if extra:
-        h.update(extra.encode())
-    return h.hexdigest()[:16]
-
-
-@dataclass
-class Prepared:
-    """What a pipeline (text or images) hands the shared loop: the splits, the classifier (w0), and
-    ``cache_for(tm, dataset, name, progress, cache_dir, key) -> FeatureCache`` (prefix features of one split)."""
-
-    splits: DatasetSplits
-    clf: Classifier
-    cache_for: Callable[..., FeatureCache]
-    data_fingerprint: str = ""  # for cache keys, where example ids alone do not identify the data
 
 
 def prepare(cfg: TrainConfig, device: torch.device) -> Prepared:

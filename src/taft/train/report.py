@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from rich.table import Table
 
-from taft.cli import console
+from taft.console import console
 
 
 def _pct(x) -> str:

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import taft
+from taft._version import __version__
 from taft.checkpoint import fsync_file
 from taft.errors import TaftError
 
@@ -199,7 +199,7 @@ class RunFolder:
                 continue
             fsync_file(p)
             files[p.name] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
-        manifest = {"format": MANIFEST_FORMAT, "run_id": self.run_id, "taft_version": taft.__version__,
+        manifest = {"format": MANIFEST_FORMAT, "run_id": self.run_id, "taft_version": __version__,
                     "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **info, "files": files}
         write_json(self.path / MANIFEST, manifest)
         _fsync_dir(self.path)
