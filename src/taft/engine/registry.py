@@ -85,3 +85,8 @@ def primary_output(out, entry=None) -> Tensor:
     if isinstance(out, tuple | list):
         return out[0]
     raise TypeError(f"cannot take a tensor output from {type(out).__name__}")
+
+
+def first_output(out):
+    """``plain_output`` of modules that return ``(output, weights, ...)`` tuples (HF attention, MHA)."""
+    return out[0] if isinstance(out, tuple | list) else out

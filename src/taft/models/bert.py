@@ -19,17 +19,13 @@ from transformers.models.bert import modeling_bert as mb
 
 from taft.engine.dual import Dual, dual_add, dual_map
 from taft.engine.family import HF_FORMAT_ONLY, Family, Stage, State, refuse_arguments, register_family, reinit_hf
-from taft.engine.registry import register_rule
+from taft.engine.registry import first_output, register_rule
 from taft.errors import TaftError, UnsupportedError
 from taft.rules.attention import additive_mask, separate_qkv_attention
 
 # BertModel.forward arguments that never change an encoder's last_hidden_state (an encoder ignores use_cache).
 _FORMAT_ONLY = HF_FORMAT_ONLY | {"use_cache"}
 _EMBEDDING_INPUTS = ("input_ids", "token_type_ids", "position_ids", "inputs_embeds")
-
-
-def _first(out):
-    return out[0] if isinstance(out, tuple) else out
 
 
 @register_rule(mb.BertEmbeddings)
@@ -55,7 +51,7 @@ def bert_embeddings_rule(ctx, m: mb.BertEmbeddings, name: str, input_ids=None, t
     return ctx.call(m.dropout, f"{name}.dropout", h)
 
 
-@register_rule(mb.BertSelfAttention, plain_output=_first)
+@register_rule(mb.BertSelfAttention, plain_output=first_output)
 def bert_self_attention_rule(ctx, m: mb.BertSelfAttention, name: str, h: Dual, mask: Tensor | None) -> Dual:
     """``O = softmax(s·QKᵀ + M)V`` with ``Q, K, V`` the Linear rules (:func:`separate_qkv_attention`)."""
     if m.training and m.dropout.p > 0.0:
@@ -76,7 +72,7 @@ def bert_output_rule(ctx, m, name: str, h: Dual, residual: Dual) -> Dual:
     return ctx.call(m.LayerNorm, f"{name}.LayerNorm", dual_add(h, residual))
 
 
-@register_rule(mb.BertAttention, plain_output=_first)
+@register_rule(mb.BertAttention, plain_output=first_output)
 def bert_attention_rule(ctx, m: mb.BertAttention, name: str, h: Dual, mask: Tensor | None) -> Dual:
     if m.is_cross_attention:
         raise UnsupportedError(f"BERT attention rule ({name}): cross-attention is not supported")

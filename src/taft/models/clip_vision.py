@@ -18,13 +18,9 @@ from transformers.models.clip import modeling_clip as mc
 
 from taft.engine.dual import Dual, as_dual, dual_add, dual_cat, dual_map
 from taft.engine.family import Family, Stage, State, refuse_arguments, register_family, reinit_hf
-from taft.engine.registry import register_rule
+from taft.engine.registry import first_output, register_rule
 from taft.errors import UnsupportedError
 from taft.rules.attention import separate_qkv_attention
-
-
-def _first(out):
-    return out[0] if isinstance(out, tuple) else out
 
 
 @register_rule(mc.CLIPVisionEmbeddings)
@@ -48,7 +44,7 @@ def clip_vision_embeddings_rule(ctx, m: mc.CLIPVisionEmbeddings, name: str, pixe
     return dual_add(dual_cat([c, p], 1), pos)
 
 
-@register_rule(mc.CLIPAttention, plain_output=_first)
+@register_rule(mc.CLIPAttention, plain_output=first_output)
 def clip_attention_rule(ctx, m: mc.CLIPAttention, name: str, hidden_states: Dual,
                         attention_mask: Tensor | None = None, **kwargs) -> Dual:
     """``Q, K, V = q/k/v_proj(h)`` (Linear rule), ``O = softmax(s·QKᵀ + M)V`` (:func:`attention_dual`,

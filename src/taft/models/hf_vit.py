@@ -20,13 +20,9 @@ from transformers.models.vit import modeling_vit as mv
 
 from taft.engine.dual import Dual, as_dual, dual_add, dual_cat, dual_map
 from taft.engine.family import Family, Stage, State, refuse_arguments, register_family, reinit_hf
-from taft.engine.registry import register_rule
+from taft.engine.registry import first_output, register_rule
 from taft.errors import UnsupportedError
 from taft.rules.attention import separate_qkv_attention
-
-
-def _first(out):
-    return out[0] if isinstance(out, tuple) else out
 
 
 @register_rule(mv.ViTPatchEmbeddings)
@@ -62,7 +58,7 @@ def vit_embeddings_rule(ctx, m: mv.ViTEmbeddings, name: str, pixel_values, bool_
     return ctx.call(m.dropout, f"{name}.dropout", e)
 
 
-@register_rule(mv.ViTAttention, plain_output=_first)
+@register_rule(mv.ViTAttention, plain_output=first_output)
 def vit_attention_rule(ctx, m: mv.ViTAttention, name: str, h: Dual, attention_mask: Tensor | None = None,
                        **kwargs) -> Dual:
     """``Q, K, V = q/k/v_proj(h)`` (Linear rule), ``O = softmax(s·QKᵀ + M)V`` (:func:`attention_dual`,

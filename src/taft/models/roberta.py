@@ -14,10 +14,9 @@ from transformers.models.roberta import modeling_roberta as mr
 
 from taft.engine.dual import Dual
 from taft.engine.family import register_family
-from taft.engine.registry import register_rule
+from taft.engine.registry import first_output, register_rule
 from taft.models.bert import (
     BertFamily,
-    _first,
     bert_attention_rule,
     bert_embeddings_rule,
     bert_intermediate_rule,
@@ -27,8 +26,8 @@ from taft.models.bert import (
     bert_self_attention_rule,
 )
 
-register_rule(mr.RobertaSelfAttention, plain_output=_first)(bert_self_attention_rule)
-register_rule(mr.RobertaAttention, plain_output=_first)(bert_attention_rule)
+register_rule(mr.RobertaSelfAttention, plain_output=first_output)(bert_self_attention_rule)
+register_rule(mr.RobertaAttention, plain_output=first_output)(bert_attention_rule)
 register_rule(mr.RobertaSelfOutput, mr.RobertaOutput)(bert_output_rule)
 register_rule(mr.RobertaIntermediate)(bert_intermediate_rule)
 register_rule(mr.RobertaLayer, methods=("forward", "feed_forward_chunk"))(bert_layer_rule)

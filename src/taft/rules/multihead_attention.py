@@ -25,29 +25,11 @@ import math
 import torch
 from torch import Tensor, nn
 
-from taft.engine.dual import Dual, dual_map
-from taft.engine.registry import register_rule
+from taft.engine.dual import Dual, as_dual, dual_cat, dual_map
+from taft.engine.registry import first_output, register_rule
 from taft.errors import UnsupportedError
 from taft.rules.attention import attention_dual
 from taft.rules.linear import linear_dual
-
-
-def _first(out):
-    return out[0] if isinstance(out, tuple | list) else out
-
-
-def _as_dual(x) -> Dual:
-    return x if isinstance(x, Dual) else Dual(x, None)
-
-
-def _cat(ctx, xs: list[Dual], dim: int) -> Dual:
-    """Concatenate Duals; a missing tangent is zero (``None`` if every tangent is)."""
-    p = torch.cat([x.primal for x in xs], dim=dim)
-    if all(x.tangent is None for x in xs):
-        return Dual(p, None)
-    with ctx.tangent_mode():
-        t = torch.cat([x.tangent if x.tangent is not None else torch.zeros_like(x.primal) for x in xs], dim=dim)
-    return Dual(p, t)
 
 
 def _additive(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
@@ -65,7 +47,7 @@ def _pad_col(mask: Tensor | None) -> Tensor | None:
     return None if mask is None else torch.nn.functional.pad(mask, (0, 1))
 
 
-@register_rule(nn.MultiheadAttention, plain_output=_first)
+@register_rule(nn.MultiheadAttention, plain_output=first_output)
 def multihead_attention_rule(
     ctx,
     m: nn.MultiheadAttention,
@@ -86,7 +68,7 @@ def multihead_attention_rule(
         raise UnsupportedError("multihead attention rule: attention dropout in training mode is not supported; "
                                "call model.eval() (or set the dropout to 0) before the tangent forward")
     self_attn = query is key and key is value
-    query, key, value = _as_dual(query), _as_dual(key), _as_dual(value)
+    query, key, value = as_dual(query), as_dual(key), as_dual(value)
     batched = query.primal.dim() == 3
     # Internal layout (N, L, E).
     if not batched:
@@ -126,7 +108,7 @@ def multihead_attention_rule(
     if m.bias_k is not None and m.bias_v is not None:
         bias_k = dual_map(ctx.param(f"{name}.bias_k"), lambda t: t.reshape(1, 1, E).expand(N, 1, E))
         bias_v = dual_map(ctx.param(f"{name}.bias_v"), lambda t: t.reshape(1, 1, E).expand(N, 1, E))
-        k, v = _cat(ctx, [k, bias_k], 1), _cat(ctx, [v, bias_v], 1)
+        k, v = dual_cat([k, bias_k], 1), dual_cat([v, bias_v], 1)
         am, kpm = _pad_col(am), _pad_col(kpm)
 
     def heads(t: Tensor) -> Tensor:
@@ -135,7 +117,7 @@ def multihead_attention_rule(
     q, k, v = dual_map(q, heads), dual_map(k, heads), dual_map(v, heads)
     if m.add_zero_attn:
         z = Dual(torch.zeros(N, h, 1, d, dtype=dtype, device=query.primal.device), None)
-        k, v = _cat(ctx, [k, z], 2), _cat(ctx, [v, z], 2)
+        k, v = dual_cat([k, z], 2), dual_cat([v, z], 2)
         am, kpm = _pad_col(am), _pad_col(kpm)
     S2 = k.primal.shape[2]
 
