@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from taft.cli import main
 
 
@@ -22,6 +24,26 @@ def test_check_fails_when_over_tolerance(monkeypatch, capsys):
 def test_check_float32_and_table(capsys):
     assert main(["check", "tiny-bert", "--dtype", "float32"]) == 0
     assert "tiny-bert" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_check_half_precision_against_float64(dtype, monkeypatch, capsys):
+    """Half precision is compared with the float64 model of the same rounded weights: errors well above float64's
+    and under the stated tolerance; a tangent 10 % off fails it."""
+    from taft.rules import gelu
+
+    assert main(["check", "tiny-vit", "--dtype", dtype, "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert 1e-5 < out["max_rel_err_tangent"] <= out["tolerance"]
+    real = gelu.gelu_dual
+
+    def off(ctx, x, approximate="none"):
+        y = real(ctx, x, approximate)
+        return y if y.tangent is None else type(y)(y.primal, y.tangent * 1.1)
+
+    monkeypatch.setattr(gelu, "gelu_dual", off)
+    monkeypatch.setattr(__import__("taft.models.timm_vit").models.timm_vit, "gelu_dual", off)
+    assert main(["check", "tiny-vit", "--dtype", dtype, "--json"]) == 1
 
 
 def test_unknown_model_and_bad_scope_are_clear_errors(capsys):

@@ -30,7 +30,7 @@ def check(
     scope: str = typer.Option(
         "all", help="parameters to linearize: all | last[:k] | attn | attn+bias | bias | norm | head | patterns"
     ),
-    dtype: str = typer.Option("float64", help="float64 | float32"),
+    dtype: str = typer.Option("float64", help="float64 | float32 | bfloat16 | float16"),
     batch: int = typer.Option(3, min=1),
     seed: int = typer.Option(0),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object (a list for several models)"),
