@@ -169,7 +169,7 @@ CASES: list[tuple[str, Callable[[Case], list[str]], str]] = [
     ("test-file-with-task", lambda c: ["train", "--model", "tiny-bert", "--data", "sst2", "--test-file",
                                        str(c.test)], "single-file"),
     # taft check
-    ("check-dtype-float16", lambda c: ["check", "tiny-bert", "--dtype", "float16"], "float32"),
+    ("check-dtype-int8", lambda c: ["check", "tiny-bert", "--dtype", "int8"], "float32"),
     ("check-scope-last-abc", lambda c: ["check", "tiny-bert", "--scope", "last:abc"], "last:abc"),
     ("check-unknown-model", lambda c: ["check", "no-such-model"], "unknown model"),
     ("check-batch-zero", lambda c: ["check", "tiny-bert", "--batch", "0"], "--batch"),
