@@ -54,28 +54,35 @@ def _non_finite(tensors: dict[str, torch.Tensor]) -> list[str]:
     return [n for n, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
 
 
-def base_fingerprint(tm, part: str = "all") -> str:
-    """Content hash of w0 (dtype-independent: tensors are hashed as float32 on the CPU). ``part``: ``"all"``,
-    ``"head"`` (the task head a classifier adds: ``family.head_only()``; none for a bare backbone) or
+def fingerprints(tm) -> dict[str, str]:
+    """Content hashes of w0, in one pass over its tensors (dtype-independent: hashed as float32 on the CPU):
+    ``"all"``, ``"head"`` (the task head a classifier adds: ``family.head_only()``; none for a bare backbone) and
     ``"backbone"`` (everything else)."""
+    heads = tm.family.head_only()
+    hashes = {part: hashlib.sha256(tm.family.arch.encode()) for part in ("all", "backbone", "head")}
+    for name, t in sorted(tm.base_params().items()):
+        in_head = any(name == p or name.startswith(p + ".") for p in heads)
+        data = (name.encode(), str(tuple(t.shape)).encode(),
+                t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+        for part in ("all", "head" if in_head else "backbone"):
+            for d in data:
+                hashes[part].update(d)
+    return {part: h.hexdigest() for part, h in hashes.items()}
+
+
+def base_fingerprint(tm, part: str = "all") -> str:
+    """One of :func:`fingerprints` (``part``: ``"all"``, ``"backbone"`` or ``"head"``)."""
     if part not in ("all", "backbone", "head"):
         raise ValueError(f"base_fingerprint: part must be all, backbone or head, not {part!r}")
-    heads = tm.family.head_only()
-    h = hashlib.sha256(tm.family.arch.encode())
-    for name, t in sorted(tm.base_params().items()):
-        if part != "all" and (part == "head") != any(name == p or name.startswith(p + ".") for p in heads):
-            continue
-        h.update(name.encode())
-        h.update(str(tuple(t.shape)).encode())
-        h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-    return h.hexdigest()
+    return fingerprints(tm)[part]
 
 
 def delta_kind(tm) -> str:
     return "tangent" if tm.linear else "nonlinear"
 
 
-def delta_metadata(tm, fingerprint: str | None = None) -> dict[str, str]:
+def delta_metadata(tm) -> dict[str, str]:
+    fp = fingerprints(tm)
     return {
         "format": FORMAT,
         "taft_version": __version__,
@@ -85,9 +92,9 @@ def delta_metadata(tm, fingerprint: str | None = None) -> dict[str, str]:
         "linearize_cls": json.dumps(tm.linearize_cls),
         "seed": json.dumps(tm.seed),
         "linearized": json.dumps(tm.linearized),
-        "base_fingerprint": fingerprint or base_fingerprint(tm),
-        "backbone_fingerprint": base_fingerprint(tm, "backbone"),
-        "head_fingerprint": base_fingerprint(tm, "head"),
+        "base_fingerprint": fp["all"],
+        "backbone_fingerprint": fp["backbone"],
+        "head_fingerprint": fp["head"],
         "kind": delta_kind(tm),
         "dtype": str(next(iter(tm.delta_dict().values())).dtype).removeprefix("torch."),
     }

@@ -113,7 +113,8 @@ def resolve_scope(scope: Scope, family: Family, names: list[str], frozen: frozen
         elif kind == "bias":
             picked = {n for n in names if n.rpartition(".")[2] == "bias" or n.endswith("_bias")}
         elif kind == "norm":
-            picked = {n for n in names if is_under(n, _layer_norms(family.model))}
+            norms = _layer_norms(family.model)
+            picked = {n for n in names if is_under(n, norms)}
         elif kind == "head":
             heads = family.head_only()
             if not heads:

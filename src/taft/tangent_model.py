@@ -82,9 +82,10 @@ class TangentModel(nn.Module):
         self.fallback_modules: list[str] = []
 
         self._stages = self.family.stages()
-        all_names = [n for n, _ in model.named_parameters()]
+        named = list(model.named_parameters())
+        all_names = [n for n, _ in named]
         used = [n for n in all_names if any(is_under(n, s.prefixes) for s in self._stages)]
-        frozen = frozenset(n for n, p in model.named_parameters() if not p.requires_grad)
+        frozen = frozenset(n for n, p in named if not p.requires_grad)
         if len(frozen) == len(all_names):  # frozen wholesale (a common habit before wrapping): no information
             frozen = frozenset()
         self.linearized: list[str] = resolve_scope(self.scope, self.family, used, frozen)
@@ -109,6 +110,9 @@ class TangentModel(nn.Module):
         for n, t in w0.items():
             self.w0.register_buffer(_key(n), t)
         self.delta = nn.ParameterDict({_key(n): nn.Parameter(torch.zeros_like(w0[n])) for n in self.linearized})
+        # every value a forward uses that is not the base model's own parameter: a w0 buffer (w0 + Δw when
+        # non-linear); modules holding none of them run as themselves
+        self._replaced = frozenset(w0)
 
     def _initial_w0(self, model: nn.Module, reinit_blocks: list[Stage]) -> dict[str, Tensor]:
         """Frozen copies of the base values of linearized (and re-initialized: ``reinit_blocks``) parameters."""
@@ -167,8 +171,7 @@ class TangentModel(nn.Module):
 
     def _context(self, with_deltas: bool = True) -> TangentContext:
         params = self.base_params()
-        # every value not the base model's own parameter is a w0 buffer (w0 + Δw in non-linear mode)
-        replaced = frozenset(k.replace(":", ".") for k, _ in self.w0.named_buffers(recurse=False))
+        replaced = self._replaced
         if not with_deltas:
             return TangentContext(params, {}, replaced=replaced)
         if not self.linear:

@@ -69,6 +69,7 @@ class TangentContext:
         # Non-linear mode (ordinary fine-tuning through the same stages): ``params`` already hold w0 + Δw for
         # these names and modules run their own forward with autograd on; no tangent is computed.
         self.trainable = trainable
+        self._trainable_prefixes = _prefixes(trainable)
         # Names whose value in ``params`` is not the module's own parameter (w0 copies, re-initialized blocks,
         # w0 + Δw). A module with none of them and no gradient to record runs as itself, exactly the plain
         # model's forward (no parameter swapping). ``None``: unknown, always swap.
@@ -123,7 +124,7 @@ class TangentContext:
         Modules with no tangent coming in and no linearized parameter inside run as the plain model."""
         entry = find_rule(module)  # None for a forward replaced on the instance, hooks, a changed subclass
         if self.trainable:
-            grad = self._under(self.trainable, name) or any(
+            grad = name in self._trainable_prefixes or any(
                 isinstance(a, Dual) and a.primal.requires_grad for a in (*args, *kwargs.values())
             )
             return Dual(self._plain(module, name, entry, args, kwargs, grad=grad), None)
@@ -146,16 +147,9 @@ class TangentContext:
             out = torch.func.functional_call(module, local, tuple(prim_args), prim_kwargs, strict=False)
         return primary_output(out, entry)
 
-    @staticmethod
-    def _under(names, prefix: str) -> bool:
-        if not prefix:
-            return bool(names)
-        p = prefix + "."
-        return any(k.startswith(p) for k in names)
-
-
 def _prefixes(names) -> frozenset[str]:
-    """Every module path that holds one of ``names`` ("" included when there is any): ``_under`` as a lookup."""
+    """Every module path that holds one of ``names`` ("" included when there is any), so that "is any name under
+    this module" is a set lookup."""
     out = set()
     for n in names:
         parts = n.split(".")

@@ -51,11 +51,11 @@ def attention_dual(ctx, q: Dual, k: Dual, v: Dual, *, scale: float, mask: Tensor
         o = _sdpa(q.primal, k.primal, v.primal, mask, scale)
         with torch.no_grad():
             p = _probabilities(q.primal, k.primal, mask, scale)
-            return Dual(o, _tangent(p, q.primal, k.primal, v.primal, q, k, v, scale))
+            return Dual(o, _tangent(p, q, k, v, scale))
     p = _probabilities(q.primal, k.primal, mask, scale)  # (B, h, T, S)
     o = torch.matmul(p, v.primal)  # (B, h, T, d)
     with ctx.tangent_mode():
-        return Dual(o, _tangent(p, q.primal, k.primal, v.primal, q, k, v, scale))
+        return Dual(o, _tangent(p, q, k, v, scale))
 
 
 def _probabilities(q: Tensor, k: Tensor, mask: Tensor | None, scale: float) -> Tensor:
@@ -65,17 +65,17 @@ def _probabilities(q: Tensor, k: Tensor, mask: Tensor | None, scale: float) -> T
     return torch.softmax(s, dim=-1)
 
 
-def _tangent(p: Tensor, qp: Tensor, kp: Tensor, vp: Tensor, q: Dual, k: Dual, v: Dual, scale: float) -> Tensor | None:
+def _tangent(p: Tensor, q: Dual, k: Dual, v: Dual, scale: float) -> Tensor | None:
     """``Ȯ = ṖV + PV̇`` with ``Ṗ = P⊙Ṡ − P⊙rowsum(P⊙Ṡ)``, from the probabilities."""
     ds = add_tangents(
-        None if q.tangent is None else torch.matmul(q.tangent, kp.transpose(-2, -1)),
-        None if k.tangent is None else torch.matmul(qp, k.tangent.transpose(-2, -1)),
+        None if q.tangent is None else torch.matmul(q.tangent, k.primal.transpose(-2, -1)),
+        None if k.tangent is None else torch.matmul(q.primal, k.tangent.transpose(-2, -1)),
     )
     t_p = None
     if ds is not None:
         pds = p * (ds * scale)  # (B, h, T, S)
         # centred: Ṗ = P⊙Ṡ − P·rowsum(P⊙Ṡ), then ṖV (not (P⊙Ṡ)V − rowsum(P⊙Ṡ)·O, which cancels in low precision)
-        t_p = torch.matmul(pds - p * pds.sum(-1, keepdim=True), vp)
+        t_p = torch.matmul(pds - p * pds.sum(-1, keepdim=True), v.primal)
     t_v = None if v.tangent is None else torch.matmul(p, v.tangent)
     return add_tangents(t_p, t_v)
 
