@@ -198,8 +198,8 @@ def _constant_row_case(dtype, device):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
 def test_centred_form_when_the_true_tangent_is_zero(dtype):
-    """Both paths: |Ȯ| ≤ 1e-5·|O|. Before centring the kernel gave 6e-4·|O| and the unfused form 6e-3·|O| in
-    float16 (the issue's bf16 case: 0.5 with |O| ≈ 9)."""
+    """Both paths: |Ȯ| ≤ 1e-5·|O|. The uncentred forms fail this in float16 (the issue's bf16 case: 0.5 with
+    |O| ≈ 9)."""
     from taft.engine.context import TangentContext
     from taft.engine.dual import Dual
     from taft.rules import attention as rule
