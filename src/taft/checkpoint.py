@@ -101,25 +101,34 @@ def delta_metadata(tm) -> dict[str, str]:
 
 
 def save_delta(tm, path: str | Path, *, extra_metadata: dict[str, str] | None = None,
-               run_id: str | None = None) -> Path:
+               run_id: str | None = None, tmp: str | Path | None = None) -> Path:
     """Save Δw of ``tm`` to ``path`` (safetensors). Returns the path.
 
     A Δw holding NaN or inf is refused (it could never be loaded). ``run_id`` ties the file to the
-    ``run.json`` manifest of a run folder."""
-    path = Path(path)
+    ``run.json`` manifest of a run folder. ``tmp``: the temporary sibling to write first (default: a hidden,
+    per-process name)."""
     tensors = {n: d.detach().to("cpu").contiguous() for n, d in tm.delta_dict().items()}
+    return write_delta(tensors, delta_metadata(tm), path, extra_metadata=extra_metadata, run_id=run_id, tmp=tmp)
+
+
+def write_delta(tensors: dict[str, torch.Tensor], meta: dict[str, str], path: str | Path, *,
+                extra_metadata: dict[str, str] | None = None, run_id: str | None = None,
+                tmp: str | Path | None = None) -> Path:
+    """Write ``tensors`` with a model's :func:`delta_metadata` ``meta`` (its content hash, run id and user keys are
+    replaced): the one writer of Δw files, atomic (temporary file, fsync, rename)."""
+    path = Path(path)
     bad = _non_finite(tensors)
     if bad:
         raise CheckpointError(f"save_delta: Δw holds NaN or inf in {_short(bad)}; refusing to write {path} "
                               f"(training diverged: lower the learning rate)")
     path.parent.mkdir(parents=True, exist_ok=True)
-    meta = delta_metadata(tm)
+    meta = {k: v for k, v in meta.items() if k not in ("content_sha256", "run_id") and not k.startswith("user.")}
     meta["content_sha256"] = json.dumps(content_hashes(tensors))
     if run_id is not None:
         meta["run_id"] = run_id
     for k, v in (extra_metadata or {}).items():
         meta[f"user.{k}"] = str(v)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = Path(tmp) if tmp is not None else path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         save_file(tensors, str(tmp), metadata=meta)
         fsync_file(tmp)

@@ -66,11 +66,13 @@ def check(
         raise typer.Exit(1)
 
 
-def _config_command(name: str, cls, run, help: str, extra: list | None = None) -> None:
+def _config_command(name: str, cls, run, help: str, extra: list | None = None, on=None,
+                    defaults: dict | None = None) -> None:
     """Register ``taft NAME`` with one ``--flag`` per field of the config dataclass ``cls`` (plus ``--config``).
 
     Flags default to ``None`` so that only what is typed overrides the ``--config`` file (or the defaults).
-    ``extra``: further ``inspect.Parameter`` options, passed to ``run`` as keyword arguments."""
+    ``extra``: further ``inspect.Parameter`` options, passed to ``run`` as keyword arguments. ``on``: the typer app
+    to register on (default: the root). ``defaults``: this command's own defaults for some fields."""
     import dataclasses
     import inspect
     import typing
@@ -83,7 +85,8 @@ def _config_command(name: str, cls, run, help: str, extra: list | None = None) -
         base = typing.get_args(hints[f.name])[0] if typing.get_origin(hints[f.name]) else hints[f.name]
         if base is type(None):
             base = str
-        default_txt = f"default: {f.default}" if f.default is not dataclasses.MISSING else ""
+        default = (defaults or {}).get(f.name, f.default)
+        default_txt = f"default: {default}" if default is not dataclasses.MISSING else ""
         params.append(inspect.Parameter(
             f.name, inspect.Parameter.KEYWORD_ONLY, annotation=base | None,
             default=typer.Option(None, help=f"{f.metadata.get('help', '')} [{default_txt}]"),
@@ -92,17 +95,20 @@ def _config_command(name: str, cls, run, help: str, extra: list | None = None) -
     params += extra or []
 
     def command(**kwargs):
-        from taft.config import from_dict, load_config
+        from taft.config import from_dict, load_config, read_config_file
 
         path = kwargs.pop("config")
         options = {p.name: kwargs.pop(p.name) for p in extra or []}
         given = {k: v for k, v in kwargs.items() if v is not None}
+        if defaults:
+            stored = read_config_file(path) if path else {}
+            given = {**{k: v for k, v in defaults.items() if k not in stored}, **given}
         cfg = load_config(cls, path, **given) if path else from_dict(cls, given)
         run(cfg, **options)
 
     command.__signature__ = inspect.Signature(params)
     command.__doc__ = help
-    app.command(name, help=help)(command)
+    (on or app).command(name, help=help)(command)
 
 
 def _run_train(cfg) -> None:
@@ -163,6 +169,159 @@ def eval_cmd(
                if res["examples"] < res["available"] else "")
     typer.echo(f"{res['split']} accuracy: {res['accuracy']:.4f} ({res['examples']} examples{limited}, "
                f"{res['method']} on {res['data']})")
+
+
+# -- taft shards -------------------------------------------------------------------------------------------
+shards_app = typer.Typer(no_args_is_help=True, help="Shard stores: train shards, compose them, forget examples "
+                                                     "exactly, verify the store.")
+app.add_typer(shards_app, name="shards")
+
+
+def _shards_train_options() -> list:
+    import inspect
+    from pathlib import Path
+
+    def opt(name, annotation, default, help):
+        return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
+                                 default=typer.Option(default, help=help))
+
+    return [
+        opt("store", Path, ..., "the store folder (created, or resumed with the same options)"),
+        opt("shards", int, ..., "number of disjoint shards K (seeded per-id hash of the training set)"),
+        opt("backend", str, "sequential", "sequential | batched (all shards at once, vmapped) | ray"),
+        opt("ray_address", str | None, None, "Ray cluster address for --backend ray (default: a local instance)"),
+        opt("chunk", int | None, None, "--backend batched: at most this many shards at a time (memory)"),
+        opt("weights", str, "size", "composition weights: size | uniform | FILE (JSON {shard: weight})"),
+    ]
+
+
+def _run_shards_train(cfg, store, shards, backend, ray_address, chunk, weights) -> None:
+    from taft.shards.ops import train_store
+
+    out = train_store(cfg, store, shards, backend=backend, ray_address=ray_address, chunk=chunk, weights=weights)
+    console().print(f"trained {len(out['trained'])} shard(s) in {out['train_s']:.1f} s ({backend}); composed "
+                    f"{len(out['shards'])} live shard(s) into {out['composed']}/ (`taft eval {out['composed']}`)")
+
+
+_config_command("train", __import__("taft.config", fromlist=["TrainConfig"]).TrainConfig, _run_shards_train,
+                "Split the training set into K disjoint shards, train one tangent model per shard from the same w0, "
+                "and compose them (resumes an interrupted store).", extra=_shards_train_options(), on=shards_app,
+                defaults={"head_init": "zero-shot"})
+
+
+@shards_app.command("compose")
+def shards_compose(
+    store: str = typer.Option(..., help="the store folder"),
+    weights: str | None = typer.Option(None, help="size | uniform | FILE (JSON {shard: weight}); default: the "
+                                                   "store's last choice (size at first)"),
+    exclude: list[int] | None = typer.Option(None, help="shard to leave out (repeatable)"),
+) -> None:
+    """Write the weighted average of the live shards' Δw (weights normalized to sum 1) as STORE/composed."""
+    from taft.shards.ops import compose
+
+    out = compose(store, weights=weights, exclude=exclude or [])
+    console().print(f"composed shards {out['shards']} (weights {out['weights_rule']}) into {out['composed']}/")
+
+
+@shards_app.command("forget")
+def shards_forget(
+    more_ids: list[str] | None = typer.Argument(None, metavar="[ID]...", help="example ids to forget"),
+    store: str = typer.Option(..., help="the store folder"),
+    ids: list[str] | None = typer.Option(None, help="example id to forget (repeatable; `--ids A B C` works too)"),
+    ids_file: str | None = typer.Option(None, help="file with one example id per line"),
+    retrain: bool = typer.Option(False, help="retrain the affected shards on their remaining examples (default: "
+                                             "drop them from the composition)"),
+    backend: str = typer.Option("sequential", help="--retrain: sequential | batched | ray"),
+) -> None:
+    """Forget training examples exactly: drop or retrain their shards, delete what was derived from them,
+    recompose."""
+    from pathlib import Path
+
+    from taft.config import ConfigError
+    from taft.shards.ops import forget
+
+    wanted = [*(ids or []), *(more_ids or [])]
+    if ids_file:
+        path = Path(ids_file).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"--ids-file {path} does not exist")
+        wanted += [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    out = forget(store, wanted, retrain=retrain, backend=backend)
+    what = "retrained" if retrain else "dropped"
+    console().print(f"forgot {len(out['forgotten'])} example(s); shard(s) {out['shards']} {what}"
+                    + (f" ({len(out['already_forgotten'])} already forgotten)" if out["already_forgotten"] else "")
+                    + (f"; now empty: {out['empty_shards']}" if out["empty_shards"] else ""))
+
+
+@shards_app.command("verify")
+def shards_verify(store: str = typer.Option(..., help="the store folder"),
+                  as_json: bool = typer.Option(False, "--json")) -> None:
+    """Prove the store's state: hashes, no forgotten example in any live shard, composition, audit log."""
+    from taft.shards.ops import verify
+
+    report = verify(store)
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+    else:
+        c = report["checked"]
+        if report["ok"]:
+            console().print(f"store OK: {c['live']} live of {c['shards']} shards, {c['forgotten']} forgotten "
+                            f"example(s), composition of {len(c['composed'])} shard(s) verified, "
+                            f"{c['audit_rows']} audit rows consistent")
+        for p in report["problems"]:
+            typer.echo(f"taft: problem: {p}", err=True)
+    if not report["ok"]:
+        raise typer.Exit(1)
+
+
+@shards_app.command("status")
+def shards_status(store: str = typer.Option(..., help="the store folder"),
+                  as_json: bool = typer.Option(False, "--json"),
+                  history: int = typer.Option(10, help="audit rows to show (the most recent)"),
+                  ids: bool = typer.Option(False, "--ids", help="list every example id with its shard")) -> None:
+    """The shards (status, examples, generation, validation accuracy), the composition and the history."""
+    from rich.table import Table
+
+    from taft.shards.ops import status
+
+    st = status(store)
+    if not ids:
+        st.pop("ids")
+    if ids:
+        for row in st["ids"]:
+            typer.echo(f"{row['id']}\t{row['shard']}" + ("\tforgotten" if row["forgotten_in"] else ""))
+        return
+    if as_json:
+        typer.echo(json.dumps(st, indent=2, default=str))
+        return
+    table = Table(title=f"taft shards: {st['store']} ({st['examples']} examples, {st['forgotten']} forgotten)")
+    for col in ("shard", "status", "examples", "generation", "val acc", "file"):
+        table.add_column(col, no_wrap=True)
+    for r in st["shards"]:
+        table.add_row(str(r["shard"]), r["status"], str(r["examples"]), str(r["generation"]),
+                      "—" if r["val_acc"] is None else f"{100 * r['val_acc']:.2f}", r["file"] or "—")
+    console().print(table)
+    comp = st["composed"]
+    console().print(f"composed: {comp['shards'] if comp else 'none'}" + (f" (weights {comp['weights_rule']})"
+                                                                        if comp else ""))
+    for a in st["history"][-history:]:
+        console().print(f"  #{a['seq']} {a['time']} {a['action']} {a['outcome']} (request {a['request']})")
+
+
+@shards_app.command("eval")
+def shards_eval(store: str = typer.Option(..., help="the store folder"),
+                split: str = typer.Option("test", help="val | test"),
+                as_json: bool = typer.Option(False, "--json")) -> None:
+    """Accuracy of the composed model, the shard ensemble (mean output) and the majority vote (SISA)."""
+    from taft.shards.ops import evaluate_store
+
+    res = evaluate_store(store, split)
+    if as_json:
+        typer.echo(json.dumps(res, indent=2))
+        return
+    console().print(f"{split} accuracy over {res['examples']} examples, {len(res['shards'])} live shards: composed "
+                    f"{100 * res['composed']:.2f}, ensemble (mean output) {100 * res['ensemble_mean']:.2f}, "
+                    f"majority vote {100 * res['vote']:.2f}")
 
 
 def _error(message: str) -> int:

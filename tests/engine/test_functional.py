@@ -54,3 +54,22 @@ def test_vmap_over_stacked_deltas_equals_separate_calls(tm):
             tm.load_delta({n: stacked[f"delta.{n.replace('.', ':')}"][i] for n in tm.linearized})
             alone = tm(x)
             assert (together[i] - alone).abs().max().item() <= 1e-12 * alone.abs().max().item()
+
+
+def test_gradients_under_vmap_over_stacked_deltas_reach_each_model(tm):
+    """K models trained together (shards): each stacked Δw gets its own model's gradient, not the sum over models
+    (the straight-through weights must be batched like Δw)."""
+    x, y = _inputs(3)
+    g = torch.Generator().manual_seed(5)
+    K = 3
+    xs = x[None].expand(K, *x.shape) + 0.1 * torch.randn(K, *x.shape, generator=g, dtype=x.dtype)
+    stacked = {k: (0.1 * torch.randn((K, *v.shape), generator=g, dtype=v.dtype)).requires_grad_(True)
+               for k, v in tm.named_parameters()}
+    out = torch.func.vmap(lambda p, xi: torch.func.functional_call(tm, p, (xi,)))(stacked, xs)
+    sum(F.cross_entropy(out[i], y) for i in range(K)).backward()
+    for i in range(K):
+        tm.load_delta({n: stacked[f"delta.{n.replace('.', ':')}"][i].detach() for n in tm.linearized})
+        tm.zero_grad()
+        F.cross_entropy(tm(xs[i]), y).backward()
+        for k, p in tm.named_parameters():
+            assert_close(stacked[k].grad[i], p.grad, what=f"model {i} {k}")

@@ -18,11 +18,20 @@ class _StraightThrough(torch.autograd.Function):
     backward) and the derivative with respect to Δw is the identity (reverse and forward mode). Written in the
     ``setup_context`` form so that ``torch.func.grad`` / ``vmap`` (per-example gradients) can transform it."""
 
-    generate_vmap_rule = True
-
     @staticmethod
     def forward(w0: Tensor, delta: Tensor) -> Tensor:
         return w0.view_as(w0)
+
+    @staticmethod
+    def vmap(info, in_dims, w0: Tensor, delta: Tensor):
+        """Under vmap over stacked Δw (shard models trained together) the value must be batched like Δw, so that
+        each model's gradient reaches its own Δw; an unbatched w0 would sum them. w0 is expanded, not copied."""
+        w0_dim, delta_dim = in_dims
+        if delta_dim is None:
+            return _StraightThrough.apply(w0, delta), w0_dim
+        delta = delta.movedim(delta_dim, 0)
+        w0 = w0.expand(info.batch_size, *w0.shape) if w0_dim is None else w0.movedim(w0_dim, 0)
+        return _StraightThrough.apply(w0, delta), 0
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:

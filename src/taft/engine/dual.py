@@ -57,3 +57,9 @@ def dual_map(x: Dual, fn) -> Dual:
 def as_dual(x) -> Dual:
     """Wrap a plain tensor (no tangent) as a Dual; Duals pass through."""
     return x if isinstance(x, Dual) else Dual(x, None)
+
+
+def is_batched(t: Tensor) -> bool:
+    """Whether ``t`` is vmapped (``torch.func.vmap`` over stacked Δw or examples): in-place and data-dependent
+    shortcuts are skipped for such tensors (functorch has no batching rule for some, and values cannot steer Python)."""
+    return torch._C._functorch.is_batchedtensor(t)

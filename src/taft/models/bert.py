@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 from transformers.models.bert import modeling_bert as mb
 
-from taft.engine.dual import Dual, dual_add, dual_map
+from taft.engine.dual import Dual, dual_add, dual_map, is_batched
 from taft.engine.family import HF_FORMAT_ONLY, Family, Stage, State, refuse_arguments, register_family, reinit_hf
 from taft.engine.registry import first_output, register_rule
 from taft.errors import TaftError, UnsupportedError
@@ -198,7 +198,9 @@ class BertFamily(Family):
         memo = getattr(self, "_mask_memo", None)
         if memo is not None and memo[0] is attention_mask and memo[1] == dtype:
             return memo[2]
-        no_padding = attention_mask.dim() == 2 and bool(attention_mask.all())
+        # under vmap (shards trained together) the mask is batched and its values cannot steer Python
+        no_padding = (attention_mask.dim() == 2 and not is_batched(attention_mask)
+                      and bool(attention_mask.all()))
         mask = None if no_padding else additive_mask(attention_mask, dtype)
         self._mask_memo = (attention_mask, dtype, mask)
         return mask

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from taft.engine.dual import Dual, add_tangents
+from taft.engine.dual import Dual, add_tangents, is_batched
 from taft.engine.registry import register_rule
 
 
@@ -22,7 +22,7 @@ def linear_dual(ctx, x: Dual, w: Dual, b: Dual | None) -> Dual:
             t_w = bt.expand(y.shape)
         if x.tangent is None:
             t = t_w
-        elif w.tangent is not None and not torch.is_grad_enabled():
+        elif w.tangent is not None and not torch.is_grad_enabled() and not is_batched(t_w):
             # ẋWᵀ accumulated by the GEMM itself into x Ẇᵀ + ḃ, a fresh (..., out) tensor: no separate add pass
             t = t_w.view(-1, y.shape[-1]).addmm_(x.tangent.reshape(-1, x.tangent.shape[-1]), w.primal.t())
             t = t.view(y.shape)

@@ -1,0 +1,584 @@
+"""What ``taft shards`` does: train a store, compose it, forget examples, verify and report it.
+
+Every function takes the store folder, holds the writer lock for the whole request and appends to the audit log
+(:mod:`taft.shards.store`). Composition is :func:`taft.delta.weighted_average` over the live shards' Δw in shard
+order; its weights are normalized to sum to 1 (``size``: each shard's number of live examples, so every example
+counts the same; ``uniform``; or a JSON file ``{"shard": weight}``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from taft.checkpoint import CheckpointError, delta_metadata, fingerprints, read_delta, write_delta
+from taft.config import ConfigError, TrainConfig, from_dict, save_config
+from taft.data.shards import assign_shards
+from taft.delta import weighted_average
+from taft.shards.store import ShardStore, StoreError, atomic_tmp, publish
+from taft.shards.training import ShardModel, ShardTrainer, check_shard_config
+from taft.train.cache import FeatureCache
+from taft.train.rundir import RunDirError, RunFolder, sha256_file, verify_run, write_json
+
+BACKENDS = ("sequential", "batched", "ray")
+WEIGHTS = ("size", "uniform")
+# options that change what a shard computes: a store keeps the ones it was created with
+_RUN_ONLY = ("output_dir", "overwrite", "cache", "cache_dir", "threads", "device", "eval_batch_size", "max_eval")
+
+
+def ids_digest(ids: Sequence[str]) -> str:
+    """SHA-256 of a training set (its ids in order): recorded with each shard file, checked by ``verify``."""
+    return hashlib.sha256("\n".join(ids).encode()).hexdigest()
+
+
+def _store_config(store: ShardStore) -> TrainConfig:
+    return from_dict(TrainConfig, store.get_meta("config"))
+
+
+def _same_setting(a: TrainConfig, b: TrainConfig) -> list[str]:
+    da, db = dataclasses.asdict(a), dataclasses.asdict(b)
+    return [k for k in da if k not in _RUN_ONLY and da[k] != db[k]]
+
+
+# -- writing shards -------------------------------------------------------------------------------------------
+def _write_shard(path: Path, model: ShardModel, meta: dict[str, str], ids: Sequence[str]) -> str:
+    """Write one shard's Δw atomically (via :func:`atomic_tmp`); returns the file's SHA-256. Idempotent: a
+    retried task writes the same bytes to the same name."""
+    write_delta(model.delta, meta, path, tmp=atomic_tmp(path),
+                extra_metadata={"shard": model.shard, "examples": len(ids), "train_ids_sha256": ids_digest(ids)})
+    return sha256_file(path)
+
+
+def _register_shard(store: ShardStore, model: ShardModel, path: Path, sha: str, ids: Sequence[str],
+                    generation: int) -> None:
+    """The shard's file is in place: make it live in one transaction (with its audit row)."""
+    if sha256_file(path) != sha:
+        raise StoreError(f"{path} changed while it was registered (SHA-256 differs); run the request again")
+    with store.transaction() as db:
+        db.execute("UPDATE shards SET status = 'live', file = ?, sha256 = ?, examples = ?, generation = ?, "
+                   "val_acc = ?, train_s = ?, trained_in = ?, ids_sha256 = ? WHERE shard = ?",
+                   (store.rel(path), sha, len(ids), generation, model.val_acc, model.train_s, store.request,
+                    ids_digest(ids), model.shard))
+        store.settle(db, path, atomic_tmp(path))
+        store.set_meta(db, "dirty", True)  # the composition no longer matches the live shards
+        db.execute("INSERT INTO audit (request, time, action, args, outcome, detail) VALUES (?, ?, ?, '{}', "
+                   "'shard', ?)", (store.request, time.strftime("%Y-%m-%dT%H:%M:%S%z"), store.action,
+                                   json.dumps({"shard": model.shard, "file": store.rel(path), "sha256": sha,
+                                               "examples": len(ids), "generation": generation})))
+
+
+def _train_jobs(store: ShardStore, trainer: ShardTrainer, jobs: list[tuple[int, list[str]]], backend: str,
+                *, ray_address: str | None = None, chunk: int | None = None, progress: bool = False) -> None:
+    """Train ``jobs`` (shard, live ids) with ``backend`` and register each shard as it finishes."""
+    if not jobs:
+        return
+    meta = delta_metadata(trainer.template)
+    gens = {k: (store.shard_row(k)["generation"] or 0) + 1 for k, _ in jobs}
+    paths = {k: store.shard_file(k, gens[k]) for k, _ in jobs}
+    ids_of = dict(jobs)
+    store.add_pending(*paths.values(), *(atomic_tmp(p) for p in paths.values()))
+    if backend == "ray":
+        for model, sha in _train_ray(trainer, jobs, paths, meta, ray_address):
+            _register_shard(store, model, paths[model.shard], sha, ids_of[model.shard], gens[model.shard])
+        return
+    if backend == "batched":
+        models = trainer.train_batched(jobs, chunk=chunk)
+    else:
+        from tqdm.auto import tqdm
+
+        models = (trainer.train_one(k, ids) for k, ids in tqdm(jobs, desc="shards", disable=not progress))
+    for model in models:
+        sha = _write_shard(paths[model.shard], model, meta, ids_of[model.shard])
+        _register_shard(store, model, paths[model.shard], sha, ids_of[model.shard], gens[model.shard])
+
+
+def _ray_task(cfg, clf, features, labels, val_features, val_labels, shard, ids, path, meta):
+    trainer = ShardTrainer(cfg, clf, features, labels, val_features=val_features, val_labels=val_labels)
+    model = trainer.train_one(shard, ids)
+    return model, _write_shard(Path(path), model, meta, ids)
+
+
+def _train_ray(trainer: ShardTrainer, jobs, paths, meta, address: str | None):
+    """One Ray task per shard; w0 (the classifier) and the features are put in the object store once."""
+    try:
+        import ray
+    except ImportError:
+        raise ConfigError("--backend ray needs Ray: pip install 'taft[ray]'") from None
+    started = not ray.is_initialized()
+    if started:
+        try:
+            ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False,
+                     **({} if address else {"num_cpus": max(1, torch.get_num_threads())}))
+        except (ConnectionError, RuntimeError, ValueError) as e:
+            raise ConfigError(f"--ray-address {address}: cannot connect to a Ray cluster ({e})") from e
+    try:
+        cfg = dataclasses.replace(trainer.cfg, device="cpu", threads=1)
+        refs = [ray.put(x) for x in (cfg, trainer.clf.to("cpu"), trainer.features, trainer.labels,
+                                     trainer.val_features, trainer.val_labels)]
+        task = ray.remote(max_retries=2)(_ray_task)
+        pending = [task.remote(*refs, k, list(ids), str(paths[k]), meta) for k, ids in jobs]
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            yield ray.get(done[0])
+    finally:
+        trainer.clf.to(trainer.device)
+        if started:
+            ray.shutdown()
+
+
+# -- train ------------------------------------------------------------------------------------------------------
+def train_store(cfg: TrainConfig, store_dir: str | Path, num_shards: int, *, backend: str = "sequential",
+                ray_address: str | None = None, chunk: int | None = None, progress: bool = True,
+                weights: str = "size") -> dict[str, Any]:
+    """Split the training set into ``num_shards`` disjoint shards (seeded per-id hash), train one Δw per shard from
+    the same w0, and compose them. On an existing store (same settings), train only the shards that have no model
+    yet — the way to resume an interrupted run."""
+    if backend not in BACKENDS:
+        raise ConfigError(f"--backend {backend}: use one of {', '.join(BACKENDS)}")
+    if isinstance(num_shards, bool) or not isinstance(num_shards, int) or num_shards < 1:
+        raise ConfigError(f"--shards {num_shards}: must be an integer >= 1")
+    check_shard_config(cfg)
+    root = Path(store_dir).expanduser()
+    has_db = (root / "manifest.sqlite").is_file()
+    if not has_db and root.exists() and (not root.is_dir() or any(root.iterdir())):
+        raise StoreError(f"--store {root} exists and is not a shard store; choose a new folder")
+    store = ShardStore(root, create=not has_db)
+    exists = store.get_meta("config") is not None  # else new, or a creation that was interrupted: start over
+    try:
+        if exists:
+            old, k_old = _store_config(store), store.get_meta("num_shards")
+            diff = _same_setting(old, cfg)
+            if diff or k_old != num_shards:
+                what = ", ".join(f"{k}={getattr(old, k)!r}" for k in diff) or f"shards={k_old}"
+                raise StoreError(f"--store {root} was made with other settings ({what}); resuming needs the same "
+                                 f"options, or choose a new --store")
+        args = {"shards": num_shards, "backend": backend, "config": dataclasses.asdict(cfg)}
+        with store.writing("train", args):
+            _recompose_if_dirty(store)
+            if not exists:
+                trainer = ShardTrainer.from_config(cfg, progress=progress)
+                _create(store, trainer, num_shards)
+            else:
+                trainer = _trainer_for(store, cfg, progress)
+            jobs = [(r["shard"], store.live_ids(r["shard"])) for r in store.shard_rows() if r["status"] == "untrained"]
+            t0 = time.perf_counter()
+            _train_jobs(store, trainer, jobs, backend, ray_address=ray_address, chunk=chunk, progress=progress)
+            train_s = time.perf_counter() - t0
+            summary = _compose(store, weights=weights, exclude=store.get_meta("exclude", []))
+            with store.transaction() as db:
+                store.finish(db, {"trained": [k for k, _ in jobs], "train_s": train_s})
+        return {**summary, "trained": [k for k, _ in jobs], "train_s": train_s, "backend": backend}
+    finally:
+        store.close()
+
+
+def _create(store: ShardStore, trainer: ShardTrainer, num_shards: int) -> None:
+    cfg = trainer.cfg
+    ids = list(trainer.features.ids)
+    if len(set(ids)) != len(ids):
+        raise StoreError("the training set holds duplicate example ids; a store needs one id per example")
+    shards = assign_shards(ids, num_shards, cfg.seed)
+    counts = [0] * num_shards
+    for s in shards:
+        counts[s] += 1
+    path = store.root / "features" / "train-g1.safetensors"
+    _write_features(store, trainer.features, path)
+    with store.transaction() as db:
+        db.executemany("INSERT INTO examples (id, shard, position, label) VALUES (?, ?, ?, ?)",
+                       [(i, s, p, trainer.labels[i]) for p, (i, s) in enumerate(zip(ids, shards, strict=True))])
+        db.executemany("INSERT INTO shards (shard, status, examples, generation) VALUES (?, ?, ?, 0)",
+                       [(k, "untrained" if counts[k] else "empty", counts[k]) for k in range(num_shards)])
+        fp = fingerprints(trainer.template)
+        for key, value in (("format", "taft-shards/1"), ("config", dataclasses.asdict(cfg)),
+                           ("num_shards", num_shards), ("base_fingerprint", fp["all"]),
+                           ("features", store.rel(path)), ("features_info", trainer.features.info),
+                           ("exclude", []), ("weights", "size"), ("dirty", False)):
+            store.set_meta(db, key, value)
+        store.settle(db, path, atomic_tmp(path))
+
+
+def _write_features(store: ShardStore, features: FeatureCache, path: Path) -> None:
+    tmp = atomic_tmp(path)
+    store.add_pending(path, tmp)
+    features.save(tmp)
+    publish(tmp, path)
+
+
+def _trainer_for(store: ShardStore, cfg: TrainConfig, progress: bool) -> ShardTrainer:
+    """A trainer over the store's own features (no forgotten row), after checking w0 is the store's."""
+    path = store.root / store.get_meta("features")
+    try:
+        feats = FeatureCache.load(path, expect_ids=store.all_live_ids(), expect_info=store.get_meta("features_info"))
+    except Exception as e:
+        raise StoreError(f"{path}: the store's training features cannot be read or do not match the manifest "
+                         f"({e}); run `taft shards verify`") from e
+    labels = dict(store.db.execute("SELECT id, label FROM examples WHERE forgotten_in IS NULL").fetchall())
+    trainer = ShardTrainer.from_config(cfg, progress=progress, features=feats, labels=labels)
+    if fingerprints(trainer.template)["all"] != store.get_meta("base_fingerprint"):
+        raise StoreError(f"the model {cfg.model!r} loaded here differs from the one the store {store.root} was "
+                         f"trained from (w0 fingerprint); load the same weights")
+    return trainer
+
+
+# -- compose --------------------------------------------------------------------------------------------------
+def _weights(store: ShardStore, shards: list[int], weights: str) -> list[float]:
+    if weights == "uniform":
+        return [1.0] * len(shards)
+    if weights == "size":
+        return [float(len(store.live_ids(k))) for k in shards]
+    path = Path(weights).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"--weights {weights}: use size, uniform, or a JSON file {{\"shard\": weight}}")
+    try:
+        table = {int(k): float(v) for k, v in json.loads(path.read_text()).items()}
+    except (ValueError, AttributeError) as e:
+        raise ConfigError(f"--weights {path}: expected a JSON object {{\"shard\": weight}} ({e})") from e
+    missing = [k for k in shards if k not in table]
+    if missing:
+        raise ConfigError(f"--weights {path}: no weight for live shard(s) {missing}")
+    return [table[k] for k in shards]
+
+
+def load_shard(store: ShardStore, row: dict[str, Any]) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """A live shard's Δw, after checking its file against the manifest's SHA-256 and the store's w0."""
+    path = store.root / row["file"]
+    if not path.is_file():
+        raise StoreError(f"shard {row['shard']}: its file {row['file']} is missing; run `taft shards verify`, then "
+                         f"retrain it (`taft shards forget` is not needed: `taft shards train` resumes)")
+    if sha256_file(path) != row["sha256"]:
+        raise StoreError(f"shard {row['shard']}: {row['file']} does not match the SHA-256 in the manifest (corrupt "
+                         f"or replaced); run `taft shards verify`")
+    try:
+        delta, meta = read_delta(path)
+    except CheckpointError as e:
+        raise StoreError(f"shard {row['shard']}: {e}") from e
+    if meta.get("base_fingerprint") != store.get_meta("base_fingerprint"):
+        raise StoreError(f"shard {row['shard']}: {row['file']} was trained on another base model")
+    return delta, meta
+
+
+def _stray_files(store: ShardStore) -> list[str]:
+    known = {r["file"] for r in store.shard_rows() if r["file"]}
+    known.add(store.get_meta("features"))
+    pending = {p for (p,) in store.db.execute("SELECT path FROM pending")}
+    found = [store.rel(p) for d in (store.shards_dir, store.root / "features") if d.is_dir() for p in d.iterdir()]
+    return sorted(f for f in found if f not in known and f not in pending)
+
+
+def _compose(store: ShardStore, *, weights: str | None = None, exclude: Sequence[int] | None = None) -> dict:
+    """Average the live shards (minus ``exclude``) into ``STORE/composed``; record what was composed."""
+    weights = weights or store.get_meta("weights", "size")
+    exclude = sorted(set(exclude if exclude is not None else store.get_meta("exclude", [])))
+    stray = _stray_files(store)
+    if stray:
+        raise StoreError(f"the store holds files the manifest does not list: {stray[:5]}; they are not shards of "
+                         f"this store. Move them out (run `taft shards verify` for the full report)")
+    rows = [r for r in store.shard_rows() if r["status"] == "live" and r["shard"] not in exclude]
+    if not rows:
+        raise StoreError("no live shard to compose (all excluded, dropped or untrained); run `taft shards train` "
+                         "to train the missing shards, or compose with fewer --exclude")
+    shards = [r["shard"] for r in rows]
+    ws = _weights(store, shards, weights)
+    loaded = [load_shard(store, r) for r in rows]
+    composed = weighted_average([d for d, _ in loaded], ws)
+    cfg = _store_config(store)
+    target = store.composed_dir
+    with RunFolder(target, overwrite=True) as folder:
+        save_config(cfg, folder.path / "config.yaml")
+        write_delta(composed, loaded[0][1], folder.path / "delta.safetensors", run_id=folder.run_id,
+                    extra_metadata={"method": cfg.method, "model": cfg.model, "data": cfg.data,
+                                    "composed_shards": json.dumps(shards)})
+        info = {"shards": shards, "weights": ws, "weights_rule": weights, "exclude": exclude}
+        write_json(folder.path / "results.json", info)
+        folder.commit(num_classes=int(store.db.execute("SELECT MAX(label) + 1 FROM examples").fetchone()[0]),
+                      method=cfg.method, model=cfg.model, data=cfg.data, composed=info)
+    with store.transaction() as db:
+        store.set_meta(db, "composed", {**info, "run_id": verify_run(target)["run_id"]})
+        store.set_meta(db, "weights", weights)
+        store.set_meta(db, "exclude", exclude)
+        store.set_meta(db, "dirty", False)
+    return {"composed": str(target), **info}
+
+
+def _remove_composed(store: ShardStore) -> None:
+    """No live shard is left: the old composition (built from forgotten examples too) is deleted."""
+    if store.composed_dir.exists():
+        store.add_pending(store.composed_dir)
+        store.delete_files([store.composed_dir])
+    with store.transaction() as db:
+        store.set_meta(db, "composed", None)
+        store.set_meta(db, "dirty", False)
+
+
+def _recompose_if_dirty(store: ShardStore) -> None:
+    """A request that changed the shards was killed before it recomposed: compose now (under the lock)."""
+    if store.get_meta("dirty", False):
+        if any(r["status"] == "live" for r in store.shard_rows()):
+            _compose(store)
+        else:
+            _remove_composed(store)
+
+
+def compose(store_dir: str | Path, *, weights: str | None = None, exclude: Sequence[int] | None = None) -> dict:
+    """Write the weighted average of the live shards' Δw as ``STORE/composed`` (a run folder ``taft eval`` takes)."""
+    with ShardStore(store_dir) as store:
+        known = {r["shard"] for r in store.shard_rows()}
+        bad = sorted(set(exclude or []) - known)
+        if bad:
+            raise ConfigError(f"--exclude {bad}: no such shard (the store has shards 0..{len(known) - 1})")
+        with store.writing("compose", {"weights": weights, "exclude": list(exclude or [])}):
+            out = _compose(store, weights=weights, exclude=exclude)
+            with store.transaction() as db:
+                store.finish(db, out)
+        return out
+
+
+# -- forget ---------------------------------------------------------------------------------------------------
+def forget(store_dir: str | Path, ids: Sequence[str], *, retrain: bool = False, backend: str = "sequential",
+           progress: bool = False) -> dict:
+    """Forget training examples ``ids``: their shards are dropped from the composition, or (``retrain``) trained
+    again from w0 on their remaining examples; the store's features lose the forgotten rows; superseded shard files
+    are deleted; the composition is redone. Nothing derived from a forgotten example remains in the store."""
+    ids = list(dict.fromkeys(ids))
+    if not ids:
+        raise ConfigError("no ids to forget; pass --ids ID ... or --ids-file FILE (one id per line)")
+    with ShardStore(store_dir) as store, store.writing("forget", {"ids": ids, "retrain": retrain}):
+        _recompose_if_dirty(store)
+        known = dict(store.db.execute(
+            f"SELECT id, forgotten_in FROM examples WHERE id IN ({','.join('?' * len(ids))})", ids).fetchall())
+        unknown = [i for i in ids if i not in known]
+        if unknown:
+            raise StoreError(f"{len(unknown)} id(s) are not training examples of this store (e.g. {unknown[:3]}); "
+                             f"nothing was forgotten. `taft shards status --ids` lists the store's ids and shards")
+        already = [i for i in ids if known[i] is not None]
+        todo = [i for i in ids if known[i] is None]
+        if not todo:
+            raise StoreError(f"all {len(ids)} id(s) were already forgotten (request(s) "
+                             f"{sorted({known[i] for i in ids})}); nothing to do")
+        live = store.all_live_ids()
+        if len(todo) == len(live):
+            raise StoreError("this request forgets every remaining training example: no model would be left. "
+                             "Delete the store folder instead")
+        shard_of = dict(store.db.execute(
+            f"SELECT id, shard FROM examples WHERE id IN ({','.join('?' * len(todo))})", todo).fetchall())
+        affected = sorted(set(shard_of.values()))
+        gone = set(todo)
+        remaining = {k: [i for i in store.live_ids(k) if i not in gone] for k in affected}
+        # 1. the features without the forgotten rows, as a new file
+        old_feat = store.root / store.get_meta("features")
+        feats = FeatureCache.load(old_feat, expect_ids=live)
+        new_feat = old_feat.with_name(f"train-g{int(old_feat.stem.split('-g')[-1]) + 1}.safetensors")
+        _write_features(store, feats.subset([i for i in live if i not in gone]), new_feat)
+        # 2. one transaction: forgotten, shards emptied/dropped/awaiting retrain, old files to delete
+        rows = {r["shard"]: r for r in store.shard_rows()}
+        old_files = [store.root / rows[k]["file"] for k in affected if rows[k]["file"]]
+        status = {k: "empty" if not remaining[k] else ("untrained" if retrain else "dropped") for k in affected}
+        with store.transaction() as db:
+            db.executemany("UPDATE examples SET forgotten_in = ? WHERE id = ?", [(store.request, i) for i in todo])
+            for k in affected:
+                db.execute("UPDATE shards SET status = ?, file = NULL, sha256 = NULL, examples = ?, "
+                           "ids_sha256 = NULL WHERE shard = ?", (status[k], len(remaining[k]), k))
+            db.executemany("INSERT OR IGNORE INTO pending (path) VALUES (?)",
+                           [(store.rel(p),) for p in (*old_files, old_feat)])
+            store.settle(db, new_feat, atomic_tmp(new_feat))
+            store.set_meta(db, "features", store.rel(new_feat))
+            store.set_meta(db, "dirty", True)
+            db.execute("INSERT INTO audit (request, time, action, args, outcome, detail) VALUES (?, ?, 'forget', "
+                       "'{}', 'forgotten', ?)", (store.request, time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                                                 json.dumps({"ids": todo, "shards": affected})))
+        store.delete_files([*old_files, old_feat])
+        # 3. retrain the affected shards on what they have left
+        t0 = time.perf_counter()
+        jobs = [(k, remaining[k]) for k in affected if remaining[k]] if retrain else []
+        if jobs:
+            cfg = _store_config(store)
+            trainer = _trainer_for(store, cfg, progress)
+            _train_jobs(store, trainer, jobs, backend, progress=progress)
+        retrain_s = time.perf_counter() - t0
+        # 4. the composition of what is live now
+        live_rows = [r for r in store.shard_rows() if r["status"] == "live"]
+        composed = _compose(store) if live_rows else _remove_composed(store)
+        out = {"forgotten": todo, "already_forgotten": already, "shards": affected,
+               "action": "retrained" if retrain else "dropped", "empty_shards": [k for k in affected
+                                                                                 if not remaining[k]],
+               "retrain_s": retrain_s, "composed": composed}
+        with store.transaction() as db:
+            store.finish(db, out)
+        return out
+
+
+# -- verify, status, evaluate -----------------------------------------------------------------------------------
+def verify(store_dir: str | Path) -> dict[str, Any]:
+    """Prove the store's state (after finishing what an interrupted writer left): every shard file matches its
+    SHA-256 and the store's w0; no file outside the manifest; no forgotten example in any live shard's training
+    set or in the features; the composed Δw equals a fresh recomposition of the live shards; the audit log agrees
+    with the manifest. Returns ``{"ok": bool, "problems": [...], "checked": {...}}``."""
+    with ShardStore(store_dir) as store, store.writing("verify", {}):
+        if store.get_meta("config") is None:
+            report = {"ok": False, "problems": ["the store was never completely created (its first `taft shards "
+                                                "train` was interrupted); run it again with the same options"],
+                      "checked": {"shards": 0, "live": 0, "forgotten": 0, "audit_rows": 0, "composed": []},
+                      "incomplete": True}
+            with store.transaction() as db:
+                store.finish(db, report, "failed")
+            return report
+        _recompose_if_dirty(store)
+        problems: list[str] = []
+        rows = store.shard_rows()
+        live = [r for r in rows if r["status"] == "live"]
+        forgotten = set(store.forgotten_ids())
+        audit = store.audit_rows()
+        shard_rows_logged = {(json.loads(a["detail"]).get("file"), json.loads(a["detail"]).get("sha256"))
+                             for a in audit if a["outcome"] == "shard"}
+        loaded = {}
+        for r in rows:
+            k = r["shard"]
+            if r["status"] != "live":
+                if r["file"]:
+                    problems.append(f"shard {k} is {r['status']} but lists a file {r['file']}")
+                continue
+            try:
+                delta, meta = load_shard(store, r)
+            except StoreError as e:
+                problems.append(str(e))
+                continue
+            loaded[k] = delta
+            ids = store.live_ids(k)
+            if forgotten & set(ids):
+                problems.append(f"shard {k}: forgotten examples are still listed as live")
+            if meta.get("user.train_ids_sha256") != ids_digest(ids) or r["ids_sha256"] != ids_digest(ids):
+                problems.append(f"shard {k}: its model was trained on another set of examples than its live ones "
+                                f"(a forgotten example, or a changed manifest); retrain it")
+            if (r["file"], r["sha256"]) not in shard_rows_logged:
+                problems.append(f"shard {k}: {r['file']} has no training record in the audit log")
+        for f in _stray_files(store):
+            problems.append(f"{f} is in the store but not in the manifest (a foreign or leftover file)")
+        feat = store.root / store.get_meta("features")
+        try:
+            FeatureCache.load(feat, expect_ids=store.all_live_ids())
+        except Exception as e:
+            problems.append(f"{store.get_meta('features')}: the features do not hold exactly the live examples ({e})")
+        composed = store.get_meta("composed")
+        exclude = set(store.get_meta("exclude", []))
+        want = [r["shard"] for r in live if r["shard"] not in exclude]
+        if want:
+            problems += _check_composed(store, composed, want, loaded)
+        elif store.composed_dir.exists():
+            problems.append("composed/ exists although no shard is live")
+        problems += _check_audit(store, audit, forgotten)
+        report = {"ok": not problems, "problems": problems,
+                  "checked": {"shards": len(rows), "live": len(live), "forgotten": len(forgotten),
+                              "audit_rows": len(audit), "composed": want}}
+        with store.transaction() as db:
+            store.finish(db, report, "ok" if not problems else "failed")
+        return report
+
+
+def _check_composed(store: ShardStore, composed: dict | None, want: list[int], loaded: dict) -> list[str]:
+    if not composed:
+        return ["no composition is recorded although shards are live; run `taft shards compose`"]
+    if composed["shards"] != want:
+        return [f"composed/ holds shards {composed['shards']}, the live ones are {want}; run `taft shards compose`"]
+    try:
+        manifest = verify_run(store.composed_dir)
+        delta, meta = read_delta(store.composed_dir / "delta.safetensors")
+    except (RunDirError, CheckpointError) as e:
+        return [f"composed/: {e}"]
+    if manifest["run_id"] != composed.get("run_id") or meta.get("run_id") != composed.get("run_id"):
+        return ["composed/ is not the composition the manifest recorded (run id differs)"]
+    if any(k not in loaded for k in want):
+        return []  # a shard that failed its own check is reported already
+    fresh = weighted_average([loaded[k] for k in want], _weights(store, want, composed["weights_rule"]))
+    if set(fresh) != set(delta) or any(not torch.equal(fresh[n], delta[n]) for n in fresh):
+        return ["composed/delta.safetensors differs from a fresh recomposition of the live shards"]
+    return []
+
+
+def _check_audit(store: ShardStore, audit: list[dict], forgotten: set[str]) -> list[str]:
+    problems = []
+    seqs = [a["seq"] for a in audit]
+    if seqs != sorted(seqs) or len(set(seqs)) != len(seqs):
+        problems.append("the audit log's sequence numbers are out of order")
+    by_request: dict[int, list[dict]] = {}
+    for a in audit:
+        by_request.setdefault(a["request"], []).append(a)
+    for req, entries in by_request.items():
+        if entries[0]["outcome"] != "started":
+            problems.append(f"audit request {req} has no 'started' row first")
+        finals = [e for e in entries if e["outcome"] in ("ok", "error", "failed")]
+        if len(finals) > 1:
+            problems.append(f"audit request {req} ended more than once")
+    logged = set()
+    for a in audit:
+        if a["outcome"] == "forgotten":
+            logged.update(json.loads(a["detail"])["ids"])
+    if forgotten - logged:
+        problems.append(f"{len(forgotten - logged)} forgotten id(s) have no forget request in the audit log")
+    if logged - forgotten:
+        problems.append(f"{len(logged - forgotten)} id(s) logged as forgotten are live in the manifest")
+    return problems
+
+
+def status(store_dir: str | Path) -> dict[str, Any]:
+    """The store's shards (status, size, generation, validation accuracy), its composition and its history."""
+    with ShardStore(store_dir) as store:
+        return {"store": str(store.root), "config": store.get_meta("config"),
+                "num_shards": store.get_meta("num_shards"), "shards": store.shard_rows(),
+                "examples": store.db.execute("SELECT COUNT(*) FROM examples").fetchone()[0],
+                "forgotten": len(store.forgotten_ids()), "composed": store.get_meta("composed"),
+                "dirty": store.get_meta("dirty", False),
+                "ids": [{"id": i, "shard": k, "forgotten_in": f} for i, k, f in store.db.execute(
+                    "SELECT id, shard, forgotten_in FROM examples ORDER BY position")],
+                "history": [{k: a[k] for k in ("seq", "request", "time", "action", "outcome")} for a in
+                            store.audit_rows()]}
+
+
+@torch.no_grad()
+def shard_logits(store_dir: str | Path, split: str = "test", *, which: str = "shards",
+                 max_eval: int | None = None) -> tuple[Tensor, Tensor, list[int]]:
+    """Logits of every live shard model (``which="shards"``: (K, N, C)) or of the composed model ((1, N, C)) on a
+    split of the store's data, with the labels and the shard indices — what ensembles and SISA's vote use."""
+    with ShardStore(store_dir) as store:
+        cfg = _store_config(store)
+        if max_eval is not None:
+            cfg = dataclasses.replace(cfg, max_eval=max_eval)
+        trainer = ShardTrainer.from_config(cfg, features=FeatureCache([], ids=[]), labels={})
+        ds = getattr(trainer.prep.splits, split)
+        if ds is None:
+            raise ConfigError(f"{cfg.data} has no {split} split")
+        ds = ds.subset(range(min(len(ds), cfg.max_eval or len(ds))))
+        cache = trainer.prep.cache_for(trainer.template, ds, split, False, None, "")
+        if which == "composed":
+            delta, _ = read_delta(store.composed_dir / "delta.safetensors")
+            deltas, shards = [delta], [-1]
+        else:
+            rows = [r for r in store.shard_rows() if r["status"] == "live"]
+            deltas, shards = [load_shard(store, r)[0] for r in rows], [r["shard"] for r in rows]
+        out = []
+        for d in deltas:
+            tm = trainer.load(d)
+            out.append(torch.cat([tm.suffix(cache.collate(list(range(s, min(s + cfg.eval_batch_size, len(cache)))),
+                                                          trainer.device)).cpu()
+                                  for s in range(0, len(cache), cfg.eval_batch_size)]))
+        return torch.stack(out), ds.labels, shards
+
+
+def evaluate_store(store_dir: str | Path, split: str = "test", *, max_eval: int | None = None) -> dict[str, Any]:
+    """Accuracy of the composed model, of the mean of the shard models' outputs (the ensemble it equals for TAFT),
+    and of SISA's majority vote of the shard models' predictions."""
+    per_shard, labels, shards = shard_logits(store_dir, split, max_eval=max_eval)
+    composed, _, _ = shard_logits(store_dir, split, which="composed", max_eval=max_eval)
+    votes = torch.nn.functional.one_hot(per_shard.argmax(-1), per_shard.shape[-1]).sum(0)  # (N, C)
+    return {"split": split, "examples": len(labels), "shards": shards,
+            "composed": float((composed[0].argmax(-1) == labels).float().mean()),
+            "ensemble_mean": float((per_shard.mean(0).argmax(-1) == labels).float().mean()),
+            "vote": float((votes.argmax(-1) == labels).float().mean()),
+            "per_shard": [float((p.argmax(-1) == labels).float().mean()) for p in per_shard]}

@@ -1,0 +1,281 @@
+"""The shard store: a folder with a SQLite manifest, one Δw file per shard and an append-only audit log.
+
+Layout of ``STORE/``::
+
+    manifest.sqlite    examples (id → shard, forgotten?), shards (file, SHA-256, size, accuracy), meta, audit
+    store.lock         the writer lock (filelock): one writer at a time, across processes and machines sharing it
+    shards/            shard-0003-g1.safetensors: Δw of shard 3, generation 1 (a retrain makes generation 2)
+    features/          the frozen-prefix features of the live training examples (no forgotten example's row)
+    composed/          the composition of the live shards, a normal run folder (`taft eval STORE/composed`)
+
+**Crash safety.** A file is written as a temporary sibling, fsynced and renamed; the manifest learns of it in one
+transaction after it is in place. Before any file is written its path is recorded in ``pending``; a transaction
+that makes a file part of the store (or supersedes one) removes it from (or adds it to) ``pending`` in the same
+commit. Opening the store for writing deletes every path still pending, so a writer killed at any point leaves
+the store as before the interrupted step or after it, and a stray temporary file is never mistaken for a shard.
+A composition interrupted after its shards changed is redone on the next open (``meta.dirty``).
+
+**Audit.** Every request (train, compose, forget, verify) appends a ``started`` row and, in the same transaction as
+its manifest changes, an ``ok`` row (or an ``error`` row); rows are never updated or deleted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sqlite3
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from filelock import FileLock, Timeout
+
+from taft.checkpoint import fsync_file
+from taft.errors import TaftError
+
+FORMAT = "taft-shards/1"
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS examples (
+    id TEXT PRIMARY KEY, shard INTEGER NOT NULL, position INTEGER NOT NULL, label INTEGER NOT NULL,
+    forgotten_in INTEGER);
+CREATE INDEX IF NOT EXISTS examples_shard ON examples (shard);
+CREATE TABLE IF NOT EXISTS shards (
+    shard INTEGER PRIMARY KEY, status TEXT NOT NULL, file TEXT, sha256 TEXT, examples INTEGER NOT NULL,
+    generation INTEGER NOT NULL, val_acc REAL, train_s REAL, trained_in INTEGER, ids_sha256 TEXT);
+CREATE TABLE IF NOT EXISTS pending (path TEXT PRIMARY KEY);
+CREATE TABLE IF NOT EXISTS audit (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, request INTEGER, time TEXT NOT NULL, action TEXT NOT NULL,
+    args TEXT NOT NULL, outcome TEXT NOT NULL, detail TEXT NOT NULL);
+"""
+# shard status: "untrained" (no file yet), "live" (file in the composition), "dropped" (forgotten without
+# retraining: no file), "empty" (every example forgotten: no file)
+
+
+class StoreError(TaftError):
+    """A store that does not exist, is damaged, or cannot take the request; the message says what to do."""
+
+
+def now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class ShardStore:
+    """Open (``create=False``) or create a store folder. Reads need no lock; every change goes through
+    :meth:`writing`, which takes the writer lock and first finishes what an interrupted writer left."""
+
+    def __init__(self, root: str | Path, *, create: bool = False, lock_timeout: float = -1) -> None:
+        self.root = Path(root).expanduser().absolute()
+        db = self.root / "manifest.sqlite"
+        if not create and not db.is_file():
+            what = "does not exist" if not self.root.exists() else "is not a shard store (no manifest.sqlite)"
+            raise StoreError(f"--store {self.root} {what}; create one with `taft shards train --store "
+                             f"{self.root} --shards K ...`")
+        if create:
+            if self.root.exists() and not self.root.is_dir():
+                raise StoreError(f"--store {self.root} is a file; choose a folder")
+            self.root.mkdir(parents=True, exist_ok=True)
+        try:  # the manifest first: a folder holding it is a store, whatever else a killed creation left
+            self.db = sqlite3.connect(db, isolation_level=None, timeout=60)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=FULL")
+            self.db.executescript(SCHEMA)
+        except sqlite3.DatabaseError as e:
+            raise StoreError(f"{db} is damaged or not a SQLite file ({e}); the store cannot be read") from e
+        (self.root / "shards").mkdir(exist_ok=True)  # (a creation killed right after the manifest lacks them)
+        (self.root / "features").mkdir(exist_ok=True)
+        self.lock = FileLock(str(self.root / "store.lock"), timeout=lock_timeout)
+        self._request: int | None = None
+
+    def close(self) -> None:
+        self.db.close()
+
+    def __enter__(self) -> ShardStore:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- paths --------------------------------------------------------------------------------------------
+    @property
+    def shards_dir(self) -> Path:
+        return self.root / "shards"
+
+    @property
+    def features_path(self) -> Path:
+        return self.root / "features" / "train.safetensors"
+
+    @property
+    def composed_dir(self) -> Path:
+        return self.root / "composed"
+
+    def rel(self, path: Path) -> str:
+        return str(Path(path).absolute().relative_to(self.root))
+
+    # -- transactions ---------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """One atomic manifest change (BEGIN IMMEDIATE … COMMIT; rolled back on any exception)."""
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.db
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
+    @contextlib.contextmanager
+    def writing(self, action: str, args: dict[str, Any]) -> Iterator[ShardStore]:
+        """Hold the writer lock for one request: recover, log ``started``, run; an exception logs ``error``.
+        The body ends its request with :meth:`finish` (an ``ok`` row, inside its last transaction)."""
+        try:
+            self.lock.acquire()
+        except Timeout:
+            raise StoreError(f"the store {self.root} is busy (another taft process holds {self.lock.lock_file}); "
+                             f"wait for it to finish") from None
+        try:
+            self.recover()
+            with self.transaction() as db:
+                cur = db.execute("INSERT INTO audit (request, time, action, args, outcome, detail) VALUES "
+                                 "(NULL, ?, ?, ?, 'started', '{}')", (now(), action, json.dumps(args, default=str)))
+                self._request = cur.lastrowid
+                db.execute("UPDATE audit SET request = seq WHERE seq = ?", (self._request,))
+            self._action, self._args, self._finished = action, args, False
+            try:
+                yield self
+            except BaseException as e:
+                if not isinstance(e, KeyboardInterrupt | SystemExit):
+                    self._log("error", {"error": f"{type(e).__name__}: {e}"})
+                raise
+            if not self._finished:
+                self._log("ok", {})
+        finally:
+            self._request = None
+            self.lock.release()
+
+    def finish(self, db: sqlite3.Connection, detail: dict[str, Any], outcome: str = "ok") -> None:
+        """Append the request's final row inside the caller's transaction (the change and its record commit
+        together)."""
+        db.execute("INSERT INTO audit (request, time, action, args, outcome, detail) VALUES (?, ?, ?, ?, ?, ?)",
+                   (self._request, now(), self._action, json.dumps(self._args, default=str), outcome,
+                    json.dumps(detail, default=str)))
+        self._finished = True
+
+    def _log(self, outcome: str, detail: dict[str, Any]) -> None:
+        with self.transaction() as db:
+            db.execute("INSERT INTO audit (request, time, action, args, outcome, detail) VALUES (?, ?, ?, ?, ?, ?)",
+                       (self._request, now(), self._action, json.dumps(self._args, default=str), outcome,
+                        json.dumps(detail, default=str)))
+
+    @property
+    def action(self) -> str:
+        return self._action
+
+    @property
+    def request(self) -> int:
+        assert self._request is not None, "outside a writing() request"
+        return self._request
+
+    # -- crash recovery -------------------------------------------------------------------------------------
+    def recover(self) -> list[str]:
+        """Delete every file a killed writer left pending (temporary files, files written but never committed,
+        files superseded but not yet removed). Call with the lock held. Returns what was removed."""
+        removed = []
+        for (path,) in self.db.execute("SELECT path FROM pending").fetchall():
+            p = self.root / path
+            if p.is_dir():
+                import shutil
+
+                shutil.rmtree(p, ignore_errors=True)
+                removed.append(path)
+            elif p.exists() or p.is_symlink():
+                p.unlink()
+                removed.append(path)
+        if removed:
+            fsync_dir(self.shards_dir)
+        self.db.execute("DELETE FROM pending")
+        return removed
+
+    def add_pending(self, *paths: Path) -> None:
+        """Record paths about to be written (or to be deleted), in their own committed transaction."""
+        with self.transaction() as db:
+            db.executemany("INSERT OR IGNORE INTO pending (path) VALUES (?)", [(self.rel(p),) for p in paths])
+
+    def settle(self, db: sqlite3.Connection, *paths: Path) -> None:
+        """Inside a transaction: ``paths`` are now part of the store (no longer pending)."""
+        db.executemany("DELETE FROM pending WHERE path = ?", [(self.rel(p),) for p in paths])
+
+    def delete_files(self, paths: Sequence[Path]) -> None:
+        """Delete files that a committed transaction listed as pending, then clear them from ``pending``."""
+        for p in paths:
+            if p.is_dir():
+                import shutil
+
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+        if paths:
+            fsync_dir(self.shards_dir)
+            with self.transaction() as db:
+                self.settle(db, *paths)
+
+    # -- meta, examples, shards ------------------------------------------------------------------------------
+    def get_meta(self, key: str, default: Any = None) -> Any:
+        row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return default if row is None else json.loads(row[0])
+
+    @staticmethod
+    def set_meta(db: sqlite3.Connection, key: str, value: Any) -> None:
+        db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, json.dumps(value)))
+
+    def shard_rows(self) -> list[dict[str, Any]]:
+        cur = self.db.execute("SELECT * FROM shards ORDER BY shard")
+        cols = [c[0] for c in cur.description]
+        return [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
+
+    def shard_row(self, shard: int) -> dict[str, Any] | None:
+        rows = [r for r in self.shard_rows() if r["shard"] == shard]
+        return rows[0] if rows else None
+
+    def live_ids(self, shard: int) -> list[str]:
+        """The not-forgotten example ids of ``shard``, in dataset order."""
+        return [r[0] for r in self.db.execute(
+            "SELECT id FROM examples WHERE shard = ? AND forgotten_in IS NULL ORDER BY position", (shard,))]
+
+    def all_live_ids(self) -> list[str]:
+        return [r[0] for r in self.db.execute(
+            "SELECT id FROM examples WHERE forgotten_in IS NULL ORDER BY position")]
+
+    def forgotten_ids(self) -> list[str]:
+        return [r[0] for r in self.db.execute(
+            "SELECT id FROM examples WHERE forgotten_in IS NOT NULL ORDER BY position")]
+
+    def audit_rows(self) -> list[dict[str, Any]]:
+        cur = self.db.execute("SELECT * FROM audit ORDER BY seq")
+        cols = [c[0] for c in cur.description]
+        return [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
+
+    def shard_file(self, shard: int, generation: int) -> Path:
+        return self.shards_dir / f"shard-{shard:04d}-g{generation}.safetensors"
+
+
+def atomic_tmp(path: Path) -> Path:
+    """The temporary sibling a file is written to before its rename (recorded as pending with it)."""
+    return path.with_name(f".{path.name}.tmp")
+
+
+def publish(tmp: Path, path: Path) -> None:
+    """fsync ``tmp`` and rename it to ``path`` (atomic on POSIX), then fsync the folder."""
+    fsync_file(tmp)
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
