@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -116,7 +117,7 @@ def _train_ray(trainer: ShardTrainer, jobs, paths, meta, address: str | None):
     if started:
         try:
             ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False,
-                     **({} if address else {"num_cpus": max(1, torch.get_num_threads())}))
+                     **({} if address else {"num_cpus": max(1, min(os.cpu_count() or 1, len(jobs)))}))
         except (ConnectionError, RuntimeError, ValueError) as e:
             raise ConfigError(f"--ray-address {address}: cannot connect to a Ray cluster ({e})") from e
     try:

@@ -125,6 +125,8 @@ class ShardTrainer:
             raise ConfigError("a shard has no examples to train on")
         return self.features.subset(list(ids)), torch.tensor([self.labels[i] for i in ids])
 
+    validate_shards = True  # validation accuracy of every shard model (for `taft shards status`); off: None
+
     def validate(self, tm: TangentModel) -> float | None:
         if self.val_features is None:
             return None
@@ -138,7 +140,8 @@ class ShardTrainer:
         scratch = RunResult(config={}, val_acc=float("nan"), test_acc=None)
         _fit(self.shard_config(shard), tm, cache, labels, None, None, self.device, False, scratch, None,
              what=f"shard {shard}")
-        return ShardModel(shard, _cpu(tm.delta_dict()), self.validate(tm), time.perf_counter() - t0)
+        val = self.validate(tm) if self.validate_shards else None
+        return ShardModel(shard, _cpu(tm.delta_dict()), val, time.perf_counter() - t0)
 
     def load(self, delta: dict[str, Tensor]) -> TangentModel:
         tm = self.new_model()
@@ -216,7 +219,7 @@ class ShardTrainer:
             if not all(bool(torch.isfinite(t).all()) for t in d.values()):
                 raise TrainingDiverged(f"shard {shard} diverged: Δw is NaN or infinite; lower the learning rate "
                                        f"(--lr {cfg.lr:g})")
-            out.append(ShardModel(shard, d, self.validate(self.load(d)), elapsed))
+            out.append(ShardModel(shard, d, self.validate(self.load(d)) if self.validate_shards else None, elapsed))
         return out
 
 

@@ -1,0 +1,391 @@
+"""Composition and unlearning on the sentence tasks: composed TAFT vs Model Soup vs SISA as the shard count grows.
+
+    python benchmarks/shards.py                        # SST-2 and TREC, K = 1, 10, 25, 50, conditions, timings
+    python benchmarks/shards.py --tasks trec           # one task (one JSON per task, resumable; --force redoes)
+    python benchmarks/shards.py --report               # tables and plots from the per-task JSONs
+    python benchmarks/shards.py --small                # tiny random model, seconds (CI smoke test)
+
+Every shard model is MiniLM's last block + head (scope last:1) trained from the same w0 with a shared zero-shot
+head (data-independent: a probe head would not be forgettable), the library's defaults for everything else except
+the number of epochs per shard (``--epochs``, the same for every method and K). Shards are the store's seeded
+per-id hash split. Methods: **TAFT** (tangent shard models, composed by averaging Δw weighted by shard size,
+which equals the weighted mean of their outputs); **Model Soup** (ordinary fine-tuning of the same parameters,
+averaged the same way); **SISA** (the same ordinary shard models, majority vote of their predictions). Shards of
+one K train together (the batched backend); test accuracy is read once per model, nothing is selected on test.
+
+Per task: accuracy at each K; accuracy as shards are dropped from the K_max model (random order, seeded); the
+time to forget one example (retrain its shard, through a real store) vs retraining one model from scratch;
+training time of K_max shards sequential vs batched vs one model on all the data; inference time of the composed
+model vs the K_max-model ensemble. On the first task also the conditions that could separate the methods
+(re-initialized block PT=F; learning rate ×10; two blocks), each at K = 1 and K_max.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import platform
+import random
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from taft.config import TrainConfig
+from taft.data.shards import assign_shards
+from taft.delta import weighted_average
+from taft.shards.training import ShardTrainer
+from taft.train.rundir import write_json
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def _device() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def _jobs(ids: list[str], k: int, seed: int) -> list[tuple[int, list[str]]]:
+    shards = assign_shards(ids, k, seed)
+    groups: dict[int, list[str]] = {}
+    for i, s in zip(ids, shards, strict=True):
+        groups.setdefault(s, []).append(i)
+    return sorted(groups.items())
+
+
+@torch.no_grad()
+def _logits(trainer: ShardTrainer, deltas: list[dict], cache) -> torch.Tensor:
+    """(M, N, C) logits of M Δw on a feature cache."""
+    out = []
+    bs = trainer.cfg.eval_batch_size
+    for d in deltas:
+        tm = trainer.load(d)
+        out.append(torch.cat([tm.suffix(cache.collate(list(range(s, min(s + bs, len(cache)))), trainer.device))
+                              for s in range(0, len(cache), bs)]).cpu())
+    return torch.stack(out)
+
+
+def _acc(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    return float((logits.argmax(-1) == labels).float().mean())
+
+
+def _vote(per_shard: torch.Tensor) -> torch.Tensor:
+    """Majority vote as (N, C) counts (ties: the lower class, as argmax does)."""
+    return torch.nn.functional.one_hot(per_shard.argmax(-1), per_shard.shape[-1]).sum(0).float()
+
+
+class Task:
+    """One task's shared state: w0, the train/val/test features (computed once), and a trainer per method."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        t0 = time.perf_counter()
+        self.base = ShardTrainer.from_config(cfg)
+        test = self.base.prep.splits.test
+        self.test_labels = test.labels
+        self.test = self.base.prep.cache_for(self.base.template, test, "test", False, None, "")
+        self.features_s = time.perf_counter() - t0
+        self.ids = list(self.base.features.ids)
+
+    def trainer(self, method: str, **changes) -> ShardTrainer:
+        cfg = dataclasses.replace(self.cfg, method=method, **changes)
+        if changes.get("reinit") or changes.get("scope"):  # another w0 or another start stage: its own features
+            tr = ShardTrainer.from_config(cfg)
+        else:
+            b = self.base
+            tr = ShardTrainer(cfg, b.clf, b.features, b.labels, val_features=b.val_features, val_labels=b.val_labels)
+        tr.validate_shards = False  # the composed model is validated once instead
+        return tr
+
+    def train(self, trainer: ShardTrainer, k: int, chunk: int) -> tuple[list, list[float], float]:
+        jobs = _jobs(self.ids, k, self.cfg.seed)
+        t0 = time.perf_counter()
+        models = trainer.train_batched(jobs, chunk=chunk)
+        return models, [float(len(ids)) for _, ids in jobs], time.perf_counter() - t0
+
+    def scores(self, trainer: ShardTrainer, models, sizes, with_vote: bool) -> dict:
+        test = self.test if trainer.cfg.scope == self.cfg.scope and not trainer.cfg.reinit else \
+            trainer.prep.cache_for(trainer.template, trainer.prep.splits.test, "test", False, None, "")
+        composed = weighted_average([m.delta for m in models], sizes)
+        out = {"composed": _acc(_logits(trainer, [composed], test)[0], self.test_labels),
+               "composed_val": trainer.validate(trainer.load(composed))}
+        if with_vote:
+            per = _logits(trainer, [m.delta for m in models], test)
+            out["vote"] = _acc(_vote(per), self.test_labels)
+            out["ensemble_mean"] = _acc((torch.tensor(sizes)[:, None, None] * per).sum(0), self.test_labels)
+            out["_per_shard"] = per
+        return out
+
+
+def run_task(task: str, args) -> dict:
+    cfg = TrainConfig(model=args.model, data=task, data_root=args.data_root, head_init=args.head_init,
+                      test_file=args.test_file,
+                      epochs=args.epochs, max_train=args.max_train, seed=0, threads=args.threads)
+    t = Task(cfg)
+    ks, kmax = args.ks, max(args.ks)
+    out: dict = {"task": task, "config": dataclasses.asdict(cfg), "train_examples": len(t.ids),
+                 "test_examples": len(t.test_labels), "features_s": t.features_s, "by_k": {}}
+    taft, nlft = t.trainer("taft"), t.trainer("nlft")
+    keep: dict = {}
+    for k in ks:
+        row = {}
+        for name, tr in (("taft", taft), ("nlft", nlft)):
+            models, sizes, secs = t.train(tr, k, args.chunk)
+            s = t.scores(tr, models, sizes, with_vote=True)
+            per = s.pop("_per_shard")
+            if k == kmax:
+                keep[name] = (models, sizes, per)
+            row[name] = {**s, "train_s": secs, "shards": len(models)}
+            print(json.dumps({"task": task, "K": k, "method": name, **row[name]}), flush=True)
+        out["by_k"][str(k)] = {"TAFT (composed)": row["taft"]["composed"], "TAFT (vote)": row["taft"]["vote"],
+                               "Model Soup": row["nlft"]["composed"], "SISA (vote)": row["nlft"]["vote"],
+                               "detail": row}
+    out["drop_curve"] = _drop_curve(t, keep, args)
+    if task == args.detail_task:
+        parts = [("forget", lambda: _forget_time(cfg, task, kmax, args)),
+                 ("timing", lambda: _timing(t, taft, kmax, keep["taft"], args))]
+        if args.conditions:
+            parts.append(("conditions", lambda: _conditions(t, [1, kmax], args)))
+        for name, fn in parts:
+            write_json(args.out / "shards" / f"{task}.partial.json", out)  # survives a crash of the next part
+            out[name] = fn()
+    return out
+
+
+def _drop_curve(t: Task, keep: dict, args) -> dict:
+    """Accuracy after dropping shards from the K_max models, in one random order (seed 0) for both methods."""
+    models, sizes, per_t = keep["taft"]
+    _, _, per_n = keep["nlft"]
+    order = list(range(len(models)))
+    random.Random(0).shuffle(order)
+    steps = sorted({0, *range(0, len(models), max(1, len(models) // 10)), len(models) - 1})
+    curve = {"dropped": [], "TAFT (composed)": [], "SISA (vote)": []}
+    for d in steps:
+        live = sorted(order[d:])
+        composed = weighted_average([models[i].delta for i in live], [sizes[i] for i in live])
+        curve["dropped"].append(d)
+        curve["TAFT (composed)"].append(_acc(_logits(t.base, [composed], t.test)[0], t.test_labels))
+        curve["SISA (vote)"].append(_acc(_vote(per_n[live]), t.test_labels))
+    return curve
+
+
+def _forget_time(cfg: TrainConfig, task: str, k: int, args) -> dict:
+    """Through a real store (sequential backend): build K_max shards, forget one example with --retrain; against
+    training one model on all the data from the same features (the retrain-from-scratch alternative)."""
+    from taft.shards import ops
+
+    work = Path(tempfile.mkdtemp(prefix="taft-shards-bench-"))
+    try:
+        store = work / "store"
+        t0 = time.perf_counter()
+        ops.train_store(cfg, store, k, backend="batched", chunk=args.chunk, progress=False)
+        build_s = time.perf_counter() - t0
+        st = ops.ShardStore(store)
+        victim = st.all_live_ids()[0]
+        st.close()
+        t0 = time.perf_counter()
+        res = ops.forget(store, [victim], retrain=True)
+        forget_s = time.perf_counter() - t0
+        ev = ops.evaluate_store(store)
+        report = ops.verify(store)
+        trainer = ShardTrainer.from_config(cfg)
+        ids = [i for i in trainer.features.ids if i != victim]
+        t0 = time.perf_counter()
+        trainer.train_one(0, ids)
+        scratch_s = time.perf_counter() - t0
+        return {"K": k, "store_build_s": build_s, "forget_retrain_s": forget_s, "of_which_training_s": res["retrain_s"],
+                "retrain_from_scratch_s": scratch_s, "speedup": scratch_s / forget_s,
+                "speedup_training_only": scratch_s / res["retrain_s"],
+                "test_after_forget": {"composed": ev["composed"], "vote": ev["vote"]}, "verify_ok": report["ok"]}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _timing(t: Task, taft: ShardTrainer, k: int, kept, args) -> dict:
+    """K shards sequential vs batched (the K_max batched run above) vs one model on all the data; inference of the
+    composed model vs the K-model ensemble."""
+    jobs = _jobs(t.ids, k, t.cfg.seed)
+    t0 = time.perf_counter()
+    for shard, ids in jobs:
+        taft.train_one(shard, ids)
+    seq_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    taft.train_one(0, t.ids)
+    single_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    bat = taft.train_batched(jobs, chunk=args.chunk)
+    bat_s = time.perf_counter() - t0
+    models, sizes, _ = kept
+    composed = weighted_average([m.delta for m in bat], sizes)
+    t0 = time.perf_counter()
+    _logits(taft, [composed], t.test)
+    comp_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    _logits(taft, [m.delta for m in models], t.test)
+    ens_s = time.perf_counter() - t0
+    return {"K": k, "sequential_s": seq_s, "batched_s": bat_s, "single_model_all_data_s": single_s,
+            "batched_over_single": bat_s / single_s, "sequential_over_single": seq_s / single_s,
+            "inference_composed_s": comp_s, "inference_ensemble_s": ens_s, "ensemble_over_composed": ens_s / comp_s,
+            "note": "training times exclude the shared frozen-prefix features (computed once for all)"}
+
+
+def _conditions(t: Task, ks: list[int], args) -> dict:
+    out = {}
+    for name, changes in (("PT=F (re-initialized block)", {"reinit": True}),
+                          ("learning rate ×10 (1e-2)", {"lr": 1e-2}),
+                          ("two blocks (last:2)", {"scope": "last:2"})):
+        row = {}
+        for method, label_c, label_v in (("taft", "TAFT (composed)", None), ("nlft", "Model Soup", "SISA (vote)")):
+            tr = t.trainer(method, **changes)
+            for k in ks:
+                models, sizes, _ = t.train(tr, k, args.chunk)
+                s = t.scores(tr, models, sizes, with_vote=label_v is not None)
+                s.pop("_per_shard", None)
+                row.setdefault(str(k), {})[label_c] = s["composed"]
+                if label_v:
+                    row[str(k)][label_v] = s["vote"]
+                print(json.dumps({"condition": name, "method": method, "K": k, **s}), flush=True)
+        out[name] = row
+    return out
+
+
+# -- report ---------------------------------------------------------------------------------------------------
+def report(tasks: list[str], out_dir: Path, stem: str) -> None:
+    per = {t: json.loads((out_dir / "shards" / f"{t}.json").read_text()) for t in tasks
+           if (out_dir / "shards" / f"{t}.json").is_file()}
+    if not per:
+        sys.exit("no per-task results; run the benchmark first")
+    meta = next(iter(per.values()))["meta"]
+    methods = ["TAFT (composed)", "Model Soup", "SISA (vote)", "TAFT (vote)"]
+    lines = [f"# Shard composition and unlearning ({meta['device']}, {meta['date']})", "",
+             f"Command: `{meta['command']}`", "",
+             "Test accuracy (%) of MiniLM last block + head trained on K disjoint shards from one w0 (shared zero-shot "
+             f"head), {meta['epochs']} epochs per shard, library defaults otherwise; one seed.", ""]
+    for t, r in per.items():
+        ks = list(r["by_k"])
+        lines += [f"## {t} ({r['train_examples']} training, {r['test_examples']} test examples)", "",
+                  "| method | " + " | ".join(f"K = {k}" for k in ks) + " |", "|---|" + "---|" * len(ks)]
+        for m in methods:
+            lines.append(f"| {m} | " + " | ".join(f"{100 * r['by_k'][k][m]:.2f}" for k in ks) + " |")
+        lines.append("")
+        if "forget" in r:
+            lines += _detail_lines(r)
+        d = r["drop_curve"]
+        lines += [f"Dropping shards from the K = {ks[-1]} model (test %): " + ", ".join(
+            f"{n} dropped: TAFT {100 * a:.1f} / SISA {100 * b:.1f}"
+            for n, a, b in zip(d["dropped"], d["TAFT (composed)"], d["SISA (vote)"], strict=True)), ""]
+        if "conditions" in r:
+            lines += ["Conditions that could separate the methods (test %):", "",
+                      "| condition | K | TAFT (composed) | Model Soup | SISA (vote) |", "|---|---|---|---|---|"]
+            for name, row in r["conditions"].items():
+                for k, v in row.items():
+                    lines.append(f"| {name} | {k} | {100 * v['TAFT (composed)']:.2f} | {100 * v['Model Soup']:.2f} | "
+                                 f"{100 * v['SISA (vote)']:.2f} |")
+            lines.append("")
+    (out_dir / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    write_json(out_dir / f"{stem}.json", per)
+    _plots(per, out_dir, stem)
+    print("\n".join(lines))
+
+
+def _detail_lines(r: dict) -> list[str]:
+    f, tm = r["forget"], r["timing"]
+    after = f["test_after_forget"]
+    return [
+        f"Forget one example (K = {f['K']}, retrain its shard through the store): {f['forget_retrain_s']:.1f} s "
+        f"(of which training {f['of_which_training_s']:.1f} s) vs retraining one model on all the data "
+        f"{f['retrain_from_scratch_s']:.1f} s: {f['speedup']:.1f}× faster ({f['speedup_training_only']:.1f}× "
+        f"counting training only); test accuracy after: composed {100 * after['composed']:.2f}, vote "
+        f"{100 * after['vote']:.2f}; verify {'passed' if f['verify_ok'] else 'FAILED'}.", "",
+        f"Training K = {tm['K']} shards: sequential {tm['sequential_s']:.1f} s, batched {tm['batched_s']:.1f} s, one "
+        f"model on all the data {tm['single_model_all_data_s']:.1f} s (batched ÷ single "
+        f"{tm['batched_over_single']:.2f}×, target ≤ 1.5×; sequential ÷ single "
+        f"{tm['sequential_over_single']:.2f}×; the shared prefix features, "
+        f"{r['features_s']:.1f} s, are computed once). Inference on the test set: composed model "
+        f"{tm['inference_composed_s']:.2f} s (the same at every K) vs the {tm['K']}-model ensemble "
+        f"{tm['inference_ensemble_s']:.2f} s ({tm['ensemble_over_composed']:.1f}×).", ""]
+
+
+def _plots(per: dict, out_dir: Path, stem: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2 * len(per), figsize=(5 * 2 * len(per), 3.6))
+    for i, (t, r) in enumerate(per.items()):
+        ax = axes[2 * i]
+        ks = [int(k) for k in r["by_k"]]
+        for m in ("TAFT (composed)", "Model Soup", "SISA (vote)"):
+            ax.plot(ks, [100 * r["by_k"][str(k)][m] for k in ks], marker="o", label=m)
+        ax.set(title=f"{t}: accuracy vs shards", xlabel="K (shards)", ylabel="test accuracy (%)")
+        ax.legend()
+        ax = axes[2 * i + 1]
+        d = r["drop_curve"]
+        for m in ("TAFT (composed)", "SISA (vote)"):
+            ax.plot(d["dropped"], [100 * a for a in d[m]], marker="o", label=m)
+        ax.set(title=f"{t}: dropping shards (K = {r['timing']['K']})", xlabel="shards dropped",
+               ylabel="test accuracy (%)")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_dir / f"{stem}.png", dpi=120)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tasks", default="sst2,trec")
+    p.add_argument("--ks", default="1,10,25,50")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--max-train", type=int, default=None)
+    p.add_argument("--chunk", type=int, default=25, help="shards trained together at most (memory)")
+    p.add_argument("--model", default="minilm")
+    p.add_argument("--data-root", default=None)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--no-conditions", dest="conditions", action="store_false")
+    p.add_argument("--detail-task", default=None, help="the task that also gets forget/timing/conditions "
+                                                        "(default: the first)")
+    p.add_argument("--report", action="store_true")
+    p.add_argument("--force", action="store_true")
+    p.add_argument("--small", action="store_true", help="tiny random model on a generated task (CI smoke test)")
+    args = p.parse_args()
+    args.head_init, args.test_file = "zero-shot", None
+    args.ks = [int(k) for k in args.ks.split(",")]
+    tasks = args.tasks.split(",")
+    args.detail_task = args.detail_task or tasks[0]
+    stem = "shards"
+    if args.small:
+        work = Path(tempfile.mkdtemp(prefix="taft-shards-small-"))
+        lines = [f"{i % 3} sentence {i} is {['bad', 'fine', 'good'][i % 3]}" for i in range(150)]
+        (work / "d.txt").write_text("\n".join(lines) + "\n")
+        (work / "d.test.txt").write_text("\n".join(lines[:30]) + "\n")
+        args.model, args.ks, args.epochs, args.conditions, stem = "tiny-bert", [1, 3, 5], 2, True, "shards-small"
+        args.head_init, args.test_file = "random", str(work / "d.test.txt")
+        tasks = [str(work / "d.txt")]
+        args.detail_task = tasks[0]
+    if not args.report:
+        (args.out / "shards").mkdir(parents=True, exist_ok=True)
+        for task in tasks:
+            name = Path(task).stem if args.small else task
+            path = args.out / "shards" / f"{name}.json"
+            if path.is_file() and not args.force and not args.small:
+                print(f"{task}: done already ({path}); --force to redo")
+                continue
+            res = run_task(task, args)
+            date = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+            res["meta"] = {"device": _device(), "date": date,
+                           "torch": torch.__version__, "epochs": args.epochs,
+                           "command": "python benchmarks/shards.py " + " ".join(sys.argv[1:])}
+            write_json(path, res)
+        tasks = [Path(t).stem if args.small else t for t in tasks]
+    report(tasks, args.out, stem)
+
+
+if __name__ == "__main__":
+    main()

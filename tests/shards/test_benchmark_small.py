@@ -1,0 +1,26 @@
+"""``benchmarks/shards.py --small`` and ``benchmarks/shard_crash.py`` run end to end and their results are sane."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_shards_benchmark_small(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "shards.py"), "--small", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((tmp_path / "shards-small.json").read_text())
+    (task,) = res.values()
+    assert list(task["by_k"]) == ["1", "3", "5"]
+    for row in task["by_k"].values():
+        taft = row["detail"]["taft"]
+        assert taft["composed"] == taft["ensemble_mean"]  # the composed model is the size-weighted ensemble
+        assert all(0.0 <= row[m] <= 1.0 for m in ("TAFT (composed)", "Model Soup", "SISA (vote)"))
+    assert task["forget"]["verify_ok"] and task["forget"]["forget_retrain_s"] > 0
+    assert task["timing"]["batched_s"] > 0 and set(task["conditions"]) and task["drop_curve"]["dropped"][0] == 0
+    assert (tmp_path / "shards-small.png").stat().st_size > 0 and (tmp_path / "shards-small.md").is_file()
