@@ -353,8 +353,9 @@ def forget(store_dir: str | Path, ids: Sequence[str], *, retrain: bool = False, 
         raise ConfigError("no ids to forget; pass --ids ID ... or --ids-file FILE (one id per line)")
     with ShardStore(store_dir) as store, store.writing("forget", {"ids": ids, "retrain": retrain}):
         _recompose_if_dirty(store)
-        known = dict(store.db.execute(
-            f"SELECT id, forgotten_in FROM examples WHERE id IN ({','.join('?' * len(ids))})", ids).fetchall())
+        wanted = set(ids)
+        rows = [r for r in store.db.execute("SELECT id, shard, forgotten_in FROM examples") if r[0] in wanted]
+        known = {i: f for i, _, f in rows}
         unknown = [i for i in ids if i not in known]
         if unknown:
             raise StoreError(f"{len(unknown)} id(s) are not training examples of this store (e.g. {unknown[:3]}); "
@@ -368,10 +369,8 @@ def forget(store_dir: str | Path, ids: Sequence[str], *, retrain: bool = False, 
         if len(todo) == len(live):
             raise StoreError("this request forgets every remaining training example: no model would be left. "
                              "Delete the store folder instead")
-        shard_of = dict(store.db.execute(
-            f"SELECT id, shard FROM examples WHERE id IN ({','.join('?' * len(todo))})", todo).fetchall())
-        affected = sorted(set(shard_of.values()))
         gone = set(todo)
+        affected = sorted({k for i, k, _ in rows if i in gone})
         remaining = {k: [i for i in store.live_ids(k) if i not in gone] for k in affected}
         # 1. the features without the forgotten rows, as a new file
         old_feat = store.root / store.get_meta("features")
@@ -573,13 +572,18 @@ def shard_logits(store_dir: str | Path, split: str = "test", *, which: str = "sh
 
 
 def evaluate_store(store_dir: str | Path, split: str = "test", *, max_eval: int | None = None) -> dict[str, Any]:
-    """Accuracy of the composed model, of the mean of the shard models' outputs (the ensemble it equals for TAFT),
-    and of SISA's majority vote of the shard models' predictions."""
+    """Accuracy of the composed model, of the shard models' outputs averaged with the composition's weights (the
+    ensemble it equals for TAFT; excluded shards weigh 0), and of SISA's majority vote of the live shard models."""
     per_shard, labels, shards = shard_logits(store_dir, split, max_eval=max_eval)
     composed, _, _ = shard_logits(store_dir, split, which="composed", max_eval=max_eval)
     votes = torch.nn.functional.one_hot(per_shard.argmax(-1), per_shard.shape[-1]).sum(0)  # (N, C)
+    with ShardStore(store_dir) as store:
+        info = store.get_meta("composed") or {}
+    weight = dict(zip(info.get("shards", []), info.get("weights", []), strict=True))
+    w = torch.tensor([weight.get(k, 0.0) for k in shards], dtype=per_shard.dtype)  # the composition's weights
+    ensemble = (w[:, None, None] * per_shard).sum(0) if w.sum() > 0 else per_shard.mean(0)
     return {"split": split, "examples": len(labels), "shards": shards,
             "composed": float((composed[0].argmax(-1) == labels).float().mean()),
-            "ensemble_mean": float((per_shard.mean(0).argmax(-1) == labels).float().mean()),
+            "ensemble_mean": float((ensemble.argmax(-1) == labels).float().mean()),
             "vote": float((votes.argmax(-1) == labels).float().mean()),
             "per_shard": [float((p.argmax(-1) == labels).float().mean()) for p in per_shard]}
