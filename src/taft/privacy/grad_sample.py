@@ -22,6 +22,7 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from taft.engine.dual import Dual
 from taft.engine.family import State
@@ -82,7 +83,10 @@ def _vmapped_grad(module: _Suffix, params: dict[str, Tensor], state: State, per_
         z = torch.func.functional_call(module, p, ({k: v[None] for k, v in t_i.items()}, constants))
         return per_row(z, target_i[None])
 
-    return torch.func.vmap(torch.func.grad(one), in_dims=(None, 0, 0), chunk_size=chunk)(params, tensors, targets)
+    # the math attention: batching rules for every op, where vmap runs the fused CPU kernel one example at a time
+    with sdpa_kernel(SDPBackend.MATH):
+        return torch.func.vmap(torch.func.grad(one), in_dims=(None, 0, 0), chunk_size=chunk)(params, tensors,
+                                                                                            targets)
 
 
 def per_example_grads(tm: TangentModel, state: State, labels: Tensor, loss: Loss, *, chunk: int = 32,
