@@ -143,3 +143,19 @@ def test_empty_batch_is_a_step_on_noise_alone():
     expected = gaussian_noise(like, 0.5 * 2.0, torch.Generator().manual_seed(3))["w"] / 4
     assert torch.allclose(p.detach(), -expected, rtol=0, atol=1e-15)
     assert p.detach().abs().max() > 0
+
+
+@pytest.mark.parametrize("options", [{"reinit": True}, {"linearize_cls": True}], ids=["reinit", "cls"])
+def test_tangent_per_example_grads_keep_reinit_and_cls_token(options):
+    """The tangent path takes J(w0)ᵀ from a non-linear twin: its w0 must be the re-initialized block / fresh CLS."""
+    clf = jitter_params(Classifier(tiny_bert(seed=0), C, pooling="mean", normalize=True), 2)
+    tm = TangentModel(clf, "last:1", seed=5, **options).eval()
+    randomize_delta(tm, 0.05)
+    cache, labels, loss_fn = _cache(tm), torch.tensor([0, 1, 2, 1, 0, 2]), make_loss("rsl")
+    grads = per_example_grads(tm, cache.collate(range(N)), labels, loss_fn)
+    for i in (0, 3):
+        tm.zero_grad()
+        loss_fn(tm.suffix(cache.collate([i])), labels[i : i + 1]).backward()
+        flat = torch.cat([grads[n][i].flatten() for n in tm.linearized])
+        ref = torch.cat([d.grad.flatten() for d in tm.delta_dict().values()])
+        assert_close(flat, ref, what=f"example {i} ({options})")
