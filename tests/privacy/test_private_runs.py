@@ -87,6 +87,9 @@ def test_cli_trains_privately_and_refuses_bad_settings(data, tmp_path, capsys):
     assert "ε spent" in capsys.readouterr().out
     p = json.loads((tmp_path / "r" / "results.json").read_text())["privacy"]
     assert p["clip"] == 0.5 and p["epsilon"] <= 3.0
+    assert main(["eval", str(tmp_path / "r"), "--json"]) == 0  # a private run folder is an ordinary run folder
+    acc = json.loads(capsys.readouterr().out)["accuracy"]
+    assert acc == json.loads((tmp_path / "r" / "results.json").read_text())["test_acc"]
     assert main([*argv, "--dp-epsilon", "0"]) == 2
     assert "taft: error: dp_epsilon must be > 0" in capsys.readouterr().err
     assert main([*argv, "--dp-epsilon", "1", "--dp-delta", "0.5"]) == 2
