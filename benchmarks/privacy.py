@@ -102,10 +102,39 @@ def zero_shot(args, data: str, caches: dict) -> float:
 
 
 # -- cost of privacy --------------------------------------------------------------------------------------
-def _peak_rss_mb() -> float:
-    import resource
+def _rss_mb() -> float:
+    """The process's current resident set size (Linux)."""
+    import os
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+class _PeakRSS:
+    """Samples the resident set size every half millisecond in a thread (torch ops release the GIL); ``peak``.
+
+    Current RSS, not ``ru_maxrss``: a spawned child inherits its parent's maximum across exec."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.peak = _rss_mb()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, _rss_mb())
+            self._stop.wait(0.0005)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss_mb())
 
 
 def _cost_setup(cfg):
@@ -149,14 +178,15 @@ def _cost_case(q, args, scope: str, method: str, private: bool) -> None:
                 loss_fn(tm.suffix(cache.collate(order)), labels[order]).backward()
                 opt.step()
 
-        base = _peak_rss_mb()  # model, features, optimizer state: what both kinds of step start from
-        step()  # warm-up (allocator, vmap tracing)
+        base = _rss_mb()  # model, features: what both kinds of step start from
         times = []
-        for _ in range(args.cost_reps):
-            t = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - t)
-        q.put({"median_s": statistics.median(times), "peak_rss_mb": _peak_rss_mb(), "setup_peak_rss_mb": base})
+        with _PeakRSS() as rss:  # the allocator keeps what a step took, so the warm-up step shows the peak too
+            step()  # warm-up (allocator, vmap tracing)
+            for _ in range(args.cost_reps):
+                t = time.perf_counter()
+                step()
+                times.append(time.perf_counter() - t)
+        q.put({"median_s": statistics.median(times), "peak_rss_mb": rss.peak, "setup_rss_mb": base})
     except Exception as e:  # reported, not swallowed: the parent raises it
         q.put({"error": repr(e)})
 
@@ -178,7 +208,7 @@ def run_cost(args) -> list[dict]:
                 row["private" if private else "plain"] = res
             row["time_ratio"] = row["private"]["median_s"] / row["plain"]["median_s"]
             for k in ("plain", "private"):
-                row[k]["added_mb"] = row[k]["peak_rss_mb"] - row[k]["setup_peak_rss_mb"]
+                row[k]["added_mb"] = row[k]["peak_rss_mb"] - row[k]["setup_rss_mb"]
             row["added_ratio"] = row["private"]["added_mb"] / max(row["plain"]["added_mb"], 1.0)
             print(json.dumps(row), flush=True)
             rows.append(row)
@@ -240,18 +270,20 @@ def report(out: dict) -> str:
               f"within ±0.5 in {ties}, behind by > 0.5 in {losses}. (FC is excluded: a linear head's tangent "
               "model is the head itself.)", ""]
     if out.get("cost"):
+        cmeta = out.get("cost_meta", meta)
         lines += ["## Cost of privacy", "",
                   f"One training step on {out['cost'][0]['batch']} SST-2 examples (cached frozen-prefix features), "
-                  f"median of {meta['cost_reps']} steps after a warm-up. Memory: what the steps add to the process's "
-                  "peak resident set size over the set-up (model, features, optimizer state; "
-                  "each case in a fresh process; resolution ~1 MB).", "",
+                  f"median of {cmeta['cost_reps']} steps after a warm-up ({cmeta['date']}, {cmeta['device']}; "
+                  f"`{cmeta['command']}`). Memory: the peak resident set size during the steps (sampled every 0.5 ms) "
+                  "minus the size before them (model and features loaded), each case in a fresh process. "
+                  "The machine's 2 cores were shared with other jobs: times are noisy.", "",
                   "| scope | method | plain step (s) | private step (s) | time × | plain step adds (MB) | "
-                  "private step adds (MB) | memory × | set-up peak (MB) |", "|---" * 9 + "|"]
+                  "private step adds (MB) | memory × | set-up RSS (MB) |", "|---" * 9 + "|"]
         for r in out["cost"]:
             lines.append(f"| {r['scope']} | {METHODS[r['method']]} | {r['plain']['median_s']:.3f} | "
                          f"{r['private']['median_s']:.3f} | {r['time_ratio']:.2f} | {r['plain']['added_mb']:.0f} | "
                          f"{r['private']['added_mb']:.0f} | {r['added_ratio']:.2f} | "
-                         f"{r['plain']['setup_peak_rss_mb']:.0f} |")
+                         f"{r['plain']['setup_rss_mb']:.0f} |")
         lines.append("")
     return "\n".join(lines) + "\n"
 
@@ -332,11 +364,13 @@ def main(argv: list[str] | None = None) -> None:
     if not args.report:
         import opacus
 
-        out["meta"] = {"date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        run_meta = {"date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
                        "device": _device(), "torch": torch.__version__, "opacus": opacus.__version__,
                        "command": "python benchmarks/privacy.py " + " ".join(sys.argv[1:] if argv is None else argv),
                        "tasks": args.tasks.split(","),
                        **{k: v for k, v in vars(args).items() if k not in ("tasks", "out", "force", "report")}}
+        if not args.skip_accuracy or "meta" not in out:
+            out["meta"] = run_meta
         for task in out["meta"]["tasks"]:
             caches: dict = {}
             if args.skip_accuracy:
@@ -355,6 +389,7 @@ def main(argv: list[str] | None = None) -> None:
                     write_json(path, out)  # after every combination: a stopped run resumes here
         if not args.skip_cost:
             out["cost"] = run_cost(args)
+            out["cost_meta"] = run_meta
         write_json(path, out)
     (out_dir / "privacy.md").write_text(report(out))
     if out["combos"]:
