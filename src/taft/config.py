@@ -231,6 +231,14 @@ class TrainConfig:
     output_dir: str | None = field(default=None, metadata={"help": "where Δw, config and metrics are written"})
     overwrite: bool = field(default=False, metadata={
         "help": "replace a run already in output_dir (the old run is kept until the new one is complete)"})
+    # -- differential privacy (taft.privacy): set dp_epsilon to train with DP-SGD ---------------------------------
+    dp_epsilon: float | None = field(default=None, metadata={
+        "help": "train with differential privacy at this ε (DP-SGD on Δw; σ calibrated to the planned steps)"})
+    dp_delta: float = field(default=1e-5, metadata={"help": "DP δ (must be ≤ 1/N for N training examples)"})
+    dp_clip: float = field(default=1.0, metadata={"help": "DP per-example gradient norm bound C"})
+    dp_accountant: str = field(default="rdp", metadata={"help": "DP accountant (Opacus): rdp | prv"})
+    dp_full_batch: bool = field(default=False, metadata={
+        "help": "DP-GD: one step per epoch on the whole training set instead of Poisson-sampled batches"})
 
     def __post_init__(self) -> None:
         coerce_fields(self)
@@ -274,3 +282,23 @@ class TrainConfig:
                               f"not {self.scope!r}")
         if self.cache == "disk" and not self.cache_dir:
             raise ConfigError("cache=disk needs cache_dir (a folder reused across runs)")
+        self._check_privacy()
+
+    def _check_privacy(self) -> None:
+        _check_choice("dp_accountant", self.dp_accountant, ("rdp", "prv"))
+        if self.dp_epsilon is None:
+            if self.dp_full_batch:
+                raise ConfigError("dp_full_batch is a private-training option; set --dp-epsilon too")
+            return
+        if self.dp_epsilon <= 0:
+            raise ConfigError(f"dp_epsilon must be > 0, got {self.dp_epsilon}; typical targets are 1, 3 or 8")
+        if not 0 < self.dp_delta < 1:
+            raise ConfigError(f"dp_delta must be in (0, 1), got {self.dp_delta}; use one well below 1/N, e.g. 1e-5")
+        if self.dp_clip <= 0:
+            raise ConfigError(f"dp_clip must be > 0, got {self.dp_clip}")
+        if self.method not in ("taft", "nlft"):
+            raise ConfigError(f"dp_epsilon: private training is implemented for method taft and nlft (use "
+                              f"--method nlft --scope head for a private linear probe), not {self.method!r}")
+        if self.head_init == "probe":
+            raise ConfigError("dp_epsilon: head_init=probe fits the head on the training data without privacy; "
+                              "use --head-init zero-shot (class descriptions), random or zeros")

@@ -73,6 +73,7 @@ class RunResult:
     device: str = "cpu"
     output_dir: str | None = None
     num_classes: int = 0
+    privacy: dict | None = None  # private runs: ε spent, δ, σ, C, accountant, steps, sampling rate (taft.privacy)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -275,6 +276,11 @@ def _run(cfg: TrainConfig, device: torch.device, progress: bool, caches: dict | 
     evals = {"val": splits.val, "test": splits.test if evaluate_test else None}
     evals = {k: (v.subset(range(min(len(v), cfg.max_eval or len(v)))) if v is not None else None)
              for k, v in evals.items()}
+    plan = None
+    if cfg.dp_epsilon is not None:  # private run: planned (σ calibrated, bad targets refused) before any features
+        from taft.privacy.fit import plan_private_run
+
+        plan = plan_private_run(cfg, len(train_ds))
     if cfg.head_init == "probe" and cfg.method not in ("fc", "zero-shot"):
         t_probe = time.perf_counter()
         probe_tm = make_tangent_model(dataclasses.replace(cfg, method="fc"), clf).to(device).eval()
@@ -313,7 +319,12 @@ def _run(cfg: TrainConfig, device: torch.device, progress: bool, caches: dict | 
                       str(out_dir / "base_head.safetensors"))
 
     t1 = time.perf_counter()
-    if cfg.method != "zero-shot":
+    if plan is not None:
+        from taft.privacy.fit import fit_private
+
+        fit_private(cfg, plan, tm, feats["train"], train_ds.labels, feats.get("val"), evals["val"], device, progress,
+                    result, out_dir)
+    elif cfg.method != "zero-shot":
         _fit(cfg, tm, feats["train"], train_ds.labels, feats.get("val"), evals["val"], device, progress,
              result, out_dir)
     result.train_s = time.perf_counter() - t1

@@ -13,7 +13,8 @@ from torch import Tensor
 
 def rescaled_square_loss(logits: Tensor, labels: Tensor, *, kappa: float = 1.0, m: float = 15.0) -> Tensor:
     C = logits.shape[-1]
-    onehot = F.one_hot(labels, C).to(logits.dtype)  # (B, C)
+    # (B, C); not F.one_hot, whose range check is data-dependent and fails under vmap (per-example gradients)
+    onehot = (labels[..., None] == torch.arange(C, device=labels.device)).to(logits.dtype)
     target = onehot * m
     weight = 1.0 + (kappa - 1.0) * onehot
     return (weight * (logits - target).pow(2)).sum(-1).mean() / C

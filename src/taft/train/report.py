@@ -13,13 +13,19 @@ def _pct(x) -> str:
 
 def print_results(results) -> None:
     table = Table(title="taft results")
-    for col in ("method", "data", "scope", "val acc", "test acc", "trainable", "cache s", "train s", "total s"):
+    private = any(getattr(r, "privacy", None) for r in results)
+    cols = ("method", "data", "scope", "val acc", "test acc", "trainable", "cache s", "train s", "total s")
+    for col in (*cols, "ε spent (δ)", "σ") if private else cols:
         table.add_column(col, no_wrap=True)
     for r in results:
         c = r.config
-        table.add_row(c["method"], c["data"], c["scope"] if c["method"] in ("taft", "nlft") else "—",
-                      _pct(r.val_acc), _pct(r.test_acc), f"{r.trainable_params:,}", f"{r.cache_s:.1f}",
-                      f"{r.train_s:.1f}", f"{r.total_s:.1f}")
+        row = [c["method"], c["data"], c["scope"] if c["method"] in ("taft", "nlft") else "—",
+               _pct(r.val_acc), _pct(r.test_acc), f"{r.trainable_params:,}", f"{r.cache_s:.1f}",
+               f"{r.train_s:.1f}", f"{r.total_s:.1f}"]
+        if private:
+            p = r.privacy
+            row += [f"{p['epsilon']:.3f} ({p['delta']:g})", f"{p['noise_multiplier']:.3f}"] if p else ["—", "—"]
+        table.add_row(*row)
     console().print(table)
     for r in results:
         if r.output_dir:

@@ -1,0 +1,140 @@
+"""The private training loop (DP-SGD or full-batch DP-GD on Δw), called by ``taft.train.loop`` for runs with
+``dp_epsilon`` set.
+
+What is private: the training split. The frozen prefix is the public pretrained network run on each example; its
+cached features are a deterministic function of one example and public weights, so computing them costs nothing,
+and everything the run releases (Δw, per-epoch validation accuracy, results) is post-processing of the noisy
+gradients. The training loss is not logged (it is a statistic of the private data). Validation examples are
+separate from training examples; choosing hyperparameters on them is not accounted for (the common practice).
+
+Planning happens before any feature is computed (:func:`plan_private_run`): N, the sampling rate, the number of
+steps and the calibrated σ, refusing settings that cannot meet the target.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from taft.config import ConfigError, TrainConfig
+from taft.privacy.accounting import calibrate_noise, check_budget, epsilon_spent
+from taft.privacy.grad_sample import nonlinear_twin, per_example_grads
+from taft.privacy.optimizer import DPOptimizer
+from taft.train.losses import make_loss, project_to_ball, squared_norm
+from taft.train.rundir import finite_json
+
+
+@dataclass
+class PrivacyPlan:
+    """The privacy parameters of one run; ``to_dict`` (with the ε spent) goes to results.json."""
+
+    target_epsilon: float
+    delta: float
+    clip: float
+    accountant: str
+    full_batch: bool
+    n: int
+    expected_batch_size: float
+    sample_rate: float
+    steps_per_epoch: int
+    steps: int
+    noise_multiplier: float
+    epsilon: float  # spent by the planned steps (≤ target_epsilon)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def plan_private_run(cfg: TrainConfig, n: int) -> PrivacyPlan:
+    """Sampling rate, steps and σ for ``cfg`` on ``n`` training examples; :class:`ConfigError` when the target
+    cannot be met (δ > 1/N, or no σ reaches ε in these steps)."""
+    if cfg.dp_epsilon is None:
+        raise ConfigError("plan_private_run: dp_epsilon is not set")
+    if n < 1:
+        raise ConfigError("a private run needs at least one training example")
+    check_budget(cfg.dp_epsilon, cfg.dp_delta, n)
+    if cfg.dp_full_batch:
+        batch, steps_per_epoch = float(n), 1
+    else:
+        batch = float(min(cfg.batch_size, n))
+        steps_per_epoch = math.ceil(n / batch)
+    q = batch / n
+    steps = cfg.epochs * steps_per_epoch
+    sigma = calibrate_noise(cfg.dp_epsilon, cfg.dp_delta, sample_rate=q, steps=steps, accountant=cfg.dp_accountant)
+    spent = epsilon_spent(sigma, cfg.dp_delta, sample_rate=q, steps=steps, accountant=cfg.dp_accountant)
+    return PrivacyPlan(cfg.dp_epsilon, cfg.dp_delta, cfg.dp_clip, cfg.dp_accountant, cfg.dp_full_batch, n, batch, q,
+                       steps_per_epoch, steps, sigma, spent)
+
+
+def poisson_sample(n: int, rate: float, generator: torch.Generator) -> list[int]:
+    """Each of ``n`` examples independently with probability ``rate`` (the batch size varies; it may be 0)."""
+    if rate >= 1.0:
+        return list(range(n))
+    return torch.nonzero(torch.rand(n, generator=generator) < rate).flatten().tolist()
+
+
+def fit_private(cfg: TrainConfig, plan: PrivacyPlan, tm, train_cache, train_labels, val_cache, val_ds, device,
+                progress: bool, result, out_dir, *, chunk: int = 32) -> None:
+    """Train ``tm``'s Δw with DP-SGD (Poisson batches) or DP-GD (``plan.full_batch``), as planned.
+
+    Per-example gradients of each sampled batch are computed ``chunk`` at a time (sorted by length, so a chunk
+    pads little). Fills ``result.epochs`` and ``result.privacy``; writes ``metrics.jsonl`` when ``out_dir``."""
+    from taft.train.loop import TrainingDiverged, _lr_lambda, _optimizer, evaluate
+
+    if len(train_cache) != plan.n:
+        raise ConfigError(f"fit_private: planned for {plan.n} examples, the training features hold {len(train_cache)}")
+    delta = tm.delta_dict()
+    g_sample = torch.Generator().manual_seed(cfg.seed)
+    g_noise = torch.Generator().manual_seed(cfg.seed + 1)
+    opt = DPOptimizer(_optimizer(cfg, list(delta.values())), delta, clip=plan.clip,
+                      noise_multiplier=plan.noise_multiplier, expected_batch_size=plan.expected_batch_size,
+                      generator=g_noise)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt.optimizer, _lr_lambda(cfg, plan.steps_per_epoch))
+    loss_fn = make_loss(cfg.loss, kappa=cfg.kappa, m=cfg.rsl_m)
+    twin = nonlinear_twin(tm) if tm.linear else None
+    lengths = train_cache.lengths
+    labels = train_labels.to(device)
+    log = (out_dir / "metrics.jsonl").open("w") if out_dir else None
+    done = 0
+    for epoch in range(cfg.epochs):
+        t = time.perf_counter()
+        for _ in tqdm(range(plan.steps_per_epoch), desc=f"private epoch {epoch + 1}/{cfg.epochs}",
+                      disable=not progress, leave=False):
+            idx = sorted(poisson_sample(plan.n, plan.sample_rate, g_sample), key=lambda i: lengths[i])
+            for s in range(0, len(idx), chunk):
+                part = idx[s : s + chunk]
+                state = train_cache.collate(part, device)
+                opt.accumulate(per_example_grads(tm, state, labels[part], loss_fn, chunk=len(part), twin=twin))
+            penalty = {n: 2 * cfg.penalty * d.detach() for n, d in delta.items()} if cfg.penalty else None
+            opt.step(penalty)
+            opt.zero_grad()
+            sched.step()
+            if cfg.radius is not None:
+                project_to_ball(delta, cfg.radius)
+            done += 1
+        norm = float(squared_norm(delta).detach().sqrt())
+        if not math.isfinite(norm):
+            raise TrainingDiverged(f"private training diverged: Δw is NaN or infinite after epoch {epoch + 1}; "
+                                   f"nothing was written. Lower the learning rate (--lr {cfg.lr:g})")
+        row = {"epoch": epoch + 1, "delta_norm": norm, "epoch_s": time.perf_counter() - t,
+               "epsilon": epsilon_spent(plan.noise_multiplier, plan.delta, sample_rate=plan.sample_rate, steps=done,
+                                        accountant=plan.accountant)}
+        if val_cache is not None:
+            row["val_acc"] = evaluate(tm, val_cache, val_ds.labels, cfg.eval_batch_size, device)
+        result.epochs.append(row)
+        if log:
+            log.write(json.dumps(finite_json(row), allow_nan=False) + "\n")
+            log.flush()
+        if progress:
+            tqdm.write(json.dumps(row))
+    if log:
+        log.close()
+    result.privacy = {**plan.to_dict(), "epsilon": epsilon_spent(
+        plan.noise_multiplier, plan.delta, sample_rate=plan.sample_rate, steps=done, accountant=plan.accountant),
+        "steps_taken": done}
