@@ -73,8 +73,8 @@ class MultiTaskSuite:
 
     def __init__(self, backbone: nn.Module, tokenizer, splits: dict[str, DatasetSplits],
                  descriptions: dict[str, Sequence[str]], *, max_length: int = 64, max_train: int | None = None,
-                 max_eval: int | None = None, max_test: int | None = None, batch_size: int = 32, eval_batch_size: int = 128, seed: int = 0,
-                 device: torch.device | str = "cpu") -> None:
+                 max_eval: int | None = None, max_test: int | None = None, batch_size: int = 32,
+                 eval_batch_size: int = 128, seed: int = 0, device: torch.device | str = "cpu") -> None:
         self.device = torch.device(device)
         self.tokenizer = tokenizer
         self.splits = splits
@@ -83,11 +83,12 @@ class MultiTaskSuite:
         self.max_test = max_eval if max_test is None else max_test
         self.batch_size, self.eval_batch_size, self.seed = batch_size, eval_batch_size, seed
         backbone = backbone.to(self.device).eval()
+        dtype = next(backbone.parameters()).dtype
         self.encoder = Classifier(backbone, 1, pooling="mean", normalize=True)
         dim = self.encoder.head.in_features
-        self.encoder.head = nn.Linear(dim, dim).to(self.device)  # identity: the output is the embedding z
+        # identity head: the output is the embedding z
+        self.encoder.head = nn.Linear(dim, dim).to(device=self.device, dtype=dtype)
         self.encoder.set_head(torch.eye(dim), 0.0)
-        dtype = next(backbone.parameters()).dtype
         self.heads = {t: (ZERO_SHOT_SCALE * text_embeddings(backbone, tokenizer, list(descriptions[t]),
                                                             max_length)).to(dtype) for t in self.tasks}
         self._tms: dict[str, TangentModel] = {}
@@ -154,7 +155,8 @@ class MultiTaskSuite:
     @torch.no_grad()
     def _run(self, tm: TangentModel, cache: FeatureCache, parts: bool) -> tuple[Tensor, Tensor | None]:
         order = sorted(range(len(cache)), key=lambda i: cache.lengths[i])
-        f0 = torch.empty(len(cache), self.encoder.head.out_features, device=self.device)
+        head = self.encoder.head.weight
+        f0 = torch.empty(len(cache), head.shape[0], device=self.device, dtype=head.dtype)
         jv = torch.empty_like(f0) if parts else None
         for s in range(0, len(order), self.eval_batch_size):
             idx = order[s : s + self.eval_batch_size]
@@ -220,7 +222,7 @@ class MultiTaskSuite:
                  coefs: Sequence[float] = (), **kw) -> float:
         z = self.outputs(mode, task, split, vectors, coefs, **kw)
         y = self.labels(mode, task, split, kw.get("limit"))
-        return float((self.logits(z, task).argmax(-1).cpu() == y).float().mean())
+        return int((self.logits(z, task).argmax(-1).cpu() == y).sum()) / max(len(y), 1)
 
     # -- fine-tuning ----------------------------------------------------------------------------------
     def finetune(self, task: str, mode: str, *, lr: float, epochs: int = 1, weight_decay: float = 0.0,
