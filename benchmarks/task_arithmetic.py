@@ -140,8 +140,9 @@ def report(data: dict) -> str:
         "Setting: one shared all-MiniLM-L6-v2 encoder; each task its own frozen zero-shot head (cosine head from the "
         "class descriptions, scale 20); task vectors touch the encoder only. Fine-tuning: cross-entropy, AdamW "
         f"(no weight decay), 10 % linear warm-up then cosine, batch {s['batch_size']}, {s['epochs']} epoch(s) over "
-        f"{s['max_train']} training sentences per task (seeded sample), max length {s['max_length']}; learning rate per "
-        f"task and mode from {s['lrs']} by single-task validation accuracy (same grid for every mode). "
+        f"{s['max_train']} training sentences per task (seeded sample), max length {s['max_length']}; "
+        f"learning rate per task and mode from {s['lrs']} by single-task validation accuracy (same grid for every "
+        "mode). "
         f"Validation: {s['max_eval']} sentences per task (SST-2/SST-5: dev file; others: 10 % carved from train); "
         f"test: {s['max_test']} sentences per task (seeded sample). Task addition: one α for Σ τ on {s['alphas']} "
         "chosen on validation by average normalized accuracy, test read once.",
@@ -156,7 +157,8 @@ def report(data: dict) -> str:
         "",
         "| mode | α | " + " | ".join(tasks) + " | abs. mean | norm. mean | single-task mean | |cos| off-diag |",
         "|---|---|" + "---|" * len(tasks) + "---|---|---|---|",
-        "| zero-shot | — | " + " | ".join(_pct(zs[t]) for t in tasks) + f" | {_pct(sum(zs.values()) / len(zs))} | — | — | — |",
+        "| zero-shot | — | " + " | ".join(_pct(zs[t]) for t in tasks)
+        + f" | {_pct(sum(zs.values()) / len(zs))} | — | — | — |",
     ]
     for m in MODES:
         if m not in modes:
@@ -197,11 +199,13 @@ def report(data: dict) -> str:
               "ξ(α1, α2) = Σ_t disagreement between the model edited with α1τ1 + α2τ2 and the one edited with α_tτ_t "
               "alone, on test sentences of task t (`xi`: predictions, 0..2; `xi_rep`: squared distance of the "
               "normalized embeddings). Heatmaps: `benchmarks/results/task_arithmetic/xi-*.png`.", "",
-              "| mode | pair | mean ξ (pred.) | mean ξ (pred.) on [−1, 1]² | mean ξ (embedding) |", "|---|---|---|---|---|"]
+              "| mode | pair | mean ξ (pred.) | mean ξ (pred.) on [−1, 1]² | mean ξ (embedding) |",
+              "|---|---|---|---|---|"]
     for m in MODES:
         for d in modes.get(m, {}).get("disentanglement", []):
             al = d["alphas"]
-            inner = [d["xi"][i][j] for i in range(len(al)) for j in range(len(al)) if abs(al[i]) <= 1 and abs(al[j]) <= 1]
+            near = [i for i in range(len(al)) if abs(al[i]) <= 1]
+            inner = [d["xi"][i][j] for i in near for j in near]
             flat = [x for row in d["xi"] for x in row]
             flat_r = [x for row in d["xi_rep"] for x in row]
             lines.append(f"| {m} | {d['tasks'][0]} × {d['tasks'][1]} | {sum(flat) / len(flat):.3f} | "
@@ -212,8 +216,9 @@ def report(data: dict) -> str:
     for m in MODES:
         c = data.get("cost", {}).get(m)
         if c:
-            lines.append(f"| {m} | {c['trainable_params']:,} | {c['s_per_100_examples']:.1f} | {c['peak_rss_mib']:.0f} | "
-                         f"{c['training_extra_mib']:.0f} | {modes.get(m, {}).get('finetune_s', float('nan')):.0f} |")
+            ft_s = modes.get(m, {}).get("finetune_s", float("nan"))
+            lines.append(f"| {m} | {c['trainable_params']:,} | {c['s_per_100_examples']:.1f} | "
+                         f"{c['peak_rss_mib']:.0f} | {c['training_extra_mib']:.0f} | {ft_s:.0f} |")
     lines += ["", "Cosine matrices: `benchmarks/results/task_arithmetic/cosine-*.png`.", ""]
     return "\n".join(lines)
 

@@ -5,8 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from taft.arithmetic import TaskVector, TaskVectorError, apply, combine, cosine_matrix, load_task_vector
-from taft.arithmetic import save_task_vector, task_vector
+from taft.arithmetic import (
+    TaskVector,
+    TaskVectorError,
+    apply,
+    combine,
+    cosine_matrix,
+    load_task_vector,
+    save_task_vector,
+    task_vector,
+)
 from taft.delta import subtract
 
 
@@ -78,8 +86,8 @@ def test_save_load_roundtrip_and_tamper(tmp_path):
     back = load_task_vector(path)
     assert (back.mode, back.task, back.base_fingerprint, back.info) == ("ntk", "trec", "base0", {"lr": "1e-4"})
     assert all(torch.equal(back.tensors[n], tv.tensors[n]) for n in tv.tensors)
-    from safetensors.torch import load_file, save_file
     from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
 
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata()
