@@ -32,7 +32,7 @@ from taft.data.examples import DatasetSplits
 from taft.models.classifier import Classifier
 from taft.tangent_model import TangentModel
 from taft.train.cache import FeatureCache
-from taft.train.loop import ZERO_SHOT_SCALE, text_embeddings
+from taft.train.loop import ZERO_SHOT_SCALE, TrainingDiverged, text_embeddings
 from taft.train.text import bucketed_batches, prefix_batches, tokenize
 
 SPLITS = ("train", "val", "test")
@@ -259,8 +259,6 @@ class MultiTaskSuite:
                     step += 1
                     loss_v = float(loss.detach())
                     if not math.isfinite(loss_v):
-                        from taft.train.loop import TrainingDiverged
-
                         self._load(tm, None)
                         raise TrainingDiverged(f"fine-tuning {mode} on {task} diverged at step {step} (lr {lr:g})")
         train_s = time.perf_counter() - t0
