@@ -198,7 +198,8 @@ def report(data: dict) -> str:
     lines += ["", "## Weight disentanglement error ξ (mean over the α grid; lower is better)", "",
               "ξ(α1, α2) = Σ_t disagreement between the model edited with α1τ1 + α2τ2 and the one edited with α_tτ_t "
               "alone, on test sentences of task t (`xi`: predictions, 0..2; `xi_rep`: squared distance of the "
-              "normalized embeddings). Heatmaps: `benchmarks/results/task_arithmetic/xi-*.png`.", "",
+              "normalized embeddings). Heatmaps: "
+              f"`{data.get('png_dir', 'benchmarks/results/task_arithmetic')}/xi-*.png`.", "",
               "| mode | pair | mean ξ (pred.) | mean ξ (pred.) on [−1, 1]² | mean ξ (embedding) |",
               "|---|---|---|---|---|"]
     for m in MODES:
@@ -219,7 +220,7 @@ def report(data: dict) -> str:
             ft_s = modes.get(m, {}).get("finetune_s", float("nan"))
             lines.append(f"| {m} | {c['trainable_params']:,} | {c['s_per_100_examples']:.1f} | "
                          f"{c['peak_rss_mib']:.0f} | {c['training_extra_mib']:.0f} | {ft_s:.0f} |")
-    lines += ["", "Cosine matrices: `benchmarks/results/task_arithmetic/cosine-*.png`.", ""]
+    lines += ["", f"Cosine matrices: `{data.get('png_dir', 'benchmarks/results/task_arithmetic')}/cosine-*.png`.", ""]
     return "\n".join(lines)
 
 
@@ -242,6 +243,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--small", action="store_true", help="smoke run: 2 tasks, tiny samples, written to /tmp")
     p.add_argument("--measure", help=argparse.SUPPRESS)
     p.add_argument("--report", action="store_true")
+    p.add_argument("--no-measure", action="store_true", help="skip the per-mode time / memory processes")
+    p.add_argument("--tag", default="", help="suffix of the result names (task_arithmetic-TAG.*), for other settings")
     args = p.parse_args(argv)
     args.lrs = [float(x) for x in args.lrs.split(",")]
     args.alphas = grid(0.0, 1.0, args.alpha_step)
@@ -255,9 +258,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.measure:
         print(json.dumps(measure(args.measure, args)))
         return
-    json_path = RESULTS / "task_arithmetic.json"
+    stem = "task_arithmetic" + (f"-{args.tag}" if args.tag else "")
+    PNG = RESULTS / stem if not args.small else PNG
+    json_path = RESULTS / f"{stem}.json"
     if args.report:
-        (RESULTS / "task_arithmetic.md").write_text(report(json.loads(json_path.read_text())))
+        (RESULTS / f"{stem}.md").write_text(report(json.loads(json_path.read_text())))
         return
     t0 = time.perf_counter()
     cfg = ArithmeticConfig(tasks=args.tasks, max_train=args.max_train, max_eval=args.max_eval, max_test=args.max_test,
@@ -271,14 +276,15 @@ def main(argv: list[str] | None = None) -> None:
                          "dis_points": args.dis_points, "seed": cfg.seed, "negation": NEGATION, "pairs": PAIRS},
             "zero_shot_test": {t: suite.accuracy("linear-layers", t, "test") for t in suite.tasks},
             "zero_shot_val": {t: suite.accuracy("linear-layers", t, "val") for t in suite.tasks},
-            "modes": {}, "cost": {}}
+            "modes": {}, "cost": {}, "png_dir": str(PNG.relative_to(Path(__file__).parent.parent))
+            if not args.small else str(PNG)}
     for mode in args.modes.split(","):
         run_mode(suite, mode, args, data)
         suite.release(mode)
         data["wall_s"] = time.perf_counter() - t0
         write_json(json_path, data)
-        (RESULTS / "task_arithmetic.md").write_text(report(data))
-    for mode in args.modes.split(","):
+        (RESULTS / f"{stem}.md").write_text(report(data))
+    for mode in [] if args.no_measure else args.modes.split(","):
         cmd = [sys.executable, __file__, "--measure", mode, "--measure-examples", str(args.measure_examples),
                "--threads", str(args.threads), "--batch-size", str(args.batch_size), "--max-length",
                str(args.max_length)]
@@ -287,7 +293,7 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(data["cost"][mode]), flush=True)
     data["wall_s"] = time.perf_counter() - t0
     write_json(json_path, data)
-    (RESULTS / "task_arithmetic.md").write_text(report(data))
+    (RESULTS / f"{stem}.md").write_text(report(data))
 
 
 if __name__ == "__main__":
