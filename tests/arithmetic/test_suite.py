@@ -157,3 +157,14 @@ def test_alpha_search_never_reads_test(vectors):
     assert neg.test is None
     with pytest.raises(AssertionError, match="test split was read"):  # the guard works: reading test fails
         task_addition(blind, vs, alphas=[0.0, 1.0], evaluate_test=True)
+
+
+def test_vector_on_another_pretrained_encoder_refused(vectors):
+    splits = {"pos": DatasetSplits(_dataset("pos", 8, 2, 0), _dataset("pos", 8, 2, 1), _dataset("pos", 8, 2, 2))}
+    other = MultiTaskSuite(tiny_bert(seed=1).double(), load_tokenizer("tiny-bert"), splits, {"pos": ["bad", "good"]},
+                           max_length=16)
+    assert other.base_fingerprint() != _suite().base_fingerprint()
+    with pytest.raises(TaskVectorError, match="another base"):
+        other.accuracy("linear-layers", "pos", "val", vectors["linear-layers"][:1], [1.0])
+    # forced, it applies (same names and shapes)
+    other.accuracy("linear-layers", "pos", "val", vectors["linear-layers"][:1], [1.0], allow_mixed=True)
