@@ -29,7 +29,8 @@ def heatmap(values: Sequence[Sequence[float]], rows: Sequence[str], cols: Sequen
     if annotate:
         for i, row in enumerate(values):
             for j, v in enumerate(row):
-                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6, color="w")
+                bright = im.norm(v) > 0.6  # dark text on the bright end of the colormap
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6, color="k" if bright else "w")
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     fig.tight_layout()
     path = Path(path)
