@@ -324,6 +324,118 @@ def shards_eval(store: str = typer.Option(..., help="the store folder"),
                     f"majority vote {100 * res['vote']:.2f}")
 
 
+# -- taft arithmetic (task vectors) ------------------------------------------------------------------------
+arithmetic_app = typer.Typer(no_args_is_help=True, help="Task arithmetic with task vectors of a shared encoder: "
+                             "fine-tune, add, negate, disentangle, similarity.")
+app.add_typer(arithmetic_app, name="arithmetic")
+
+_OUT = typer.Option(..., "--output-dir", help="run folder to write (appears only when complete)")
+_OVERWRITE = typer.Option(False, help="replace an existing run folder")
+
+
+def _alphas(step: float, start: float, stop: float) -> list[float]:
+    from taft.arithmetic.experiments import grid
+
+    return grid(start, stop, step)
+
+
+def _echo(res: dict) -> None:
+    from taft.train.rundir import finite_json
+
+    typer.echo(json.dumps(finite_json(res), indent=2))
+
+
+@arithmetic_app.command("finetune")
+def arithmetic_finetune(
+    task: str = typer.Option(..., help="sentence task (mr, sst2, sst5, subj, trec)"),
+    mode: str = typer.Option("linear-layers", help="nonlinear | ntk | linear-layers | attn+bias | attn-block | "
+                                                   "attn-block+bias | taft-last1"),
+    lr: float = typer.Option(1e-4, help="AdamW learning rate"),
+    epochs: int = typer.Option(1, min=1),
+    model: str = typer.Option("minilm"),
+    data_root: str | None = typer.Option(None, help="folder of the sentence-task files"),
+    max_length: int = typer.Option(64, min=1),
+    max_train: int | None = typer.Option(None, help="training sentences (seeded sample)"),
+    max_eval: int | None = typer.Option(None, help="validation sentences (seeded sample)"),
+    max_test: int | None = typer.Option(None, help="test sentences (seeded sample; default --max-eval)"),
+    batch_size: int = typer.Option(32, min=1),
+    seed: int = typer.Option(0),
+    device: str = typer.Option("cpu"),
+    output_dir: str = _OUT,
+    overwrite: bool = _OVERWRITE,
+) -> None:
+    """Fine-tune one task vector (encoder only, frozen zero-shot head) and save it with its base and mode."""
+    from taft.arithmetic.modes import get_mode
+    from taft.arithmetic.runs import finetune_run
+    from taft.arithmetic.suite import ArithmeticConfig
+
+    get_mode(mode)
+    cfg = ArithmeticConfig(model=model, tasks=task, data_root=data_root, max_length=max_length, max_train=max_train,
+                           max_eval=max_eval, max_test=max_test, batch_size=batch_size, seed=seed, device=device)
+    _echo(finetune_run(cfg, task, mode, output_dir, lr=lr, epochs=epochs, overwrite=overwrite))
+
+
+@arithmetic_app.command("add")
+def arithmetic_add(
+    vectors: list[str] = typer.Argument(..., help="task vectors (files or finetune folders), one per task"),
+    alpha_step: float = typer.Option(0.05, help="α grid 0..1 at this step, chosen on validation"),
+    allow_mixed: bool = typer.Option(False, help="combine vectors of different bases or modes anyway"),
+    output_dir: str = _OUT,
+    overwrite: bool = _OVERWRITE,
+) -> None:
+    """Task addition: one α for the sum, chosen on validation (average normalized accuracy), test read once."""
+    from taft.arithmetic.runs import addition_run
+
+    _echo(addition_run(vectors, output_dir, alphas=_alphas(alpha_step, 0.0, 1.0), allow_mixed=allow_mixed,
+                       overwrite=overwrite))
+
+
+@arithmetic_app.command("negate")
+def arithmetic_negate(
+    vector: str = typer.Argument(..., help="the target task's vector"),
+    control: str = typer.Option(..., help="control task that must keep its accuracy"),
+    threshold: float = typer.Option(0.95, help="control keeps ≥ this fraction of its zero-shot accuracy"),
+    alpha_step: float = typer.Option(0.05, help="α grid 0..1 at this step (w0 − α·τ), chosen on validation"),
+    output_dir: str = _OUT,
+    overwrite: bool = _OVERWRITE,
+) -> None:
+    """Task negation: lower the target task while the control task keeps its accuracy."""
+    from taft.arithmetic.runs import negation_run
+
+    _echo(negation_run(vector, control, output_dir, alphas=_alphas(alpha_step, 0.0, 1.0), threshold=threshold,
+                       overwrite=overwrite))
+
+
+@arithmetic_app.command("disentangle")
+def arithmetic_disentangle(
+    vectors: list[str] = typer.Argument(..., help="two task vectors"),
+    alpha_step: float = typer.Option(1.0, help="grid over [−3, 3]² at this step"),
+    points: int = typer.Option(100, min=1, help="test sentences per task"),
+    output_dir: str = _OUT,
+    overwrite: bool = _OVERWRITE,
+) -> None:
+    """Weight disentanglement error ξ(α1, α2) over [−3, 3]² (JSON + PNG heatmaps)."""
+    from taft.arithmetic.runs import disentangle_run
+
+    res = disentangle_run(vectors, output_dir, alphas=_alphas(alpha_step, -3.0, 3.0), points=points,
+                          overwrite=overwrite)
+    _echo({k: res[k] for k in ("mode", "tasks", "alphas", "points")})
+
+
+@arithmetic_app.command("similarity")
+def arithmetic_similarity(
+    vectors: list[str] = typer.Argument(..., help="task vectors"),
+    allow_mixed: bool = typer.Option(False, help="compare vectors of different bases or modes anyway"),
+    output_dir: str = _OUT,
+    overwrite: bool = _OVERWRITE,
+) -> None:
+    """Cosine-similarity matrix of task vectors (JSON + PNG heatmap)."""
+    from taft.arithmetic.runs import similarity_run
+
+    _echo(similarity_run(vectors, output_dir, allow_mixed=allow_mixed, overwrite=overwrite))
+# -- end taft arithmetic ------------------------------------------------------------------------------------
+
+
 def _error(message: str) -> int:
     typer.echo(f"taft: error: {message}", err=True)
     return 2

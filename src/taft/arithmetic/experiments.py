@@ -1,0 +1,187 @@
+"""Task addition, task negation and weight disentanglement over a :class:`MultiTaskSuite`.
+
+The selection rules are plain functions of accuracies (:func:`normalized_accuracy`, :func:`choose_addition_alpha`,
+:func:`choose_negation_alpha`); the experiment functions evaluate a grid on validation, pick α there and read the
+test split once, at the chosen α (``evaluate_test=False``: never).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+
+from taft.arithmetic.suite import MultiTaskSuite
+from taft.arithmetic.vectors import TaskVector, TaskVectorError, check_same_origin, combine
+
+ADDITION_GRID = tuple(round(0.05 * i, 2) for i in range(21))  # 0, 0.05, ..., 1
+DISENTANGLE_GRID = tuple(float(a) for a in range(-3, 4))       # [-3, 3], step 1
+
+
+def grid(start: float, stop: float, step: float) -> list[float]:
+    """``start, start + step, ..., stop`` (inclusive, rounded to 6 digits)."""
+    n = int(round((stop - start) / step))
+    if n < 0 or step <= 0:
+        raise TaskVectorError(f"grid({start}, {stop}, {step}): needs step > 0 and stop ≥ start")
+    return [round(start + i * step, 6) for i in range(n + 1)]
+
+
+# -- pure selection rules ---------------------------------------------------------------------------------
+def normalized_accuracy(merged: Mapping[str, float], single: Mapping[str, float]) -> dict[str, float]:
+    """Per task: merged-model accuracy ÷ the same mode's single-task fine-tuned accuracy."""
+    missing = sorted(set(merged) - set(single))
+    if missing:
+        raise TaskVectorError(f"normalized_accuracy: no single-task accuracy for {missing}")
+    if any(single[t] <= 0 for t in merged):
+        raise TaskVectorError("normalized_accuracy: a single-task accuracy of 0 cannot normalize")
+    return {t: merged[t] / single[t] for t in merged}
+
+
+def mean(xs) -> float:
+    xs = list(xs)
+    return sum(xs) / len(xs)
+
+
+def choose_addition_alpha(val_by_alpha: Mapping[float, Mapping[str, float]], single_val: Mapping[str, float]) -> float:
+    """The α of the highest average normalized validation accuracy (the smallest α on ties)."""
+    scored = [(mean(normalized_accuracy(accs, single_val).values()), -a, a) for a, accs in val_by_alpha.items()]
+    return max(scored)[2]
+
+
+def choose_negation_alpha(target_by_alpha: Mapping[float, float], control_by_alpha: Mapping[float, float],
+                          control_zero_shot: float, threshold: float = 0.95) -> float:
+    """The α of the lowest target accuracy among those keeping the control task at ≥ ``threshold`` × its
+    zero-shot accuracy (the smallest α on ties; 0 — no edit — when no α qualifies)."""
+    ok = [(target_by_alpha[a], a) for a in target_by_alpha if control_by_alpha[a] >= threshold * control_zero_shot]
+    return min(ok)[1] if ok else 0.0
+
+
+# -- experiments ------------------------------------------------------------------------------------------
+@dataclass
+class AdditionResult:
+    mode: str
+    tasks: list[str]
+    alpha: float
+    val_by_alpha: dict[float, dict[str, float]]
+    val_normalized: float
+    single_val: dict[str, float]
+    test_abs: dict[str, float] | None = None
+    test_normalized: dict[str, float] | None = None
+    single_test: dict[str, float] | None = None
+
+    @property
+    def abs_mean(self) -> float | None:
+        return None if self.test_abs is None else mean(self.test_abs.values())
+
+    @property
+    def normalized_mean(self) -> float | None:
+        return None if self.test_normalized is None else mean(self.test_normalized.values())
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["val_by_alpha"] = {str(a): v for a, v in self.val_by_alpha.items()}
+        d["abs_mean"], d["normalized_mean"] = self.abs_mean, self.normalized_mean
+        return d
+
+
+def single_task_accuracy(suite: MultiTaskSuite, vectors: Sequence[TaskVector], split: str) -> dict[str, float]:
+    """Each vector's own task at α = 1 (the fine-tuned model)."""
+    return {v.task: suite.accuracy(v.mode, v.task, split, [v], [1.0]) for v in vectors}
+
+
+def task_addition(suite: MultiTaskSuite, vectors: Sequence[TaskVector], *, alphas: Sequence[float] = ADDITION_GRID,
+                  evaluate_test: bool = True, allow_mixed: bool = False) -> AdditionResult:
+    """One α for ``Σ τ_t``, chosen on validation by average normalized accuracy; test read once, at that α."""
+    check_same_origin(vectors, allow_mixed=allow_mixed)
+    mode, tasks = vectors[0].mode, [v.task for v in vectors]
+    if len(set(tasks)) != len(tasks):
+        raise TaskVectorError(f"task_addition: one vector per task, got {tasks}")
+    single_val = single_task_accuracy(suite, vectors, "val")
+    # α·Στ, one vector: a tangent-space model then needs one J·v pass per split instead of one per task vector
+    total = TaskVector(combine(vectors, 1.0, allow_mixed=allow_mixed), mode, vectors[0].base_fingerprint, "sum")
+    val_by_alpha = {a: {t: suite.accuracy(mode, t, "val", [total], [a], allow_mixed=allow_mixed) for t in tasks}
+                    for a in alphas}
+    alpha = choose_addition_alpha(val_by_alpha, single_val)
+    res = AdditionResult(mode, tasks, alpha, val_by_alpha,
+                         mean(normalized_accuracy(val_by_alpha[alpha], single_val).values()), single_val)
+    if evaluate_test:
+        res.single_test = single_task_accuracy(suite, vectors, "test")
+        res.test_abs = {t: suite.accuracy(mode, t, "test", [total], [alpha], allow_mixed=allow_mixed) for t in tasks}
+        res.test_normalized = normalized_accuracy(res.test_abs, res.single_test)
+    return res
+
+
+@dataclass
+class NegationResult:
+    mode: str
+    target: str
+    control: str
+    threshold: float
+    alpha: float
+    control_zero_shot_val: float
+    val_target: dict[float, float]
+    val_control: dict[float, float]
+    test: dict[str, float] | None = None  # target/control accuracy at 0 (zero-shot) and at the chosen α
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["val_target"] = {str(a): v for a, v in self.val_target.items()}
+        d["val_control"] = {str(a): v for a, v in self.val_control.items()}
+        return d
+
+
+def task_negation(suite: MultiTaskSuite, vector: TaskVector, control: str, *, alphas: Sequence[float] = ADDITION_GRID,
+                  threshold: float = 0.95, evaluate_test: bool = True) -> NegationResult:
+    """``w0 − α·τ_target``: the α (on validation) that lowers the target most while the control task keeps
+    ≥ ``threshold`` of its zero-shot accuracy."""
+    if control == vector.task:
+        raise TaskVectorError("task_negation: the control task must differ from the target")
+    mode, target = vector.mode, vector.task
+    zs_control = suite.accuracy(mode, control, "val")
+    vt = {a: suite.accuracy(mode, target, "val", [vector], [-a]) for a in alphas}
+    vc = {a: suite.accuracy(mode, control, "val", [vector], [-a]) for a in alphas}
+    alpha = choose_negation_alpha(vt, vc, zs_control, threshold)
+    res = NegationResult(mode, target, control, threshold, alpha, zs_control, vt, vc)
+    if evaluate_test:
+        res.test = {"target_zero_shot": suite.accuracy(mode, target, "test"),
+                    "control_zero_shot": suite.accuracy(mode, control, "test"),
+                    "target": suite.accuracy(mode, target, "test", [vector], [-alpha]),
+                    "control": suite.accuracy(mode, control, "test", [vector], [-alpha])}
+    return res
+
+
+@dataclass
+class DisentanglementResult:
+    mode: str
+    tasks: tuple[str, str]
+    alphas: list[float]
+    xi: list[list[float]]      # prediction disagreement, summed over both tasks; xi[i][j] at (alphas[i], alphas[j])
+    xi_rep: list[list[float]]  # mean squared distance of the embeddings, summed over both tasks
+    points: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def disentanglement(suite: MultiTaskSuite, v1: TaskVector, v2: TaskVector, *,
+                    alphas: Sequence[float] = DISENTANGLE_GRID, points: int = 100,
+                    split: str = "test") -> DisentanglementResult:
+    """Weight disentanglement error ξ(α1, α2) = Σ_t E_{x∈D_t}[δ(f(x; α1τ1 + α2τ2), f(x; α_tτ_t))] on ``points``
+    examples per task: δ = prediction disagreement (``xi``) and squared embedding distance (``xi_rep``)."""
+    check_same_origin([v1, v2])
+    mode, vs = v1.mode, (v1, v2)
+    n = len(alphas)
+    xi = [[0.0] * n for _ in range(n)]
+    xi_rep = [[0.0] * n for _ in range(n)]
+    for k, v in enumerate(vs):
+        t = v.task
+        single = {a: suite.outputs(mode, t, split, [v], [a], limit=points) for a in alphas}
+        for i, a1 in enumerate(alphas):
+            for j, a2 in enumerate(alphas):
+                z = suite.outputs(mode, t, split, vs, [a1, a2], limit=points)
+                ref = single[(a1, a2)[k]]
+                pred, pred_ref = suite.logits(z, t).argmax(-1), suite.logits(ref, t).argmax(-1)
+                xi[i][j] += float((pred != pred_ref).float().mean())
+                xi_rep[i][j] += float(((z - ref) ** 2).sum(-1).mean())
+    return DisentanglementResult(mode, (v1.task, v2.task), list(alphas), xi, xi_rep,
+                                 int(suite.labels(mode, v1.task, split, points).numel()))
+

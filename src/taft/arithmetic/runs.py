@@ -1,0 +1,116 @@
+"""Run-folder wrappers (what ``taft arithmetic ...`` calls): each writes its outputs into a staged
+:class:`~taft.train.rundir.RunFolder` that appears only when complete.
+
+A task vector file records the :class:`ArithmeticConfig` it was trained under (``info["config"]``); the other
+commands rebuild the suite from it, so the encoder, tokenization and data samples match, and the suite refuses
+a vector whose base fingerprint differs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+from taft.arithmetic.experiments import ADDITION_GRID, DISENTANGLE_GRID, disentanglement, task_addition, task_negation
+from taft.arithmetic.plots import cosine_heatmap, disentanglement_heatmap
+from taft.arithmetic.suite import ArithmeticConfig, MultiTaskSuite
+from taft.arithmetic.vectors import TaskVector, TaskVectorError, cosine_matrix, load_task_vector, save_task_vector
+from taft.config import from_dict
+from taft.train.rundir import RunFolder, finite_json, write_json
+
+VECTOR_FILE = "task_vector.safetensors"
+
+
+def _vector_path(p: str | Path) -> Path:
+    p = Path(p)
+    return p / VECTOR_FILE if p.is_dir() else p
+
+
+def load_vectors(paths: Sequence[str | Path]) -> list[TaskVector]:
+    """Task vectors from files or from ``taft arithmetic finetune`` folders."""
+    if not paths:
+        raise TaskVectorError("no task vectors given")
+    return [load_task_vector(_vector_path(p)) for p in paths]
+
+
+def _suite_for(vectors: Sequence[TaskVector], extra_tasks: Sequence[str] = ()) -> MultiTaskSuite:
+    if "config" not in vectors[0].info:
+        raise TaskVectorError("the task vector records no training config; it was not written by "
+                              "`taft arithmetic finetune`")
+    cfg = from_dict(ArithmeticConfig, json.loads(vectors[0].info["config"]))
+    tasks = list(dict.fromkeys([*(v.task for v in vectors), *extra_tasks]))
+    return MultiTaskSuite.from_config(cfg, tasks)
+
+
+def _write(folder: RunFolder, name: str, data: dict) -> None:
+    write_json(folder.path / name, finite_json(data))
+
+
+def finetune_run(cfg: ArithmeticConfig, task: str, mode: str, output_dir: str | Path, *, lr: float, epochs: int = 1,
+                 overwrite: bool = False) -> dict:
+    """Fine-tune one task vector; writes ``task_vector.safetensors`` and ``results.json`` (validation and test
+    accuracy of the fine-tuned and the zero-shot model)."""
+    with RunFolder(output_dir, overwrite=overwrite) as folder:
+        suite = MultiTaskSuite.from_config(cfg, [task])
+        res = suite.finetune(task, mode, lr=lr, epochs=epochs)
+        tv = res.vector
+        tv.info["config"] = json.dumps(dataclasses.asdict(cfg))
+        save_task_vector(tv, folder.path / VECTOR_FILE)
+        out = {"task": task, "mode": mode, "lr": lr, "epochs": epochs, "train_s": res.train_s, "steps": res.steps,
+               "base_fingerprint": tv.base_fingerprint,
+               **{f"{s}_acc": suite.accuracy(mode, task, s, [tv], [1.0]) for s in ("val", "test")},
+               **{f"zero_shot_{s}_acc": suite.accuracy(mode, task, s) for s in ("val", "test")}}
+        _write(folder, "results.json", out)
+        folder.commit(kind="arithmetic-finetune", task=task, mode=mode)
+    return out
+
+
+def addition_run(paths: Sequence[str | Path], output_dir: str | Path, *, alphas: Sequence[float] = ADDITION_GRID,
+                 allow_mixed: bool = False, overwrite: bool = False) -> dict:
+    vectors = load_vectors(paths)
+    with RunFolder(output_dir, overwrite=overwrite) as folder:
+        res = task_addition(_suite_for(vectors), vectors, alphas=alphas, allow_mixed=allow_mixed).to_dict()
+        _write(folder, "results.json", res)
+        folder.commit(kind="arithmetic-add", mode=vectors[0].mode)
+    return res
+
+
+def negation_run(path: str | Path, control: str, output_dir: str | Path, *, alphas: Sequence[float] = ADDITION_GRID,
+                 threshold: float = 0.95, overwrite: bool = False) -> dict:
+    vectors = load_vectors([path])
+    with RunFolder(output_dir, overwrite=overwrite) as folder:
+        res = task_negation(_suite_for(vectors, [control]), vectors[0], control, alphas=alphas,
+                            threshold=threshold).to_dict()
+        _write(folder, "results.json", res)
+        folder.commit(kind="arithmetic-negate", mode=vectors[0].mode)
+    return res
+
+
+def disentangle_run(paths: Sequence[str | Path], output_dir: str | Path, *,
+                    alphas: Sequence[float] = DISENTANGLE_GRID, points: int = 100, overwrite: bool = False) -> dict:
+    vectors = load_vectors(paths)
+    if len(vectors) != 2:
+        raise TaskVectorError(f"disentangle takes two task vectors, got {len(vectors)}")
+    with RunFolder(output_dir, overwrite=overwrite) as folder:
+        d = disentanglement(_suite_for(vectors), vectors[0], vectors[1], alphas=alphas, points=points)
+        disentanglement_heatmap(d, folder.path / "xi.png")
+        disentanglement_heatmap(d, folder.path / "xi_rep.png", representation=True)
+        res = d.to_dict()
+        _write(folder, "results.json", res)
+        folder.commit(kind="arithmetic-disentangle", mode=d.mode)
+    return res
+
+
+def similarity_run(paths: Sequence[str | Path], output_dir: str | Path, *, allow_mixed: bool = False,
+                   overwrite: bool = False) -> dict:
+    vectors = load_vectors(paths)
+    with RunFolder(output_dir, overwrite=overwrite) as folder:
+        m = cosine_matrix(vectors, allow_mixed=allow_mixed)
+        tasks = [v.task or f"#{i}" for i, v in enumerate(vectors)]
+        cosine_heatmap(m, tasks, folder.path / "cosine.png", mode=vectors[0].mode)
+        res = {"tasks": tasks, "mode": vectors[0].mode, "cosine": m}
+        _write(folder, "results.json", res)
+        folder.commit(kind="arithmetic-similarity", mode=vectors[0].mode)
+    return res
