@@ -53,7 +53,7 @@ from pathlib import Path
 import torch
 
 from taft.engine.fallback import forward_ad_safe_attention
-from taft.engine.reference import _model_fn, max_rel_err, reference_jvp
+from taft.engine.reference import max_rel_err, model_function, reference_jvp
 from taft.tangent_model import TangentModel
 from taft.train.rundir import write_json
 from taft.zoo import load_model
@@ -287,7 +287,7 @@ def bench(model, name: str, scope: str, batch: int, seq: int, device, dtype, opt
     deltas = tm.delta_dict()
     measure(row, "taft_step", adam_step(list(deltas.values()), lambda: tm(*args, **kw)), device, opts, step=True)
 
-    f, lin = _model_fn(tm, args, kw)
+    f, lin = model_function(tm, args, kw)
 
     def through_jvp():
         with forward_ad_safe_attention():
