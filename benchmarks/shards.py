@@ -148,13 +148,32 @@ def run_task(task: str, args) -> dict:
                                "detail": row}
     out["drop_curve"] = _drop_curve(t, keep, args)
     if task == args.detail_task:
-        parts = [("forget", lambda: _forget_time(cfg, task, kmax, args)),
-                 ("timing", lambda: _timing(t, taft, kmax, keep["taft"], args))]
-        if args.conditions:
-            parts.append(("conditions", lambda: _conditions(t, [1, kmax], args)))
-        for name, fn in parts:
-            write_json(args.out / "shards" / f"{task}.partial.json", out)  # survives a crash of the next part
-            out[name] = fn()
+        write_json(args.out / "shards" / f"{task}.partial.json", out)  # survives a crash of the details
+        out.update(_details(t, cfg, task, taft, kmax, args))
+    return out
+
+
+def _details(t: Task, cfg: TrainConfig, task: str, taft: ShardTrainer, kmax: int, args) -> dict:
+    out = {"forget": _forget_time(cfg, task, kmax, args), "timing": _timing(t, taft, kmax, args)}
+    for part in ("forget", "timing"):
+        out[part]["epochs"] = cfg.epochs
+    if args.conditions:
+        out["conditions"] = _conditions(t, args.condition_ks or [1, kmax], args)
+        out["conditions_epochs"] = cfg.epochs
+    return out
+
+
+def run_details(task: str, args) -> dict:
+    """Only the forget / timing / conditions parts (``--detail-only``, e.g. with fewer ``--epochs``), merged into
+    the task's existing result file."""
+    done = args.out / "shards" / f"{task}.json"
+    partial = args.out / "shards" / f"{task}.partial.json"
+    out = json.loads((done if done.is_file() else partial).read_text())
+    cfg = TrainConfig(model=args.model, data=task, data_root=args.data_root, head_init=args.head_init,
+                      test_file=args.test_file, epochs=args.epochs, max_train=args.max_train, seed=0,
+                      threads=args.threads)
+    t = Task(cfg)
+    out.update(_details(t, cfg, task, t.trainer("taft"), max(args.ks), args))
     return out
 
 
@@ -207,7 +226,7 @@ def _forget_time(cfg: TrainConfig, task: str, k: int, args) -> dict:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _timing(t: Task, taft: ShardTrainer, k: int, kept, args) -> dict:
+def _timing(t: Task, taft: ShardTrainer, k: int, args) -> dict:
     """K shards sequential vs batched (the K_max batched run above) vs one model on all the data; inference of the
     composed model vs the K-model ensemble."""
     jobs = _jobs(t.ids, k, t.cfg.seed)
@@ -221,7 +240,8 @@ def _timing(t: Task, taft: ShardTrainer, k: int, kept, args) -> dict:
     t0 = time.perf_counter()
     bat = taft.train_batched(jobs, chunk=args.chunk)
     bat_s = time.perf_counter() - t0
-    models, sizes, _ = kept
+    sizes = [float(len(ids)) for _, ids in jobs]
+    models = bat
     composed = weighted_average([m.delta for m in bat], sizes)
     t0 = time.perf_counter()
     _logits(taft, [composed], t.test)
@@ -235,11 +255,14 @@ def _timing(t: Task, taft: ShardTrainer, k: int, kept, args) -> dict:
             "note": "training times exclude the shared frozen-prefix features (computed once for all)"}
 
 
+CONDITIONS = {"ptf": ("PT=F (re-initialized block)", {"reinit": True}),
+              "lr": ("learning rate ×10 (1e-2)", {"lr": 1e-2}),
+              "last2": ("two blocks (last:2)", {"scope": "last:2"})}
+
+
 def _conditions(t: Task, ks: list[int], args) -> dict:
     out = {}
-    for name, changes in (("PT=F (re-initialized block)", {"reinit": True}),
-                          ("learning rate ×10 (1e-2)", {"lr": 1e-2}),
-                          ("two blocks (last:2)", {"scope": "last:2"})):
+    for name, changes in (CONDITIONS[c] for c in args.condition_list):
         row = {}
         for method, label_c, label_v in (("taft", "TAFT (composed)", None), ("nlft", "Model Soup", "SISA (vote)")):
             tr = t.trainer(method, **changes)
@@ -281,7 +304,8 @@ def report(tasks: list[str], out_dir: Path, stem: str) -> None:
             f"{n} dropped: TAFT {100 * a:.1f} / SISA {100 * b:.1f}"
             for n, a, b in zip(d["dropped"], d["TAFT (composed)"], d["SISA (vote)"], strict=True)), ""]
         if "conditions" in r:
-            lines += ["Conditions that could separate the methods (test %):", "",
+            ep = r.get("conditions_epochs", "")
+            lines += [f"Conditions that could separate the methods (test %, {ep} epochs per shard):", "",
                       "| condition | K | TAFT (composed) | Model Soup | SISA (vote) |", "|---|---|---|---|---|"]
             for name, row in r["conditions"].items():
                 for k, v in row.items():
@@ -297,7 +321,9 @@ def report(tasks: list[str], out_dir: Path, stem: str) -> None:
 def _detail_lines(r: dict) -> list[str]:
     f, tm = r["forget"], r["timing"]
     after = f["test_after_forget"]
+    cmd = f" (`{r['meta']['detail_command']}`)" if "detail_command" in r.get("meta", {}) else ""
     return [
+        f"Timings with {f.get('epochs', r['config']['epochs'])} epochs per shard{cmd}.", "",
         f"Forget one example (K = {f['K']}, retrain its shard through the store): {f['forget_retrain_s']:.1f} s "
         f"(of which training {f['of_which_training_s']:.1f} s) vs retraining one model on all the data "
         f"{f['retrain_from_scratch_s']:.1f} s: {f['speedup']:.1f}× faster ({f['speedup_training_only']:.1f}× "
@@ -349,6 +375,10 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--no-conditions", dest="conditions", action="store_false")
+    p.add_argument("--detail-only", action="store_true", help="only forget/timing/conditions, merged into the "
+                                                                   "task's existing results (e.g. with fewer --epochs)")
+    p.add_argument("--conditions-list", dest="condition_list", default="ptf,lr,last2")
+    p.add_argument("--condition-ks", default=None, help="K values of the conditions (default: 1 and the largest)")
     p.add_argument("--detail-task", default=None, help="the task that also gets forget/timing/conditions "
                                                         "(default: the first)")
     p.add_argument("--report", action="store_true")
@@ -357,6 +387,8 @@ def main() -> None:
     args = p.parse_args()
     args.head_init, args.test_file = "zero-shot", None
     args.ks = [int(k) for k in args.ks.split(",")]
+    args.condition_list = args.condition_list.split(",")
+    args.condition_ks = [int(k) for k in args.condition_ks.split(",")] if args.condition_ks else None
     tasks = args.tasks.split(",")
     args.detail_task = args.detail_task or tasks[0]
     stem = "shards"
@@ -374,11 +406,22 @@ def main() -> None:
         for task in tasks:
             name = Path(task).stem if args.small else task
             path = args.out / "shards" / f"{name}.json"
-            if path.is_file() and not args.force and not args.small:
+            if args.detail_only:
+                res = run_details(task, args)
+            elif path.is_file() and not args.force and not args.small:
                 print(f"{task}: done already ({path}); --force to redo")
                 continue
-            res = run_task(task, args)
+            else:
+                res = run_task(task, args)
             date = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+            if args.detail_only:
+                c = res["config"]
+                res.setdefault("meta", {"device": _device(), "date": date, "torch": torch.__version__,
+                                        "epochs": c["epochs"], "command": f"python benchmarks/shards.py --tasks {task} "
+                                        f"--max-train {c['max_train']} --epochs {c['epochs']} --detail-task none"})
+                res["meta"]["detail_command"] = "python benchmarks/shards.py " + " ".join(sys.argv[1:])
+                write_json(path, res)
+                continue
             res["meta"] = {"device": _device(), "date": date,
                            "torch": torch.__version__, "epochs": args.epochs,
                            "command": "python benchmarks/shards.py " + " ".join(sys.argv[1:])}
