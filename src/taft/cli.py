@@ -201,6 +201,11 @@ def _run_shards_train(cfg, store, shards, backend, ray_address, chunk, weights) 
     out = train_store(cfg, store, shards, backend=backend, ray_address=ray_address, chunk=chunk, weights=weights)
     console().print(f"trained {len(out['trained'])} shard(s) in {out['train_s']:.1f} s ({backend}); composed "
                     f"{len(out['shards'])} live shard(s) into {out['composed']}/ (`taft eval {out['composed']}`)")
+    if "privacy" in out:
+        p = out["privacy"]
+        console().print(f"privacy: composed model (ε = {p['composed']['epsilon']:.3g}, δ = {p['composed']['delta']:g}) "
+                        f"by parallel composition over disjoint shards; every release so far: ε ≤ "
+                        f"{p['all_releases_epsilon']:.3g}")
 
 
 _config_command("train", __import__("taft.config", fromlist=["TrainConfig"]).TrainConfig, _run_shards_train,
@@ -295,11 +300,13 @@ def shards_status(store: str = typer.Option(..., help="the store folder"),
         typer.echo(json.dumps(st, indent=2, default=str))
         return
     table = Table(title=f"taft shards: {st['store']} ({st['examples']} examples, {st['forgotten']} forgotten)")
-    for col in ("shard", "status", "examples", "generation", "val acc", "file"):
+    for col in ("shard", "status", "examples", "generation", "val acc", "ε", "file"):
         table.add_column(col, no_wrap=True)
     for r in st["shards"]:
+        eps = json.loads(r["privacy"])["epsilon"] if r.get("privacy") else None
         table.add_row(str(r["shard"]), r["status"], str(r["examples"]), str(r["generation"]),
-                      "—" if r["val_acc"] is None else f"{100 * r['val_acc']:.2f}", r["file"] or "—")
+                      "—" if r["val_acc"] is None else f"{100 * r['val_acc']:.2f}",
+                      "—" if eps is None else f"{eps:.3g}", r["file"] or "—")
     console().print(table)
     comp = st["composed"]
     console().print(f"composed: {comp['shards'] if comp else 'none'}" + (f" (weights {comp['weights_rule']})"

@@ -361,3 +361,21 @@ def test_nlft_store_composes_a_model_soup(data, tmp_path):
     _, meta = read_delta(tmp_path / "soup" / "composed" / "delta.safetensors")
     assert meta["kind"] == "nonlinear"
     assert verify(tmp_path / "soup")["ok"]
+
+
+def test_private_shards_compose_in_parallel_and_retrains_add_up(data, tmp_path):
+    cfg = _cfg(data, dp_epsilon=8.0, dp_delta=1e-3, epochs=1)
+    with pytest.raises(ConfigError, match="--backend batched does not train private shards"):
+        train_store(cfg, tmp_path / "b", K, backend="batched")
+    out = train_store(cfg, tmp_path / "p", K, progress=False)
+    p = out["privacy"]
+    with ShardStore(tmp_path / "p") as st:
+        eps = [json.loads(r["privacy"])["epsilon"] for r in st.shard_rows()]
+    assert p["composed"]["epsilon"] == max(eps) <= 8.0 and p["composed"]["composition"].startswith("parallel")
+    assert p["all_releases_epsilon"] == pytest.approx(max(eps), rel=1e-9)  # one release per shard so far
+    victim = _ids(tmp_path / "p", 0)[0]
+    forget(tmp_path / "p", [victim], retrain=True)
+    with ShardStore(tmp_path / "p") as st:
+        after = st.get_meta("composed")["privacy"]
+    assert after["all_releases_epsilon"] > after["composed"]["epsilon"]  # shard 0's records were released twice
+    assert verify(tmp_path / "p")["ok"]

@@ -25,7 +25,7 @@ from taft.config import ConfigError, TrainConfig, from_dict, save_config
 from taft.data.shards import assign_shards
 from taft.delta import weighted_average
 from taft.shards.store import ShardStore, StoreError, atomic_tmp, publish
-from taft.shards.training import ShardModel, ShardTrainer, check_shard_config
+from taft.shards.training import ShardModel, ShardTrainer, check_backend, check_shard_config
 from taft.train.cache import FeatureCache
 from taft.train.rundir import RunDirError, RunFolder, sha256_file, verify_run, write_json
 
@@ -64,16 +64,18 @@ def _register_shard(store: ShardStore, model: ShardModel, path: Path, sha: str, 
     if sha256_file(path) != sha:
         raise StoreError(f"{path} changed while it was registered (SHA-256 differs); run the request again")
     with store.transaction() as db:
+        privacy = json.dumps(model.privacy) if model.privacy else None
         db.execute("UPDATE shards SET status = 'live', file = ?, sha256 = ?, examples = ?, generation = ?, "
-                   "val_acc = ?, train_s = ?, trained_in = ?, ids_sha256 = ? WHERE shard = ?",
+                   "val_acc = ?, train_s = ?, trained_in = ?, ids_sha256 = ?, privacy = ? WHERE shard = ?",
                    (store.rel(path), sha, len(ids), generation, model.val_acc, model.train_s, store.request,
-                    ids_digest(ids), model.shard))
+                    ids_digest(ids), privacy, model.shard))
         store.settle(db, path, atomic_tmp(path))
         store.set_meta(db, "dirty", True)  # the composition no longer matches the live shards
         db.execute("INSERT INTO audit (request, time, action, args, outcome, detail) VALUES (?, ?, ?, '{}', "
                    "'shard', ?)", (store.request, time.strftime("%Y-%m-%dT%H:%M:%S%z"), store.action,
                                    json.dumps({"shard": model.shard, "file": store.rel(path), "sha256": sha,
-                                               "examples": len(ids), "generation": generation})))
+                                               "examples": len(ids), "generation": generation,
+                                               "privacy": model.privacy})))
 
 
 def _train_jobs(store: ShardStore, trainer: ShardTrainer, jobs: list[tuple[int, list[str]]], backend: str,
@@ -144,6 +146,7 @@ def train_store(cfg: TrainConfig, store_dir: str | Path, num_shards: int, *, bac
     yet — the way to resume an interrupted run."""
     if backend not in BACKENDS:
         raise ConfigError(f"--backend {backend}: use one of {', '.join(BACKENDS)}")
+    check_backend(cfg, backend)
     if isinstance(num_shards, bool) or not isinstance(num_shards, int) or num_shards < 1:
         raise ConfigError(f"--shards {num_shards}: must be an integer >= 1")
     check_shard_config(cfg)
@@ -298,6 +301,8 @@ def _compose(store: ShardStore, *, weights: str | None = None, exclude: Sequence
                     extra_metadata={"method": cfg.method, "model": cfg.model, "data": cfg.data,
                                     "composed_shards": json.dumps(shards)})
         info = {"shards": shards, "weights": ws, "weights_rule": weights, "exclude": exclude}
+        if cfg.dp_epsilon is not None:
+            info["privacy"] = privacy_guarantee(store, rows)
         write_json(folder.path / "results.json", info)
         folder.commit(num_classes=int(store.db.execute("SELECT MAX(label) + 1 FROM examples").fetchone()[0]),
                       method=cfg.method, model=cfg.model, data=cfg.data, composed=info)
@@ -307,6 +312,27 @@ def _compose(store: ShardStore, *, weights: str | None = None, exclude: Sequence
         store.set_meta(db, "exclude", exclude)
         store.set_meta(db, "dirty", False)
     return {"composed": str(target), **info}
+
+
+def privacy_guarantee(store: ShardStore, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """What a private store's composition guarantees. The composed model: the largest ε of its (disjoint) shards
+    (parallel composition; averaging is post-processing). Every release so far: a shard retrained after a forget
+    released another model on the same remaining records, so per shard the ε of all its generations compose
+    sequentially (Opacus accountant over their histories); the store's total is the largest of those."""
+    from taft.privacy.compose import parallel_guarantee, sequential_epsilon
+
+    live = [json.loads(r["privacy"]) for r in rows if r["privacy"]]
+    if len(live) != len(rows):
+        raise StoreError("a private store holds a shard without a privacy record; retrain it")
+    history: dict[int, list[dict]] = {}
+    for a in store.audit_rows():
+        d = json.loads(a["detail"]) if a["outcome"] == "shard" else {}
+        if d.get("privacy"):
+            history.setdefault(d["shard"], []).append(d["privacy"])
+    total = max((sequential_epsilon(h) for h in history.values()), default=0.0)
+    return {"composed": parallel_guarantee(live), "all_releases_epsilon": total,
+            "note": "ε of the composed model (parallel over disjoint shards) and, over every model this store has "
+                    "released, the largest per-shard sequential composition across retrains"}
 
 
 def _remove_composed(store: ShardStore) -> None:

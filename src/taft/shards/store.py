@@ -44,7 +44,8 @@ CREATE TABLE IF NOT EXISTS examples (
 CREATE INDEX IF NOT EXISTS examples_shard ON examples (shard);
 CREATE TABLE IF NOT EXISTS shards (
     shard INTEGER PRIMARY KEY, status TEXT NOT NULL, file TEXT, sha256 TEXT, examples INTEGER NOT NULL,
-    generation INTEGER NOT NULL, val_acc REAL, train_s REAL, trained_in INTEGER, ids_sha256 TEXT);
+    generation INTEGER NOT NULL, val_acc REAL, train_s REAL, trained_in INTEGER, ids_sha256 TEXT,
+    privacy TEXT);
 CREATE TABLE IF NOT EXISTS pending (path TEXT PRIMARY KEY);
 CREATE TABLE IF NOT EXISTS audit (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, request INTEGER, time TEXT NOT NULL, action TEXT NOT NULL,

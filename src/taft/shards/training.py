@@ -57,6 +57,12 @@ def check_shard_config(cfg: TrainConfig) -> None:
         raise ConfigError(f"--radius {cfg.radius}: must be positive")
 
 
+def check_backend(cfg: TrainConfig, backend: str) -> None:
+    if cfg.dp_epsilon is not None and backend == "batched":
+        raise ConfigError("--backend batched does not train private shards (DP-SGD samples each shard's batches on "
+                          "its own); use --backend sequential or ray with --dp-epsilon")
+
+
 @dataclass
 class ShardModel:
     """One trained shard: its Δw (CPU tensors, the model's names) and its validation accuracy."""
@@ -65,6 +71,7 @@ class ShardModel:
     delta: dict[str, Tensor]
     val_acc: float | None
     train_s: float
+    privacy: dict | None = None  # a private shard's record (ε spent, δ, σ, C, q, steps): taft.privacy
 
 
 class ShardTrainer:
@@ -138,10 +145,16 @@ class ShardTrainer:
         tm = self.new_model()
         cache, labels = self._data(ids)
         scratch = RunResult(config={}, val_acc=float("nan"), test_acc=None)
-        _fit(self.shard_config(shard), tm, cache, labels, None, None, self.device, False, scratch, None,
-             what=f"shard {shard}")
+        scfg = self.shard_config(shard)
+        if scfg.dp_epsilon is not None:  # DP-SGD on this shard's examples only (disjoint shards: parallel composition)
+            from taft.privacy.fit import fit_private, plan_private_run
+
+            fit_private(scfg, plan_private_run(scfg, len(ids)), tm, cache, labels, None, None, self.device, False,
+                        scratch, None)
+        else:
+            _fit(scfg, tm, cache, labels, None, None, self.device, False, scratch, None, what=f"shard {shard}")
         val = self.validate(tm) if self.validate_shards else None
-        return ShardModel(shard, _cpu(tm.delta_dict()), val, time.perf_counter() - t0)
+        return ShardModel(shard, _cpu(tm.delta_dict()), val, time.perf_counter() - t0, scratch.privacy)
 
     def load(self, delta: dict[str, Tensor]) -> TangentModel:
         tm = self.new_model()
