@@ -356,7 +356,7 @@ def _plots(per: dict, out_dir: Path, stem: str) -> None:
         d = r["drop_curve"]
         for m in ("TAFT (composed)", "SISA (vote)"):
             ax.plot(d["dropped"], [100 * a for a in d[m]], marker="o", label=m)
-        ax.set(title=f"{t}: dropping shards (K = {r['timing']['K']})", xlabel="shards dropped",
+        ax.set(title=f"{t}: dropping shards (K = {max(ks)})", xlabel="shards dropped",
                ylabel="test accuracy (%)")
         ax.legend()
     fig.tight_layout()
