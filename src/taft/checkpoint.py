@@ -128,6 +128,14 @@ def write_delta(tensors: dict[str, torch.Tensor], meta: dict[str, str], path: st
         meta["run_id"] = run_id
     for k, v in (extra_metadata or {}).items():
         meta[f"user.{k}"] = str(v)
+    return atomic_save_file(tensors, meta, path, tmp=tmp)
+
+
+def atomic_save_file(tensors: dict[str, torch.Tensor], meta: dict[str, str], path: str | Path, *,
+                     tmp: str | Path | None = None) -> Path:
+    """safetensors ``save_file`` made atomic: written to ``tmp`` (default: a hidden per-process sibling), fsynced,
+    renamed over ``path``; an interrupted write never leaves a partial file at ``path``."""
+    path = Path(path)
     tmp = Path(tmp) if tmp is not None else path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         save_file(tensors, str(tmp), metadata=meta)
@@ -144,6 +152,11 @@ def fsync_file(path: str | Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def fsync_dir(path: str | Path) -> None:
+    """Make a rename inside ``path`` durable (POSIX: fsync the folder)."""
+    fsync_file(path)
 
 
 def read_delta(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -13,7 +13,6 @@ is refused unless ``allow_mixed=True``.
 from __future__ import annotations
 
 import json
-import os
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -21,12 +20,11 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor
 
 from taft import delta as D
 from taft._version import __version__
-from taft.checkpoint import content_hashes, fsync_file
+from taft.checkpoint import atomic_save_file, content_hashes
 from taft.errors import TaftError
 
 FORMAT = "taft-task-vector/1"
@@ -113,14 +111,7 @@ def save_task_vector(tv: TaskVector, path: str | Path) -> Path:
             "base_fingerprint": tv.base_fingerprint, "info": json.dumps(tv.info),
             "content_sha256": json.dumps(content_hashes(tensors))}
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        save_file(tensors, str(tmp), metadata=meta)
-        fsync_file(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return atomic_save_file(tensors, meta, path)
 
 
 def load_task_vector(path: str | Path, *, device: torch.device | str = "cpu") -> TaskVector:

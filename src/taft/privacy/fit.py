@@ -14,7 +14,6 @@ steps and the calibrated σ, refusing settings that cannot meet the target.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import time
 from dataclasses import dataclass
@@ -27,7 +26,6 @@ from taft.privacy.accounting import calibrate_noise, check_budget, epsilon_spent
 from taft.privacy.grad_sample import nonlinear_twin, per_example_grads
 from taft.privacy.optimizer import DPOptimizer
 from taft.train.losses import make_loss, project_to_ball, squared_norm
-from taft.train.rundir import finite_json
 
 
 @dataclass
@@ -85,7 +83,7 @@ def fit_private(cfg: TrainConfig, plan: PrivacyPlan, tm, train_cache, train_labe
 
     Per-example gradients of each sampled batch are computed ``chunk`` at a time (sorted by length, so a chunk
     pads little). Fills ``result.epochs`` and ``result.privacy``; writes ``metrics.jsonl`` when ``out_dir``."""
-    from taft.train.loop import TrainingDiverged, _lr_lambda, _optimizer, evaluate
+    from taft.train.loop import TrainingDiverged, _lr_lambda, _optimizer, end_epoch
 
     if len(train_cache) != plan.n:
         raise ConfigError(f"fit_private: planned for {plan.n} examples, the training features hold {len(train_cache)}")
@@ -125,14 +123,7 @@ def fit_private(cfg: TrainConfig, plan: PrivacyPlan, tm, train_cache, train_labe
         row = {"epoch": epoch + 1, "delta_norm": norm, "epoch_s": time.perf_counter() - t,
                "epsilon": epsilon_spent(plan.noise_multiplier, plan.delta, sample_rate=plan.sample_rate, steps=done,
                                         accountant=plan.accountant)}
-        if val_cache is not None:
-            row["val_acc"] = evaluate(tm, val_cache, val_ds.labels, cfg.eval_batch_size, device)
-        result.epochs.append(row)
-        if log:
-            log.write(json.dumps(finite_json(row), allow_nan=False) + "\n")
-            log.flush()
-        if progress:
-            tqdm.write(json.dumps(row))
+        end_epoch(row, tm, val_cache, val_ds, cfg, device, result, log, progress)
     if log:
         log.close()
     result.privacy = {**plan.to_dict(), "epsilon": epsilon_spent(

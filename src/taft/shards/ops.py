@@ -71,11 +71,8 @@ def _register_shard(store: ShardStore, model: ShardModel, path: Path, sha: str, 
                     ids_digest(ids), privacy, model.shard))
         store.settle(db, path, atomic_tmp(path))
         store.set_meta(db, "dirty", True)  # the composition no longer matches the live shards
-        db.execute("INSERT INTO audit (request, time, action, args, outcome, detail) VALUES (?, ?, ?, '{}', "
-                   "'shard', ?)", (store.request, time.strftime("%Y-%m-%dT%H:%M:%S%z"), store.action,
-                                   json.dumps({"shard": model.shard, "file": store.rel(path), "sha256": sha,
-                                               "examples": len(ids), "generation": generation,
-                                               "privacy": model.privacy})))
+        store.record(db, "shard", {"shard": model.shard, "file": store.rel(path), "sha256": sha, "examples": len(ids),
+                                   "generation": generation, "privacy": model.privacy})
 
 
 def _train_jobs(store: ShardStore, trainer: ShardTrainer, jobs: list[tuple[int, list[str]]], backend: str,
@@ -417,9 +414,7 @@ def forget(store_dir: str | Path, ids: Sequence[str], *, retrain: bool = False, 
             store.settle(db, new_feat, atomic_tmp(new_feat))
             store.set_meta(db, "features", store.rel(new_feat))
             store.set_meta(db, "dirty", True)
-            db.execute("INSERT INTO audit (request, time, action, args, outcome, detail) VALUES (?, ?, 'forget', "
-                       "'{}', 'forgotten', ?)", (store.request, time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                                                 json.dumps({"ids": todo, "shards": affected})))
+            store.record(db, "forgotten", {"ids": todo, "shards": affected})
         store.delete_files([*old_files, old_feat])
         # 3. retrain the affected shards on what they have left
         t0 = time.perf_counter()

@@ -32,8 +32,9 @@ from typing import Any
 
 from filelock import FileLock, Timeout
 
-from taft.checkpoint import fsync_file
+from taft.checkpoint import fsync_dir, fsync_file
 from taft.errors import TaftError
+from taft.train.rundir import remove_path
 
 FORMAT = "taft-shards/1"
 SCHEMA = """
@@ -61,14 +62,6 @@ class StoreError(TaftError):
 
 def now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class ShardStore:
@@ -164,19 +157,22 @@ class ShardStore:
             self._request = None
             self.lock.release()
 
+    def record(self, db: sqlite3.Connection, outcome: str, detail: dict[str, Any], *, args: bool = False) -> None:
+        """Append one audit row of the current request inside the caller's transaction (``args``: with the
+        request's arguments, as its first and last rows have)."""
+        db.execute("INSERT INTO audit (request, time, action, args, outcome, detail) VALUES (?, ?, ?, ?, ?, ?)",
+                   (self._request, now(), self._action, json.dumps(self._args, default=str) if args else "{}",
+                    outcome, json.dumps(detail, default=str)))
+
     def finish(self, db: sqlite3.Connection, detail: dict[str, Any], outcome: str = "ok") -> None:
         """Append the request's final row inside the caller's transaction (the change and its record commit
         together)."""
-        db.execute("INSERT INTO audit (request, time, action, args, outcome, detail) VALUES (?, ?, ?, ?, ?, ?)",
-                   (self._request, now(), self._action, json.dumps(self._args, default=str), outcome,
-                    json.dumps(detail, default=str)))
+        self.record(db, outcome, detail, args=True)
         self._finished = True
 
     def _log(self, outcome: str, detail: dict[str, Any]) -> None:
         with self.transaction() as db:
-            db.execute("INSERT INTO audit (request, time, action, args, outcome, detail) VALUES (?, ?, ?, ?, ?, ?)",
-                       (self._request, now(), self._action, json.dumps(self._args, default=str), outcome,
-                        json.dumps(detail, default=str)))
+            self.record(db, outcome, detail, args=True)
 
     @property
     def action(self) -> str:
@@ -194,13 +190,8 @@ class ShardStore:
         removed = []
         for (path,) in self.db.execute("SELECT path FROM pending").fetchall():
             p = self.root / path
-            if p.is_dir():
-                import shutil
-
-                shutil.rmtree(p, ignore_errors=True)
-                removed.append(path)
-            elif p.exists() or p.is_symlink():
-                p.unlink()
+            if p.exists() or p.is_symlink():
+                remove_path(p)
                 removed.append(path)
         if removed:
             fsync_dir(self.shards_dir)
@@ -219,12 +210,7 @@ class ShardStore:
     def delete_files(self, paths: Sequence[Path]) -> None:
         """Delete files that a committed transaction listed as pending, then clear them from ``pending``."""
         for p in paths:
-            if p.is_dir():
-                import shutil
-
-                shutil.rmtree(p, ignore_errors=True)
-            else:
-                p.unlink(missing_ok=True)
+            remove_path(p)
         if paths:
             fsync_dir(self.shards_dir)
             with self.transaction() as db:

@@ -379,13 +379,19 @@ def _fit(cfg, tm, train_cache, train_labels, val_cache, val_ds, device, progress
             raise TrainingDiverged(f"{what} diverged: Δw is NaN or infinite after epoch {epoch + 1}; nothing was "
                                    f"written. Lower the learning rate ({lr_flag} {cfg.lr:g})")
         row = {"epoch": epoch + 1, "train_loss": total / n, "delta_norm": norm, "epoch_s": time.perf_counter() - t}
-        if val_cache is not None:
-            row["val_acc"] = evaluate(tm, val_cache, val_ds.labels, cfg.eval_batch_size, device)
-        result.epochs.append(row)
-        if log:
-            log.write(json.dumps(finite_json(row), allow_nan=False) + "\n")
-            log.flush()
-        if progress:
-            tqdm.write(json.dumps(row))
+        end_epoch(row, tm, val_cache, val_ds, cfg, device, result, log, progress)
     if log:
         log.close()
+
+
+def end_epoch(row: dict, tm, val_cache, val_ds, cfg, device, result: RunResult, log, progress: bool) -> None:
+    """An epoch's record (ordinary and private loops): validation accuracy added, kept in ``result``, appended to
+    ``metrics.jsonl`` (strict JSON) and shown under the progress bar."""
+    if val_cache is not None:
+        row["val_acc"] = evaluate(tm, val_cache, val_ds.labels, cfg.eval_batch_size, device)
+    result.epochs.append(row)
+    if log:
+        log.write(json.dumps(finite_json(row), allow_nan=False) + "\n")
+        log.flush()
+    if progress:
+        tqdm.write(json.dumps(row))

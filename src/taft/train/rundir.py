@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from taft._version import __version__
-from taft.checkpoint import fsync_file
+from taft.checkpoint import fsync_dir, fsync_file
 from taft.errors import TaftError
 
 MANIFEST = "run.json"
@@ -55,7 +55,8 @@ def _leftovers(target: Path, kind: str) -> list[tuple[Path, int]]:
     return out
 
 
-def _remove(path: Path) -> None:
+def remove_path(path: Path) -> None:
+    """Delete a file, a link or a folder tree (nothing if absent)."""
     if path.is_symlink() or path.is_file():
         path.unlink()
     elif path.exists():
@@ -70,10 +71,10 @@ def recover(target: Path) -> None:
         if not target.exists():
             os.rename(path, target)
         else:
-            _remove(path)
+            remove_path(path)
     for path, pid in _leftovers(target, "tmp"):
         if not _pid_alive(pid):
-            _remove(path)
+            remove_path(path)
 
 
 def is_run_folder(path: Path) -> bool:
@@ -129,14 +130,6 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -202,7 +195,7 @@ class RunFolder:
         manifest = {"format": MANIFEST_FORMAT, "run_id": self.run_id, "taft_version": __version__,
                     "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **info, "files": files}
         write_json(self.path / MANIFEST, manifest)
-        _fsync_dir(self.path)
+        fsync_dir(self.path)
         target = self.target
         if target.is_dir() and any(target.iterdir()) and not self.overwrite:
             raise RunDirError(f"--output-dir {target} was filled by someone else while this run trained; "
@@ -210,11 +203,11 @@ class RunFolder:
         if target.exists() or target.is_symlink():
             os.rename(target, self._backup)  # the old run survives, under a hidden name, until the swap is done
             os.rename(self.path, target)
-            _fsync_dir(target.parent)
-            _remove(self._backup)
+            fsync_dir(target.parent)
+            remove_path(self._backup)
         else:
             os.rename(self.path, target)
-            _fsync_dir(target.parent)
+            fsync_dir(target.parent)
         self.committed = True
         return target
 
