@@ -1,21 +1,25 @@
 """Crash-consistency trials: run store requests in a child process, kill it with SIGKILL at a random moment,
 then check that the store reopens consistent and that no finished shard was lost.
 
-One trial: a forked child creates a store and trains it, composes it with other weights, forgets one example with
-``--retrain`` and another by dropping its shard; the parent kills the child after a random delay (uniform over the
-length of an uninterrupted run), then :func:`taft.shards.ops.verify` must pass, every shard that was live just before
-the kill must still be live with the same file unless a recorded forget request superseded it, and resuming
-(``train_store`` again) must complete the store and verify again. Used by the tests (20 trials) and by
-``benchmarks/shard_crash.py`` (100 trials). POSIX only (fork).
+One trial: a child process (a fresh interpreter, not a fork) creates a store and trains it, composes it with other
+weights, forgets one example with ``--retrain`` and another by dropping its shard; the parent kills the child after
+a random delay (uniform over the length of an uninterrupted run), then :func:`taft.shards.ops.verify` must pass,
+every shard that was live just before the kill must still be live with the same file unless a recorded forget
+request superseded it, and resuming (``train_store`` again) must complete the store and verify again. A trial also
+fails if a killed composition left its staging folders (``.composed.tmp-*`` / ``.composed.old-*``) behind after
+the next request. Used by the tests (20 trials) and by ``benchmarks/shard_crash.py`` (100 trials).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import faulthandler
 import json
 import os
 import random
-import signal
 import sqlite3
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -63,33 +67,39 @@ def _superseded(store: Path) -> set[int]:
         st.close()
 
 
+def _spawn(store: Path, cfg_json: str, num_shards: int, seed: int) -> subprocess.Popen:
+    """A fresh interpreter runs the requests (no fork: a forked child would inherit thread pools and locks); it
+    prints ``ready`` once its imports are done, so the kill delay measures the requests alone."""
+    proc = subprocess.Popen([sys.executable, "-m", "taft.shards.chaos", "--child", str(store), cfg_json,
+                             str(num_shards), str(seed)], stdout=subprocess.PIPE, text=True)
+    if proc.stdout.readline().strip() != "ready":
+        proc.kill()
+        proc.wait()
+        raise RuntimeError("the chaos child did not start (see its stderr above)")
+    return proc
+
+
 def run_trials(work: str | Path, cfg: TrainConfig, *, num_shards: int = 3, trials: int = 20, seed: int = 0,
                resume: bool = True) -> dict:
     """``trials`` kill -9 trials under ``work``; returns counts and any failure (a failure is a bug)."""
-    torch.set_num_threads(1)  # forked children run torch: no thread pool is shared across the fork
     work = Path(work)
     work.mkdir(parents=True, exist_ok=True)
+    cfg_json = json.dumps(dataclasses.asdict(cfg))
     rng = random.Random(seed)
+    ref = _spawn(work / "reference", cfg_json, num_shards, seed)  # an uninterrupted run: its length
     t0 = time.perf_counter()
-    _requests(cfg, work / "reference", num_shards, seed)  # warms caches too; the length of an uninterrupted run
+    if ref.wait() != 0:
+        raise RuntimeError("the uninterrupted reference run failed (see its stderr above)")
     length = time.perf_counter() - t0
     failures, killed_in = [], []
     for t in range(trials):
         store = work / f"trial-{t}"
-        pid = os.fork()
-        if pid == 0:  # child: the requests, then a hard exit (no atexit, no finalizers)
-            code = 0
-            try:
-                _requests(cfg, store, num_shards, seed + t)
-            except BaseException:
-                code = 1
-            os._exit(code)
+        proc = _spawn(store, cfg_json, num_shards, seed + t)
         delay = rng.uniform(0.0, length)
         time.sleep(delay)
         before = _live(store)
-        os.kill(pid, signal.SIGKILL)
-        _, status = os.waitpid(pid, 0)
-        finished = os.WIFEXITED(status)
+        proc.kill()  # SIGKILL: no atexit, no finalizers
+        finished = proc.wait() == 0
         killed_in.append(None if finished else round(delay / length, 3))
         try:
             report = ops.verify(store) if (store / "manifest.sqlite").is_file() else {"incomplete": True}
@@ -97,8 +107,11 @@ def run_trials(work: str | Path, cfg: TrainConfig, *, num_shards: int = 3, trial
                 report = {"ok": not before, "problems": [] if not before else ["live shards but no config"]}
             after = _live(store)
             lost = [k for k, sha in before.items() if after.get(k) != sha and k not in _superseded(store)]
-            if not report["ok"] or lost:
-                failures.append({"trial": t, "delay_s": delay, "problems": report["problems"], "lost": lost})
+            leftovers = sorted(p.name for p in store.glob(".*") if p.name.startswith(".composed.")) \
+                if store.is_dir() else []
+            if not report["ok"] or lost or leftovers:
+                failures.append({"trial": t, "delay_s": delay, "problems": report["problems"], "lost": lost,
+                                 "leftovers": leftovers})
                 continue
             if resume:
                 ops.train_store(cfg, store, num_shards, progress=False)
@@ -112,13 +125,22 @@ def run_trials(work: str | Path, cfg: TrainConfig, *, num_shards: int = 3, trial
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m taft.shards.chaos WORK CONFIG_JSON TRIALS SEED``: the trials in a fresh process (a process that
-    has started Ray or other thread pools must not fork); prints the result as JSON."""
-    import sys
-
+    """``python -m taft.shards.chaos WORK CONFIG_JSON TRIALS SEED``: the trials, printed as JSON.
+    (``--child STORE CONFIG_JSON SHARDS SEED`` is one trial's requests, run by :func:`run_trials`.)"""
     from taft.config import from_dict
 
-    work, cfg_json, trials, seed = argv if argv is not None else sys.argv[1:]
+    args = argv if argv is not None else sys.argv[1:]
+    if args[0] == "--child":
+        store, cfg_json, num_shards, seed = args[1:]
+        torch.set_num_threads(1)
+        cfg = from_dict(TrainConfig, json.loads(cfg_json))
+        print("ready", flush=True)
+        _requests(cfg, Path(store), int(num_shards), int(seed))
+        return 0
+    work, cfg_json, trials, seed = args
+    # a hang is a bug too: after TAFT_CHAOS_WATCHDOG seconds print every thread's stack and exit
+    faulthandler.dump_traceback_later(float(os.environ.get("TAFT_CHAOS_WATCHDOG", 540)), exit=True)
+    torch.set_num_threads(1)
     res = run_trials(work, from_dict(TrainConfig, json.loads(cfg_json)), trials=int(trials), seed=int(seed))
     print(json.dumps(res))
     return 0

@@ -292,6 +292,8 @@ def _compose(store: ShardStore, *, weights: str | None = None, exclude: Sequence
     composed = weighted_average([d for d, _ in loaded], ws)
     cfg = _store_config(store)
     target = store.composed_dir
+    with store.transaction() as db:  # killed while composed/ is replaced: the next request composes again
+        store.set_meta(db, "dirty", True)
     with RunFolder(target, overwrite=True) as folder:
         save_config(cfg, folder.path / "config.yaml")
         write_delta(composed, loaded[0][1], folder.path / "delta.safetensors", run_id=folder.run_id,

@@ -193,8 +193,14 @@ class ShardStore:
             if p.exists() or p.is_symlink():
                 remove_path(p)
                 removed.append(path)
+        # a composition killed while its run folder was staged or swapped (its Δw is redone: meta.dirty)
+        for p in sorted(self.root.glob(f".{self.composed_dir.name}.*")):
+            if p.name.startswith((f".{self.composed_dir.name}.tmp-", f".{self.composed_dir.name}.old-")):
+                remove_path(p)
+                removed.append(self.rel(p))
         if removed:
             fsync_dir(self.shards_dir)
+            fsync_dir(self.root)
         self.db.execute("DELETE FROM pending")
         return removed
 
