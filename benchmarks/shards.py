@@ -29,6 +29,7 @@ import json
 import platform
 import random
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -230,16 +231,19 @@ def _timing(t: Task, taft: ShardTrainer, k: int, args) -> dict:
     """K shards sequential vs batched (the K_max batched run above) vs one model on all the data; inference of the
     composed model vs the K-model ensemble."""
     jobs = _jobs(t.ids, k, t.cfg.seed)
-    t0 = time.perf_counter()
-    for shard, ids in jobs:
-        taft.train_one(shard, ids)
-    seq_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    taft.train_one(0, t.ids)
-    single_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    bat = taft.train_batched(jobs, chunk=args.chunk)
-    bat_s = time.perf_counter() - t0
+    runs: dict[str, list[float]] = {"sequential": [], "single": [], "batched": []}
+    for _ in range(args.timing_repeats):  # interleaved repeats: this machine's speed drifts by tens of percent
+
+        def timed(name, fn):
+            t0 = time.perf_counter()
+            out = fn()
+            runs[name].append(time.perf_counter() - t0)
+            return out
+
+        timed("sequential", lambda: [taft.train_one(shard, ids) for shard, ids in jobs])
+        timed("single", lambda: taft.train_one(0, t.ids))
+        bat = timed("batched", lambda: taft.train_batched(jobs, chunk=args.chunk))
+    seq_s, single_s, bat_s = (statistics.median(runs[n]) for n in ("sequential", "single", "batched"))
     sizes = [float(len(ids)) for _, ids in jobs]
     models = bat
     composed = weighted_average([m.delta for m in bat], sizes)
@@ -251,6 +255,8 @@ def _timing(t: Task, taft: ShardTrainer, k: int, args) -> dict:
     ens_s = time.perf_counter() - t0
     return {"K": k, "sequential_s": seq_s, "batched_s": bat_s, "single_model_all_data_s": single_s,
             "batched_over_single": bat_s / single_s, "sequential_over_single": seq_s / single_s,
+            "repeats": runs, "batched_over_single_each": [b / s for b, s in zip(runs["batched"], runs["single"],
+                                                                                 strict=True)],
             "inference_composed_s": comp_s, "inference_ensemble_s": ens_s, "ensemble_over_composed": ens_s / comp_s,
             "note": "training times exclude the shared frozen-prefix features (computed once for all)"}
 
@@ -329,9 +335,11 @@ def _detail_lines(r: dict) -> list[str]:
         f"{f['retrain_from_scratch_s']:.1f} s: {f['speedup']:.1f}× faster ({f['speedup_training_only']:.1f}× "
         f"counting training only); test accuracy after: composed {100 * after['composed']:.2f}, vote "
         f"{100 * after['vote']:.2f}; verify {'passed' if f['verify_ok'] else 'FAILED'}.", "",
-        f"Training K = {tm['K']} shards: sequential {tm['sequential_s']:.1f} s, batched {tm['batched_s']:.1f} s, one "
+        f"Training K = {tm['K']} shards (median of {len(tm.get('repeats', {}).get('single', [0]))} interleaved "
+        f"runs): sequential {tm['sequential_s']:.1f} s, batched {tm['batched_s']:.1f} s, one "
         f"model on all the data {tm['single_model_all_data_s']:.1f} s (batched ÷ single "
-        f"{tm['batched_over_single']:.2f}×, target ≤ 1.5×; sequential ÷ single "
+        f"{tm['batched_over_single']:.2f}×, per run "
+        f"{', '.join(f'{x:.2f}' for x in tm.get('batched_over_single_each', []))}; target ≤ 1.5×; sequential ÷ single "
         f"{tm['sequential_over_single']:.2f}×; the shared prefix features, "
         f"{r['features_s']:.1f} s, are computed once). Inference on the test set: composed model "
         f"{tm['inference_composed_s']:.2f} s (the same at every K) vs the {tm['K']}-model ensemble "
@@ -370,6 +378,8 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--max-train", type=int, default=None)
     p.add_argument("--chunk", type=int, default=25, help="shards trained together at most (memory)")
+    p.add_argument("--timing-repeats", type=int, default=3, help="interleaved repeats of the training-time "
+                                                                 "comparison (medians are reported)")
     p.add_argument("--model", default="minilm")
     p.add_argument("--data-root", default=None)
     p.add_argument("--threads", type=int, default=None)

@@ -219,9 +219,12 @@ def _double(trainer: ShardTrainer) -> ShardTrainer:
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
-def test_batched_backend_equals_sequential(data, optimizer):
+@pytest.mark.parametrize("pieces", [16, 3], ids=["whole-batches", "3-row-pieces"])
+def test_batched_backend_equals_sequential(data, optimizer, pieces):
     cfg = _cfg(data, optimizer=optimizer, lr=1e-2 if optimizer == "adam" else 0.1)
     trainer = ShardTrainer.from_config(cfg)
+    # 3-row pieces (batches of 8): every batch is cut and its pieces run in separate vmapped calls, regrouped by length
+    trainer.rows_per_piece, trainer.call_overhead_tokens = pieces, 0 if pieces == 3 else 256
     jobs = [(k, trainer.features.ids[k::K]) for k in range(K)]
     jobs[1] = (1, jobs[1][1][:-3])  # unequal sizes: a shard runs out of batches first
     if optimizer == "sgd":  # float32, Δw itself
@@ -235,6 +238,7 @@ def test_batched_backend_equals_sequential(data, optimizer):
         # and Adam's normalization turns rounding noise into steps of size lr there: it is compared through the
         # function instead, every other tensor directly.
         trainer = _double(trainer)
+        trainer.rows_per_piece, trainer.call_overhead_tokens = pieces, 0 if pieces == 3 else 256
         seq = [trainer.train_one(k, ids) for k, ids in jobs]
         bat = trainer.train_batched(jobs, chunk=2)
         state = trainer.val_features.collate(list(range(len(trainer.val_features))), trainer.device)

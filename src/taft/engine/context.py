@@ -48,6 +48,30 @@ class _StraightThrough(torch.autograd.Function):
         return w0_t if delta_t is None else w0_t + delta_t
 
 
+class SharedWeightLinear(torch.autograd.Function):
+    """``x w0ᵀ`` whose weight gradient goes to Δw: the straight-through linear for many models trained together
+    (``vmap`` over stacked Δw that share one w0). The value and both products of the backward with w0 are one
+    GEMM over every model's rows, because w0 is never expanded per model; only Δw's gradient ``gᵀx`` is per model.
+    ``generate_vmap_rule``: functorch batches forward and backward with the ops' own rules."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: Tensor, w0: Tensor, delta: Tensor) -> Tensor:
+        return torch.nn.functional.linear(x, w0)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        x, w0, _ = inputs
+        ctx.save_for_backward(x, w0)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, None, Tensor]:
+        x, w0 = ctx.saved_tensors
+        grad_x = grad @ w0 if ctx.needs_input_grad[0] else None
+        return grad_x, None, grad.flatten(0, -2).t() @ x.flatten(0, -2)
+
+
 class TangentContext:
     """Carries w0 and Δw through one forward and dispatches modules to their rules.
 
@@ -88,6 +112,7 @@ class TangentContext:
         self.fallback_modules: list[str] = []
         self._straight_through = vjp and torch.is_grad_enabled()
         self._cache: dict[str, Dual] = {}
+        self._parts: dict[int, tuple[Tensor, Tensor]] = {}  # id(straight-through weight) -> (w0, Δw)
 
     # -- parameters -----------------------------------------------------------------------------------
     def param(self, name: str) -> Dual:
@@ -104,12 +129,17 @@ class TangentContext:
             out = Dual(w0, None)
         elif self._straight_through:
             out = Dual(_StraightThrough.apply(w0, delta), delta.detach())
+            self._parts[id(out.primal)] = (w0, delta)
         elif self.vjp:
             out = Dual(w0, delta.detach())
         else:
             out = Dual(w0, delta)
         self._cache[name] = out
         return out
+
+    def straight_through_parts(self, weight: Tensor) -> tuple[Tensor, Tensor] | None:
+        """``(w0, Δw)`` behind a weight that :meth:`param` returned in straight-through form, else ``None``."""
+        return self._parts.get(id(weight))
 
     def names_under(self, prefix: str) -> list[str]:
         if not prefix:

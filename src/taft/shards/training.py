@@ -132,6 +132,10 @@ class ShardTrainer:
             raise ConfigError("a shard has no examples to train on")
         return self.features.subset(list(ids)), torch.tensor([self.labels[i] for i in ids])
 
+    # The batched backend: a shard's batch is cut into pieces of this many rows of similar length, and pieces are
+    # grouped by length into vmapped calls, each call costing its padded tokens plus ``call_overhead_tokens``.
+    rows_per_piece = 16
+    call_overhead_tokens = 256
     validate_shards = True  # validation accuracy of every shard model (for `taft shards status`); off: None
 
     def validate(self, tm: TangentModel) -> float | None:
@@ -197,21 +201,34 @@ class ShardTrainer:
             state = State(Dual(h, None), {**static, **dict(zip(aux_keys, aux, strict=True))})
             return torch.func.functional_call(tm, params, (state,))
 
+        lengths_of = [cache.lengths for cache, _ in data]
         tm.forward = tm.suffix  # functional_call calls forward: here the suffix on cached features (a local model)
         vmapped = torch.func.vmap(shard_forward)
         for epoch in range(cfg.epochs):
             epochs = [list(bucketed_batches(lengths, cfg.batch_size, g)) for g, lengths in plans]
             for step in range(max(len(e) for e in epochs)):
                 active = [k for k in range(K) if step < len(epochs[k])]
-                states = [data[k][0].collate(epochs[k][step], self.device) for k in active]
-                h, aux, rows = _stack_states(states, aux_keys)
-                stacked = {key: torch.stack([deltas[k][n] for k in active]) for key, n in zip(keys, names,
-                                                                                             strict=True)}
-                logits = vmapped(stacked, h, *aux)
+                # Each shard's batch is cut into pieces of rows of similar length, and pieces of similar length
+                # (from any shard) are padded together and run by one vmapped call, each with its own shard's Δw:
+                # the rows of a model are independent, so this is the shard's batch with far less padding.
+                pieces = [(k, part) for k in active for part in _row_pieces(epochs[k][step], lengths_of[k],
+                                                                            self.rows_per_piece)]
+                states = [data[k][0].collate([epochs[k][step][r] for r in part], self.device) for k, part in pieces]
+                rows_out: dict[int, list[Tensor | None]] = {k: [None] * len(epochs[k][step]) for k in active}
+                for group in length_groups({i: _tokens(st) for i, st in enumerate(states)},
+                                           self.call_overhead_tokens):
+                    h, aux, _ = _stack_states([states[i] for i in group], aux_keys)
+                    stacked = {key: torch.stack([deltas[pieces[i][0]][n] for i in group])
+                               for key, n in zip(keys, names, strict=True)}
+                    logits = vmapped(stacked, h, *aux)
+                    for j, i in enumerate(group):
+                        k, part = pieces[i]
+                        for r, row in enumerate(part):
+                            rows_out[k][row] = logits[j, r]
                 total = 0.0
-                for j, k in enumerate(active):
+                for k in active:
                     y = data[k][1][epochs[k][step]].to(self.device)
-                    loss = loss_fn(logits[j, : rows[j]], y)
+                    loss = loss_fn(torch.stack(rows_out[k]), y)
                     if not math.isfinite(float(loss.detach())):
                         raise TrainingDiverged(
                             f"shard {jobs[k][0]} diverged: the loss is {float(loss)} at epoch {epoch + 1}, step "
@@ -248,6 +265,40 @@ def _pad_to(t: Tensor, rows: int, tokens: int | None) -> Tensor:
     if t.shape[0] < rows:
         t = torch.cat([t, t[:1].expand(rows - t.shape[0], *t.shape[1:])], 0)
     return t
+
+
+def _tokens(state: State) -> tuple[int, int]:
+    """(rows, tokens per row) of a collated batch (tokens 1 for inputs without a padding mask)."""
+    mask = state.aux.get("attention_mask")
+    return state.h.primal.shape[0], (state.h.primal.shape[1] if isinstance(mask, Tensor) else 1)
+
+
+def _row_pieces(batch: Sequence[int], lengths: Sequence[int], size: int) -> list[list[int]]:
+    """Positions in ``batch`` sorted by their example's length, cut into pieces of at most ``size``."""
+    order = sorted(range(len(batch)), key=lambda r: (lengths[batch[r]], r))
+    return [order[s : s + size] for s in range(0, len(order), size)]
+
+
+def length_groups(sizes: dict[int, tuple[int, int]], overhead_tokens: int = 256) -> list[list[int]]:
+    """Split shards into groups trained by one vmapped call each, so that padding every batch of a group to its
+    longest costs little: the partition of the shards sorted by length that minimizes padded tokens plus
+    ``overhead_tokens`` per call (a call's fixed cost, in tokens). ``sizes``: shard -> (rows, tokens per row)."""
+    order = sorted(sizes, key=lambda k: (sizes[k][1], k))
+    n = len(order)
+    best = [0.0] + [math.inf] * n  # best[i]: cost of the first i shards
+    cut = [0] * (n + 1)
+    for i in range(1, n + 1):
+        rows = 0
+        for j in range(i, 0, -1):  # group order[j-1 : i], padded to order[i-1]'s length
+            rows = max(rows, sizes[order[j - 1]][0])
+            cost = best[j - 1] + (i - j + 1) * rows * sizes[order[i - 1]][1] + overhead_tokens
+            if cost < best[i]:
+                best[i], cut[i] = cost, j - 1
+    groups, i = [], n
+    while i:
+        groups.append(order[cut[i] : i])
+        i = cut[i]
+    return groups[::-1]
 
 
 def _stack_states(states: list[State], aux_keys: list[str]) -> tuple[Tensor, list[Tensor], list[int]]:
