@@ -30,7 +30,7 @@ from taft.engine.dual import Dual, as_dual, dual_add, dual_cat, dual_map
 from taft.engine.family import Family, Stage, State, register_family
 from taft.engine.registry import register_rule
 from taft.errors import UnsupportedError
-from taft.rules.attention import attention_dual
+from taft.rules.attention import attention_dual, to_additive
 from taft.rules.gelu import gelu_dual
 from taft.rules.layer_norm import layer_norm_dual, layer_norm_rule
 from taft.rules.quick_gelu import quick_gelu_dual
@@ -156,11 +156,7 @@ def _self_attn_mask(N: int, x: Tensor, attn_mask: Tensor | None, is_causal: bool
     """timm's ``resolve_self_attn_mask`` (SDPA semantics: bool True = attend; float masks are added)."""
     if is_causal:
         return x.new_full((N, N), float("-inf")).triu_(1)
-    if attn_mask is None:
-        return None
-    if attn_mask.dtype == torch.bool:
-        return torch.zeros(attn_mask.shape, dtype=x.dtype, device=x.device).masked_fill_(~attn_mask, float("-inf"))
-    return attn_mask
+    return to_additive(attn_mask, x.dtype)
 
 
 @register_rule(Attention)

@@ -100,18 +100,33 @@ def use_kernel(x: Tensor, *more: Tensor) -> bool:
     return x.dtype != torch.float32
 
 
+def to_additive(mask: Tensor | None, dtype: torch.dtype, *, true_means: str = "attend",
+                fill: float = float("-inf")) -> Tensor | None:
+    """The one attention-mask converter: the additive float mask the attention rules add to the scores.
+
+    ``None`` stays ``None``; a floating mask is already additive and is returned as it is; a bool mask means
+    ``true_means`` — ``"attend"`` (SDPA, timm, HF) or ``"masked"`` (``nn.MultiheadAttention``) — and its masked
+    positions get ``fill`` (``-inf`` as torch and timm add, ``finfo(dtype).min`` as HF adds)."""
+    if mask is None:
+        return None
+    if mask.dtype == torch.bool:
+        masked = ~mask if true_means == "attend" else mask
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(masked, fill)
+    if not torch.is_floating_point(mask):
+        raise TypeError(f"attention mask of dtype {mask.dtype}: only bool and floating masks are supported")
+    return mask
+
+
 def additive_mask(attention_mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
-    """(B, S) 1/0 padding mask -> (B, 1, 1, S) additive mask in ``dtype`` (finfo.min where padded)."""
+    """HF's masks: a (B, S) 1/0 padding mask -> (B, 1, 1, S) additive mask in ``dtype`` (finfo.min where padded);
+    a 4-D mask, bool (True = attend) or additive, in ``dtype``."""
     if attention_mask is None:
         return None
-    if attention_mask.dim() == 4:
-        return attention_mask.to(dtype) if attention_mask.dtype != torch.bool else _bool_to_add(attention_mask, dtype)
-    keep = attention_mask[:, None, None, :].to(torch.bool)
-    return _bool_to_add(keep, dtype)
-
-
-def _bool_to_add(keep: Tensor, dtype: torch.dtype) -> Tensor:
-    return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill(~keep, torch.finfo(dtype).min)
+    if attention_mask.dim() != 4:
+        attention_mask = attention_mask[:, None, None, :].to(torch.bool)
+    elif attention_mask.dtype != torch.bool:
+        return attention_mask.to(dtype)
+    return to_additive(attention_mask, dtype, fill=torch.finfo(dtype).min)
 
 
 def separate_qkv_attention(ctx, m, name: str, h: Dual, projections: tuple[str, ...], *, head_dim: int,
@@ -129,7 +144,7 @@ def separate_qkv_attention(ctx, m, name: str, h: Dual, projections: tuple[str, .
 
     q, k, v = (dual_map(ctx.call(getattr(m, p), f"{name}.{p}", h), heads) for p in projections[:3])
     if mask is not None and mask.dtype == torch.bool:
-        mask = _bool_to_add(mask, h.primal.dtype)
+        mask = to_additive(mask, h.primal.dtype, fill=torch.finfo(h.primal.dtype).min)
     o = attention_dual(ctx, q, k, v, scale=scale, mask=mask)
     o = dual_map(o, lambda x: x.transpose(1, 2).reshape(B, T, -1))  # (B, T, D)
     if len(projections) == 4:

@@ -28,19 +28,8 @@ from torch import Tensor, nn
 from taft.engine.dual import Dual, as_dual, dual_cat, dual_map
 from taft.engine.registry import first_output, register_rule
 from taft.errors import UnsupportedError
-from taft.rules.attention import attention_dual
+from taft.rules.attention import attention_dual, to_additive
 from taft.rules.linear import linear_dual
-
-
-def _additive(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
-    """torch's ``_canonical_mask``: bool (True = masked) -> 0 / −inf in ``dtype``; float masks unchanged."""
-    if mask is None:
-        return None
-    if mask.dtype == torch.bool:
-        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(mask, float("-inf"))
-    if not torch.is_floating_point(mask):
-        raise TypeError("multihead attention rule: only bool and floating masks are supported")
-    return mask
 
 
 def _pad_col(mask: Tensor | None) -> Tensor | None:
@@ -84,8 +73,8 @@ def multihead_attention_rule(
     if is_causal and attn_mask is None:
         raise RuntimeError("multihead attention rule: is_causal needs attn_mask (as torch requires)")
     causal_sdpa = is_causal and key_padding_mask is None and not need_weights
-    kpm = _additive(key_padding_mask, dtype)
-    am = None if causal_sdpa else _additive(attn_mask, dtype)
+    kpm = to_additive(key_padding_mask, dtype, true_means="masked")
+    am = None if causal_sdpa else to_additive(attn_mask, dtype, true_means="masked")
 
     # Input projections.
     b = ctx.param(f"{name}.in_proj_bias") if m.in_proj_bias is not None else None
@@ -124,7 +113,7 @@ def multihead_attention_rule(
     mask = None
     if causal_sdpa:
         keep = torch.ones(L, S2, dtype=torch.bool, device=query.primal.device).tril(diagonal=0)
-        mask = _additive(~keep, dtype)  # (L, S)
+        mask = to_additive(keep, dtype)  # (L, S)
     elif am is not None:
         mask = am if am.dim() == 2 else am.reshape(N, h, L, S2)  # (L, S) or (N, h, L, S)
     if kpm is not None:
