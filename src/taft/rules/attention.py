@@ -111,7 +111,8 @@ def to_additive(mask: Tensor | None, dtype: torch.dtype, *, true_means: str = "a
         return None
     if mask.dtype == torch.bool:
         masked = ~mask if true_means == "attend" else mask
-        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(masked, fill)
+        # out of place: under vmap (shards trained together) the mask is batched and the zeros are not
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(masked, fill)
     if not torch.is_floating_point(mask):
         raise TypeError(f"attention mask of dtype {mask.dtype}: only bool and floating masks are supported")
     return mask

@@ -213,11 +213,14 @@ def _write_features(store: ShardStore, features: FeatureCache, path: Path) -> No
     publish(tmp, path)
 
 
-def _trainer_for(store: ShardStore, cfg: TrainConfig, progress: bool) -> ShardTrainer:
-    """A trainer over the store's own features (no forgotten row), after checking w0 is the store's."""
+def _trainer_for(store: ShardStore, cfg: TrainConfig, progress: bool,
+                 features: FeatureCache | None = None) -> ShardTrainer:
+    """A trainer over the store's own features (no forgotten row; ``features``: those features, already read and
+    checked by the caller), after checking w0 is the store's."""
     path = store.root / store.get_meta("features")
     try:
-        feats = FeatureCache.load(path, expect_ids=store.all_live_ids(), expect_info=store.get_meta("features_info"))
+        feats = features if features is not None else FeatureCache.load(
+            path, expect_ids=store.all_live_ids(), expect_info=store.get_meta("features_info"))
     except Exception as e:
         raise StoreError(f"{path}: the store's training features cannot be read or do not match the manifest "
                          f"({e}); run `taft shards verify`") from e
@@ -401,7 +404,8 @@ def forget(store_dir: str | Path, ids: Sequence[str], *, retrain: bool = False, 
         old_feat = store.root / store.get_meta("features")
         feats = FeatureCache.load(old_feat, expect_ids=live)
         new_feat = old_feat.with_name(f"train-g{int(old_feat.stem.split('-g')[-1]) + 1}.safetensors")
-        _write_features(store, feats.subset([i for i in live if i not in gone]), new_feat)
+        kept = feats.subset([i for i in live if i not in gone])
+        _write_features(store, kept, new_feat)
         # 2. one transaction: forgotten, shards emptied/dropped/awaiting retrain, old files to delete
         rows = {r["shard"]: r for r in store.shard_rows()}
         old_files = [store.root / rows[k]["file"] for k in affected if rows[k]["file"]]
@@ -423,7 +427,7 @@ def forget(store_dir: str | Path, ids: Sequence[str], *, retrain: bool = False, 
         jobs = [(k, remaining[k]) for k in affected if remaining[k]] if retrain else []
         if jobs:
             cfg = _store_config(store)
-            trainer = _trainer_for(store, cfg, progress)
+            trainer = _trainer_for(store, cfg, progress, features=kept)  # the rows just written, not read again
             _train_jobs(store, trainer, jobs, backend, progress=progress)
         retrain_s = time.perf_counter() - t0
         # 4. the composition of what is live now
