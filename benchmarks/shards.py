@@ -220,6 +220,7 @@ def _forget_time(cfg: TrainConfig, task: str, k: int, args) -> dict:
         trainer.train_one(0, ids)
         scratch_s = time.perf_counter() - t0
         return {"K": k, "store_build_s": build_s, "forget_retrain_s": forget_s, "of_which_training_s": res["retrain_s"],
+                "phases_s": res["timing_s"],
                 "retrain_from_scratch_s": scratch_s, "speedup": scratch_s / forget_s,
                 "speedup_training_only": scratch_s / res["retrain_s"],
                 "test_after_forget": {"composed": ev["composed"], "vote": ev["vote"]}, "verify_ok": report["ok"]}
@@ -331,9 +332,12 @@ def _detail_lines(r: dict) -> list[str]:
     return [
         f"Timings with {f.get('epochs', r['config']['epochs'])} epochs per shard{cmd}.", "",
         f"Forget one example (K = {f['K']}, retrain its shard through the store): {f['forget_retrain_s']:.1f} s "
-        f"(of which training {f['of_which_training_s']:.1f} s) vs retraining one model on all the data "
+        + (f"(new features file {f['phases_s']['features']:.1f} s, retraining the shard {f['phases_s']['retrain']:.1f}"
+           f" s with loading w0 and the validation features, recomposition {f['phases_s']['compose']:.1f} s)"
+           if "phases_s" in f else f"(of which training {f['of_which_training_s']:.1f} s)")
+        + " vs retraining one model on all the data "
         f"{f['retrain_from_scratch_s']:.1f} s: {f['speedup']:.1f}× faster ({f['speedup_training_only']:.1f}× "
-        f"counting training only); test accuracy after: composed {100 * after['composed']:.2f}, vote "
+        f"counting the shard's retraining only); test accuracy after: composed {100 * after['composed']:.2f}, vote "
         f"{100 * after['vote']:.2f}; verify {'passed' if f['verify_ok'] else 'FAILED'}.", "",
         f"Training K = {tm['K']} shards (median of {len(tm.get('repeats', {}).get('single', [0]))} interleaved "
         f"runs): sequential {tm['sequential_s']:.1f} s, batched {tm['batched_s']:.1f} s, one "

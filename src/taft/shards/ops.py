@@ -401,6 +401,7 @@ def forget(store_dir: str | Path, ids: Sequence[str], *, retrain: bool = False, 
         affected = sorted({k for i, k, _ in rows if i in gone})
         remaining = {k: [i for i in store.live_ids(k) if i not in gone] for k in affected}
         # 1. the features without the forgotten rows, as a new file
+        t_start = time.perf_counter()
         old_feat = store.root / store.get_meta("features")
         feats = FeatureCache.load(old_feat, expect_ids=live)
         new_feat = old_feat.with_name(f"train-g{int(old_feat.stem.split('-g')[-1]) + 1}.safetensors")
@@ -422,6 +423,7 @@ def forget(store_dir: str | Path, ids: Sequence[str], *, retrain: bool = False, 
             store.set_meta(db, "dirty", True)
             store.record(db, "forgotten", {"ids": todo, "shards": affected})
         store.delete_files([*old_files, old_feat])
+        features_s = time.perf_counter() - t_start
         # 3. retrain the affected shards on what they have left
         t0 = time.perf_counter()
         jobs = [(k, remaining[k]) for k in affected if remaining[k]] if retrain else []
@@ -436,7 +438,9 @@ def forget(store_dir: str | Path, ids: Sequence[str], *, retrain: bool = False, 
         out = {"forgotten": todo, "already_forgotten": already, "shards": affected,
                "action": "retrained" if retrain else "dropped", "empty_shards": [k for k in affected
                                                                                  if not remaining[k]],
-               "retrain_s": retrain_s, "composed": composed}
+               "retrain_s": retrain_s, "composed": composed,
+               "timing_s": {"features": features_s, "retrain": retrain_s,
+                            "compose": time.perf_counter() - t0 - retrain_s}}
         with store.transaction() as db:
             store.finish(db, out)
         return out
