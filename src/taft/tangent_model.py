@@ -44,6 +44,10 @@ class TangentModel(nn.Module):
         linear: ``False`` turns the wrapper into ordinary (non-linear) fine-tuning of the same parameters,
             ``f(x; w0 + Δw)`` through the model's own forward — the NLFT / LoRA baselines share the scope, the
             frozen-prefix cache and the Δw checkpoint format with TAFT.
+        master_dtype: keep Δw (the trainable master copy) in this dtype, e.g. ``torch.float32`` for a model run in
+            bfloat16 / float16: each forward uses Δw rounded to the model's dtype, gradients reach the master copy
+            through that cast, and optimizer steps too small for the low precision still accumulate. ``.to()``
+            moves the master copy between devices but never changes its dtype. ``None``: Δw follows the model.
 
     Cost: one forward of the suffix that starts at the first linearized stage, about 2-3x a plain forward of
     that suffix; stages before it run as the plain model under ``no_grad``.
@@ -64,10 +68,15 @@ class TangentModel(nn.Module):
         force_fallback: bool = False,
         linear: bool = True,
         seed: int = 0,
+        master_dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         if backward not in ("vjp", "tangent"):
             raise ValueError(f"TangentModel(backward={backward!r}): expected 'vjp' or 'tangent'")
+        if master_dtype is not None and not master_dtype.is_floating_point:
+            raise ValueError(f"TangentModel(master_dtype={master_dtype}): expected a floating dtype such as "
+                             "torch.float32")
+        self.master_dtype = master_dtype
         # Not a registered submodule: ``tm.parameters()`` is Δw only (what optimizers, Opacus and checkpoints see)
         # and ``state_dict`` holds Δw and w0; ``.to()`` / ``.train()`` still reach the base (see ``_apply``).
         object.__setattr__(self, "base", model)
@@ -109,7 +118,8 @@ class TangentModel(nn.Module):
         self.w0 = nn.Module()
         for n, t in w0.items():
             self.w0.register_buffer(_key(n), t)
-        self.delta = nn.ParameterDict({_key(n): nn.Parameter(torch.zeros_like(w0[n])) for n in self.linearized})
+        self.delta = nn.ParameterDict({_key(n): nn.Parameter(torch.zeros_like(w0[n], dtype=master_dtype))
+                                       for n in self.linearized})
         # every value a forward uses that is not the base model's own parameter: a w0 buffer (w0 + Δw when
         # non-linear); modules holding none of them run as themselves
         self._replaced = frozenset(w0)
@@ -169,18 +179,25 @@ class TangentModel(nn.Module):
         params.update({k.replace(":", "."): t for k, t in self.w0.named_buffers(recurse=False)})
         return params
 
+    def _compute_deltas(self, params: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Δw in the dtype the forward runs in (a differentiable cast of the master copy when their dtypes differ)."""
+        out = self.delta_dict()
+        if self.master_dtype is not None:
+            out = {n: d if d.dtype == params[n].dtype else d.to(params[n].dtype) for n, d in out.items()}
+        return out
+
     def _context(self, with_deltas: bool = True) -> TangentContext:
         params = self.base_params()
         replaced = self._replaced
         if not with_deltas:
             return TangentContext(params, {}, replaced=replaced)
+        deltas = self._compute_deltas(params)
         if not self.linear:
-            for n, d in self.delta_dict().items():
+            for n, d in deltas.items():
                 params[n] = params[n] + d
             return TangentContext(params, {}, trainable=frozenset(self.linearized), replaced=replaced)
         return TangentContext(
-            params, self.delta_dict(), vjp=self.backward == "vjp", force_fallback=self.force_fallback,
-            replaced=replaced,
+            params, deltas, vjp=self.backward == "vjp", force_fallback=self.force_fallback, replaced=replaced,
         )
 
     def prefix(self, *args, **kwargs) -> State:
@@ -238,7 +255,16 @@ class TangentModel(nn.Module):
 
     def _apply(self, fn, recurse=True):
         self.base._apply(fn, recurse)
-        return super()._apply(fn, recurse)
+        if self.master_dtype is None:
+            return super()._apply(fn, recurse)
+        master = {k: (p.data, None if p.grad is None else p.grad.data) for k, p in self.delta.items()}
+        super()._apply(fn, recurse)
+        for k, p in self.delta.items():  # the master copy goes where fn sends it, in its own dtype, values intact
+            data, grad = master[k]
+            p.data = data.to(device=p.device)
+            if grad is not None:
+                p.grad = grad.to(device=p.device)
+        return self
 
     def train(self, mode: bool = True):
         self.base.train(mode)
