@@ -172,6 +172,7 @@ LOSSES = ("rsl", "ce", "mse")
 SCHEDULES = ("constant", "cosine", "step")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 HEAD_INITS = ("random", "zero-shot", "zeros", "probe")
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 # Per-method defaults of options left unset, chosen on validation splits (see README, "Numbers chosen honestly"):
@@ -227,6 +228,8 @@ class TrainConfig:
     cache_dir: str | None = field(default=None, metadata={"help": "folder for --cache disk (reused across runs)"})
     seed: int = field(default=0, metadata={"help": "seed of head init, shuffling, validation split"})
     device: str = field(default="cpu", metadata={"help": "cpu | cuda"})
+    dtype: str = field(default="float32", metadata={
+        "help": "the model's precision: float32 | bfloat16 | float16 (Δw stays a float32 master copy)"})
     threads: int | None = field(default=None, metadata={"help": "torch CPU threads (default: torch's choice)"})
     output_dir: str | None = field(default=None, metadata={"help": "where Δw, config and metrics are written"})
     overwrite: bool = field(default=False, metadata={
@@ -251,6 +254,7 @@ class TrainConfig:
         _check_choice("optimizer", self.optimizer, OPTIMIZERS)
         _check_choice("head_init", self.head_init, HEAD_INITS)
         _check_choice("cache", self.cache, ("memory", "disk", "none"))
+        _check_choice("dtype", self.dtype, DTYPES)
         for name in ("epochs", "batch_size", "eval_batch_size", "max_length", "probe_epochs", "step_epochs",
                      "lora_r", "max_train", "max_eval", "threads"):
             value = getattr(self, name)
@@ -302,3 +306,6 @@ class TrainConfig:
         if self.head_init == "probe":
             raise ConfigError("dp_epsilon: head_init=probe fits the head on the training data without privacy; "
                               "use --head-init zero-shot (class descriptions), random or zeros")
+        if self.dtype != "float32":
+            raise ConfigError(f"dp_epsilon: private training runs in float32 (the per-example gradients and their "
+                              f"clipping are not checked in {self.dtype}); drop --dtype {self.dtype}")

@@ -139,3 +139,32 @@ def test_bad_data_files_give_clear_errors(tmp_path, capsys, content, expect):
 def test_missing_data_file_is_a_clear_error(tmp_path, capsys):
     assert main(["train", "--model", "tiny-bert", "--data", str(tmp_path / "nope.txt")]) == 2
     assert "nope.txt" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method,head", [("taft", "random"), ("nlft", "random"), ("taft", "probe")])
+def test_bf16_training_keeps_a_float32_master_delta_and_evaluates_as_trained(tmp_path, capsys, method, head):
+    root = _real_data()
+    out = tmp_path / "run"
+    assert main(["train", "--model", "tiny-bert", "--data", "trec", "--data-root", str(root), "--max-train", "64",
+                 "--max-eval", "64", "--epochs", "1", "--head-init", head, "--method", method,
+                 "--dtype", "bfloat16", "--output-dir", str(out)]) == 0
+    from safetensors.torch import load_file
+
+    delta = load_file(str(out / "delta.safetensors"))
+    assert delta and all(t.dtype == torch.float32 for t in delta.values())
+    assert any(bool(t.abs().sum() > 0) for t in delta.values())
+    res = json.loads((out / "results.json").read_text())
+    capsys.readouterr()
+    assert main(["eval", str(out), "--split", "val", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["accuracy"] == res["val_acc"]  # rebuilt in bf16, the same model
+
+
+def test_dtype_is_checked_and_refused_where_not_implemented(tmp_path, capsys):
+    with pytest.raises(ConfigError, match="dtype"):
+        TrainConfig(dtype="float8")
+    with pytest.raises(ConfigError, match="private training runs in float32"):
+        TrainConfig(dtype="bfloat16", dp_epsilon=3.0, head_init="zero-shot")
+    from taft.shards.training import check_shard_config
+
+    with pytest.raises(ConfigError, match="shard stores train in float32"):
+        check_shard_config(TrainConfig(dtype="bfloat16", head_init="zero-shot"))

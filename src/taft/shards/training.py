@@ -55,6 +55,9 @@ def check_shard_config(cfg: TrainConfig) -> None:
             f"includes it (last:k does)")
     if cfg.radius is not None and cfg.radius <= 0:
         raise ConfigError(f"--radius {cfg.radius}: must be positive")
+    if cfg.dtype != "float32":
+        raise ConfigError(f"--dtype {cfg.dtype}: shard stores train in float32 (composition and unlearning are "
+                          f"checked there); drop --dtype")
 
 
 def check_backend(cfg: TrainConfig, backend: str) -> None:

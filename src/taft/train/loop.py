@@ -134,11 +134,13 @@ def _linears_in_last_blocks(tm_probe: TangentModel, k: int) -> list[str]:
 
 def make_tangent_model(cfg: TrainConfig, clf: Classifier) -> TangentModel:
     """The trainable wrapper for ``cfg.method`` (all methods share scopes, caching and checkpoints)."""
-    common = dict(reinit=cfg.reinit, linearize_cls=cfg.linearize_cls, seed=cfg.seed)
+    # a model run in bf16/fp16 trains a float32 master copy of Δw (steps below the low precision still count)
+    master = None if cfg.dtype == "float32" else torch.float32
+    common = dict(reinit=cfg.reinit, linearize_cls=cfg.linearize_cls, seed=cfg.seed, master_dtype=master)
     if cfg.method in ("taft", "nlft"):
         return TangentModel(clf, cfg.scope, linear=cfg.method == "taft", **common)
     if cfg.method in ("fc", "zero-shot"):
-        return TangentModel(clf, "head", linear=False, seed=cfg.seed)
+        return TangentModel(clf, "head", linear=False, seed=cfg.seed, master_dtype=master)
     # LoRA / (IA)³ adapters via peft, injected into a copy of the classifier's last blocks.
     from peft import IA3Config, LoraConfig, inject_adapter_in_model
 
@@ -154,7 +156,7 @@ def make_tangent_model(cfg: TrainConfig, clf: Classifier) -> TangentModel:
         pattern = r"re:.*ia3_l\..*"
     torch.manual_seed(cfg.seed)
     inject_adapter_in_model(pcfg, clf)
-    return TangentModel(clf, f"head,{pattern}", linear=False, seed=cfg.seed)
+    return TangentModel(clf, f"head,{pattern}", linear=False, seed=cfg.seed, master_dtype=master)
 
 
 # -- data -------------------------------------------------------------------------------------------------
@@ -175,11 +177,16 @@ def _cache_for(tm, tokenizer, dataset, cfg, name: str, progress: bool, cache_dir
 
 
 def prepare(cfg: TrainConfig, device: torch.device) -> Prepared:
-    """Data and classifier for ``cfg``: the one switch between the text and image pipelines (by the data spec)."""
+    """Data and classifier for ``cfg``: the one switch between the text and image pipelines (by the data spec).
+    The classifier is built in float32 (its zero-shot head too) and then cast to ``cfg.dtype``."""
     from taft.train.images import is_image_spec, prepare_images
 
-    if is_image_spec(cfg.data):
-        return prepare_images(cfg, device)
+    prep = prepare_images(cfg, device) if is_image_spec(cfg.data) else _prepare_text(cfg, device)
+    prep.clf.to(getattr(torch, cfg.dtype))
+    return prep
+
+
+def _prepare_text(cfg: TrainConfig, device: torch.device) -> Prepared:
     splits = load_text_dataset(cfg.data, cfg.test_file, root=cfg.data_root, seed=cfg.seed,
                                num_classes=cfg.num_classes)
     task = SENTENCE_TASKS.get(cfg.data)
@@ -356,7 +363,7 @@ def _fit(cfg, tm, train_cache, train_labels, val_cache, val_ds, device, progress
                    disable=not progress, leave=False)
         for step, idx in enumerate(bar, 1):
             state = train_cache.collate(idx, device)
-            logits = tm.suffix(state)
+            logits = tm.suffix(state).float()  # the loss in float32 whatever the model's precision
             loss = loss_fn(logits, train_labels[idx].to(device))
             objective = loss + cfg.penalty * squared_norm(delta) if cfg.penalty else loss
             value = float(loss.detach())  # one sync per step, as for the running mean below
