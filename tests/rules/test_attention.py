@@ -241,3 +241,27 @@ def test_additive_mask_values():
     assert additive_mask(None, torch.float32) is None
     four = torch.full((1, 1, 2, 2), -5.0, dtype=torch.float64)
     assert torch.equal(additive_mask(four, torch.float32), four.float())
+
+
+@pytest.mark.parametrize("vjp", [True, False], ids=["vjp-with-grad", "closed-form"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_unfused_low_precision_tangent_is_accumulated_in_float32(dtype, vjp):
+    """On the unfused path (CPU) a bf16/fp16 attention's tangent is the float32 computation on the same rounded
+    inputs, rounded once: within half an ulp of the float64 value, where low-precision intermediates are not."""
+    g = gen(3)
+    B, h, T, d = 2, 2, 96, 16
+    q, k, v = (3 * rand((B, h, T, d), g, torch.float64) for _ in range(3))  # peaked rows, long sums
+    tq, tk, tv = (rand((B, h, T, d), g, torch.float64) for _ in range(3))
+    low = [t.to(dtype) for t in (q, k, v, tq, tk, tv)]
+    exact = [t.to(torch.float64) for t in low]  # the rounded inputs, computed exactly
+    scale = d ** -0.5
+    ref = attention_dual(_ctx(), *(Dual(exact[i], exact[i + 3]) for i in range(3)), scale=scale).tangent
+    ctx = TangentContext({}, {}, vjp=vjp)
+    qd = Dual(low[0].requires_grad_(vjp), low[3])
+    with torch.set_grad_enabled(vjp):
+        out = attention_dual(ctx, qd, Dual(low[1], low[4]), Dual(low[2], low[5]), scale=scale).tangent
+    assert out.dtype == dtype
+    err = (out.double() - ref).abs()
+    # one rounding of the result: |err| ≤ half an ulp of |ref| (+ a float32-accumulation allowance)
+    ulp = torch.finfo(dtype).eps * ref.abs().clamp_min(torch.finfo(dtype).tiny)
+    assert bool((err <= 0.5 * ulp + 1e-5 * ref.abs().max()).all()), float((err / ulp).max())

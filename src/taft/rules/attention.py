@@ -47,15 +47,29 @@ def attention_dual(ctx, q: Dual, k: Dual, v: Dual, *, scale: float, mask: Tensor
                 q.primal.detach(), k.primal.detach(), v.primal.detach(), q.tangent, k.tangent, v.tangent,
                 scale=scale, mask=None if mask is None else mask.detach(), need_primal=o is None)
         return Dual(o_k if o is None else o, t)
+    # Unfused in bfloat16/float16: probabilities and tangent in float32, rounded once at the end (as the fused
+    # kernel accumulates in float32); float32/float64 run as they are.
+    dtype = q.primal.dtype
+    wide = dtype in (torch.bfloat16, torch.float16)
+    qw, kw, vw = (_to(x, torch.float32) for x in (q, k, v)) if wide else (q, k, v)
+    mw = mask.float() if wide and mask is not None and torch.is_floating_point(mask) else mask
     if ctx.vjp and primal_grad:
-        o = _sdpa(q.primal, k.primal, v.primal, mask, scale)
+        o = _sdpa(q.primal, k.primal, v.primal, mask, scale)  # the model's own primal, saved as usual
         with torch.no_grad():
-            p = _probabilities(q.primal, k.primal, mask, scale)
-            return Dual(o, _tangent(p, q, k, v, scale))
-    p = _probabilities(q.primal, k.primal, mask, scale)  # (B, h, T, S)
-    o = torch.matmul(p, v.primal)  # (B, h, T, d)
+            p = _probabilities(qw.primal, kw.primal, mw, scale)
+            return Dual(o, _narrow(_tangent(p, qw, kw, vw, scale), dtype))
+    p = _probabilities(qw.primal, kw.primal, mw, scale)  # (B, h, T, S)
+    o = torch.matmul(p, vw.primal)  # (B, h, T, d)
     with ctx.tangent_mode():
-        return Dual(o, _tangent(p, q, k, v, scale))
+        return Dual(o.to(dtype), _narrow(_tangent(p, qw, kw, vw, scale), dtype))
+
+
+def _to(x: Dual, dtype: torch.dtype) -> Dual:
+    return Dual(x.primal.to(dtype), None if x.tangent is None else x.tangent.to(dtype))
+
+
+def _narrow(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    return None if t is None else t.to(dtype)
 
 
 def _probabilities(q: Tensor, k: Tensor, mask: Tensor | None, scale: float) -> Tensor:
