@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 import taft.models  # noqa: F401  (registers the built-in families and their rules)
 import taft.rules  # noqa: F401  (registers the closed-form rules)
-from taft.engine.context import TangentContext
+from taft.engine.context import NonLinearContext, TangentContext
 from taft.engine.dual import Dual
 from taft.engine.family import Family, Stage, State, family_for, is_under
 from taft.errors import UnsupportedError
@@ -195,7 +195,7 @@ class TangentModel(nn.Module):
         if not self.linear:
             for n, d in deltas.items():
                 params[n] = params[n] + d
-            return TangentContext(params, {}, trainable=frozenset(self.linearized), replaced=replaced)
+            return NonLinearContext(params, frozenset(self.linearized), replaced=replaced)
         return TangentContext(
             params, deltas, vjp=self.backward == "vjp", force_fallback=self.force_fallback, replaced=replaced,
         )

@@ -92,17 +92,12 @@ class TangentContext:
         *,
         vjp: bool = True,
         force_fallback: bool = False,
-        trainable: frozenset[str] = frozenset(),
         replaced: frozenset[str] | None = None,
     ) -> None:
         self.params = params
         self.deltas = deltas
         self.vjp = vjp
-        self.force_fallback = force_fallback
-        # Non-linear mode (ordinary fine-tuning through the same stages): ``params`` already hold w0 + Δw for
-        # these names and modules run their own forward with autograd on; no tangent is computed.
-        self.trainable = trainable
-        self._trainable_prefixes = _prefixes(trainable)
+        self.force_fallback = force_fallback  # every module through the torch.func.jvp fallback (the reference)
         # Names whose value in ``params`` is not the module's own parameter (w0 copies, re-initialized blocks,
         # w0 + Δw). A module with none of them and no gradient to record runs as itself, exactly the plain
         # model's forward (no parameter swapping). ``None``: unknown, always swap.
@@ -162,11 +157,6 @@ class TangentContext:
 
         Modules with no tangent coming in and no linearized parameter inside run as the plain model."""
         entry = find_rule(module)  # None for a forward replaced on the instance, hooks, a changed subclass
-        if self.trainable:
-            grad = name in self._trainable_prefixes or any(
-                isinstance(a, Dual) and a.primal.requires_grad for a in (*args, *kwargs.values())
-            )
-            return Dual(self._plain(module, name, entry, args, kwargs, grad=grad), None)
         has_tangent = any(isinstance(a, Dual) and a.tangent is not None for a in (*args, *kwargs.values()))
         if not has_tangent and not self.linearized_under(name):
             return Dual(self._plain(module, name, entry, args, kwargs), None)
@@ -185,6 +175,24 @@ class TangentContext:
         with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
             out = torch.func.functional_call(module, local, tuple(prim_args), prim_kwargs, strict=False)
         return primary_output(out, entry)
+
+class NonLinearContext(TangentContext):
+    """Ordinary (non-linear) fine-tuning through the same stages as the tangent forward: ``params`` already hold
+    w0 + Δw for the ``trainable`` names, every module runs its own forward with autograd on where a gradient is
+    needed, and no tangent is computed (no rule runs)."""
+
+    def __init__(self, params: Mapping[str, Tensor], trainable: frozenset[str], *,
+                 replaced: frozenset[str] | None = None) -> None:
+        super().__init__(params, {}, replaced=replaced)
+        self.trainable = trainable
+        self._trainable_prefixes = _prefixes(trainable)
+
+    def call(self, module: nn.Module, name: str, *args, **kwargs) -> Dual:
+        entry = find_rule(module)
+        grad = name in self._trainable_prefixes or any(
+            isinstance(a, Dual) and a.primal.requires_grad for a in (*args, *kwargs.values()))
+        return Dual(self._plain(module, name, entry, args, kwargs, grad=grad), None)
+
 
 def _prefixes(names) -> frozenset[str]:
     """Every module path that holds one of ``names`` ("" included when there is any), so that "is any name under
