@@ -85,7 +85,7 @@ def test_failure_during_a_rerun_leaves_the_old_run_intact(data, tmp_path, monkey
     def killed(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("taft.train.loop._fit", killed)
+    monkeypatch.setattr("taft.train.loop.fit", killed)
     assert main(_argv(data, out, "--epochs", "3", "--overwrite")) == 130
     assert _snapshot(out) == before and _hidden(tmp_path) == []
     verify_run(out)
@@ -150,7 +150,8 @@ def test_diverged_loss_is_an_error_and_writes_nothing(data, tmp_path, capsys):
 
 
 def test_results_json_is_strict(data, tmp_path, monkeypatch):
-    monkeypatch.setattr("taft.train.loop.evaluate", lambda *a, **k: float("nan"))
+    monkeypatch.setattr("taft.train.loop.evaluate", lambda *a, **k: float("nan"))  # the final scores
+    monkeypatch.setattr("taft.train.fit.evaluate", lambda *a, **k: float("nan"))  # each epoch's
     out = tmp_path / "run"
     train(TrainConfig(model="tiny-bert", data=str(data[0]), head_init="random", epochs=1, max_train=16,
                       batch_size=8, output_dir=str(out)), progress=False)

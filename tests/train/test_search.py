@@ -10,6 +10,7 @@ import pytest
 
 import taft.train.loop as loop
 import taft.train.search as search_mod
+import taft.train.text as text_pipeline
 from taft.cli import main
 from taft.config import ConfigError, TrainConfig
 from taft.data.text import default_data_root
@@ -47,7 +48,7 @@ class _Guarded:
 
 def test_search_selects_on_validation_and_never_reads_test_before_choosing(tmp_path, monkeypatch):
     allowed = [False]
-    real_load = loop.load_text_dataset
+    real_load = text_pipeline.load_text_dataset
 
     def guarded_load(*a, **kw):
         splits = real_load(*a, **kw)
@@ -73,7 +74,7 @@ def test_search_selects_on_validation_and_never_reads_test_before_choosing(tmp_p
         finally:
             allowed[0] = False
 
-    monkeypatch.setattr(loop, "load_text_dataset", guarded_load)
+    monkeypatch.setattr(text_pipeline, "load_text_dataset", guarded_load)
     monkeypatch.setattr(search_mod, "train", tracking_train)
     monkeypatch.setattr(ev, "evaluate_run", allowed_eval)
 

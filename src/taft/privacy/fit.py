@@ -83,17 +83,17 @@ def fit_private(cfg: TrainConfig, plan: PrivacyPlan, tm, train_cache, train_labe
 
     Per-example gradients of each sampled batch are computed ``chunk`` at a time (sorted by length, so a chunk
     pads little). Fills ``result.epochs`` and ``result.privacy``; writes ``metrics.jsonl`` when ``out_dir``."""
-    from taft.train.loop import TrainingDiverged, _lr_lambda, _optimizer, end_epoch
+    from taft.train.fit import TrainingDiverged, end_epoch, lr_lambda, make_optimizer
 
     if len(train_cache) != plan.n:
         raise ConfigError(f"fit_private: planned for {plan.n} examples, the training features hold {len(train_cache)}")
     delta = tm.delta_dict()
     g_sample = torch.Generator().manual_seed(cfg.seed)
     g_noise = torch.Generator().manual_seed(cfg.seed + 1)
-    opt = DPOptimizer(_optimizer(cfg, list(delta.values())), delta, clip=plan.clip,
+    opt = DPOptimizer(make_optimizer(cfg, list(delta.values())), delta, clip=plan.clip,
                       noise_multiplier=plan.noise_multiplier, expected_batch_size=plan.expected_batch_size,
                       generator=g_noise)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt.optimizer, _lr_lambda(cfg, plan.steps_per_epoch))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt.optimizer, lr_lambda(cfg, plan.steps_per_epoch))
     loss_fn = make_loss(cfg.loss, kappa=cfg.kappa, m=cfg.rsl_m)
     twin = nonlinear_twin(tm) if tm.linear else None
     lengths = train_cache.lengths

@@ -23,18 +23,10 @@ from taft.config import ConfigError, TrainConfig
 from taft.engine.dual import Dual
 from taft.engine.family import State
 from taft.tangent_model import TangentModel
+from taft.train.baselines import make_tangent_model
 from taft.train.cache import FeatureCache
-from taft.train.loop import (
-    RunResult,
-    TrainingDiverged,
-    _fit,
-    _lr_lambda,
-    _optimizer,
-    evaluate,
-    make_tangent_model,
-    prepare,
-    resolve_device,
-)
+from taft.train.fit import RunResult, TrainingDiverged, evaluate, fit, lr_lambda, make_optimizer
+from taft.train.loop import prepare, resolve_device
 from taft.train.losses import make_loss, project_to_ball, squared_norm
 from taft.train.text import bucketed_batches
 
@@ -159,7 +151,7 @@ class ShardTrainer:
             fit_private(scfg, plan_private_run(scfg, len(ids)), tm, cache, labels, None, None, self.device, False,
                         scratch, None)
         else:
-            _fit(scfg, tm, cache, labels, None, None, self.device, False, scratch, None, what=f"shard {shard}")
+            fit(scfg, tm, cache, labels, None, None, self.device, False, scratch, None, what=f"shard {shard}")
         val = self.validate(tm) if self.validate_shards else None
         return ShardModel(shard, _cpu(tm.delta_dict()), val, time.perf_counter() - t0, scratch.privacy)
 
@@ -190,10 +182,10 @@ class ShardTrainer:
         opts, scheds, plans = [], [], []
         for (shard, _), (cache, _), delta in zip(jobs, data, deltas, strict=True):
             scfg = self.shard_config(shard)
-            opt = _optimizer(scfg, list(delta.values()))
+            opt = make_optimizer(scfg, list(delta.values()))
             steps = math.ceil(len(cache) / cfg.batch_size)
             opts.append(opt)
-            scheds.append(torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(scfg, steps)))
+            scheds.append(torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(scfg, steps)))
             plans.append((torch.Generator().manual_seed(scfg.seed), cache.lengths))
         loss_fn = make_loss(cfg.loss, kappa=cfg.kappa, m=cfg.rsl_m)
         template = data[0][0].collate([0], self.device)

@@ -1,10 +1,24 @@
-"""Text inputs: tokenization once per dataset, length-sorted batches for the prefix pass."""
+"""The text pipeline: tokenization once per dataset, length-sorted batches for the prefix pass, sentence
+embeddings, the classifier (mean pooling, zero-shot head from class descriptions) and its prefix features."""
 
 from __future__ import annotations
 
+import dataclasses
+import warnings
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import torch
+from torch import nn
+
+from taft.config import ConfigError, TrainConfig
+from taft.data.text import SENTENCE_TASKS, load_text_dataset
+from taft.models.classifier import Classifier, pool
+from taft.train.cache import FeatureCache, cache_info, load_cached
+from taft.train.pipeline import Prepared
+from taft.zoo import load_model, load_tokenizer
+
+ZERO_SHOT_SCALE = 20.0  # logit scale of cosine-similarity heads (sentence-transformers' usual temperature)
 
 
 def tokenize(tokenizer, texts: Sequence[str], max_length: int) -> list[list[int]]:
@@ -43,3 +57,70 @@ def bucketed_batches(lengths: Sequence[int], batch_size: int, generator: torch.G
         batches += [chunk[j : j + batch_size] for j in range(0, len(chunk), batch_size)]
     order = torch.randperm(len(batches), generator=generator).tolist()
     return [batches[i] for i in order]
+
+
+@torch.no_grad()
+def text_embeddings(backbone: nn.Module, tokenizer, texts: list[str], max_length: int = 64) -> torch.Tensor:
+    """Mean-pooled, L2-normalized sentence embeddings (how MiniLM was trained)."""
+    from taft.engine.family import family_for
+
+    dev = next(backbone.parameters()).device
+    batch = padded_batch(tokenize(tokenizer, texts, max_length), device=dev)
+    h = family_for(backbone).select_output(backbone(**batch))
+    return nn.functional.normalize(pool(h, batch["attention_mask"], "mean"), dim=-1)
+
+
+def build_classifier(cfg: TrainConfig, backbone: nn.Module, tokenizer, num_classes: int,
+                     descriptions: list[str] | None) -> Classifier:
+    """Backbone + mean pooling + head, initialized per ``cfg.head_init`` (seeded, so rebuilding is exact)."""
+    # head_init=probe starts from the zero-shot head where the classes have descriptions, else from random
+    zero_shot = (cfg.head_init == "zero-shot" or cfg.method == "zero-shot"
+                 or (cfg.head_init == "probe" and bool(descriptions)))
+    torch.manual_seed(cfg.seed)
+    clf = Classifier(backbone, num_classes, pooling="mean", normalize=zero_shot)
+    if zero_shot:
+        if not descriptions:
+            raise ConfigError("head_init=zero-shot needs class descriptions (a registered task or class names); "
+                              "use --head-init random")
+        clf.set_head(ZERO_SHOT_SCALE * text_embeddings(backbone, tokenizer, descriptions))
+    elif cfg.head_init == "zeros":
+        clf.set_head(0.0)
+    return clf
+
+
+def text_cache_for(tm, tokenizer, dataset, cfg, name: str, progress: bool, cache_dir: Path | None, key: str):
+    info = cache_info(tm, cfg)
+    if cache_dir is not None:
+        hit = load_cached(cache_dir / f"{key}-{name}.safetensors", dataset, info)
+        if hit is not None:
+            return hit
+    ids = tokenize(tokenizer, dataset.texts, cfg.max_length)
+    dev = torch.device(cfg.device)
+    cache = FeatureCache.build(tm, prefix_batches(ids, cfg.eval_batch_size, tokenizer.pad_token_id or 0, dev),
+                               len(ids), desc=f"prefix features ({name})", progress=progress,
+                               ids=dataset.ids, info=info)
+    if cache_dir is not None:
+        cache.save(cache_dir / f"{key}-{name}.safetensors")
+    return cache
+
+
+def prepare_text(cfg: TrainConfig, device: torch.device) -> Prepared:
+    splits = load_text_dataset(cfg.data, cfg.test_file, root=cfg.data_root, seed=cfg.seed,
+                               num_classes=cfg.num_classes)
+    task = SENTENCE_TASKS.get(cfg.data)
+    descriptions = list(task.descriptions) if task else (list(splits.train.class_names or []) or None)
+    tokenizer = load_tokenizer(cfg.model)
+    backbone = load_model(cfg.model).to(device)
+    clf = build_classifier(cfg, backbone, tokenizer, splits.train.num_classes, descriptions).to(device)
+    positions = getattr(getattr(backbone, "config", None), "max_position_embeddings", None)
+    text_cfg = cfg
+    if positions and cfg.max_length > positions:  # longer inputs would index past the position embeddings
+        if cfg.max_length != TrainConfig.max_length:  # the default is only a cap: no warning for small models
+            warnings.warn(f"max_length={cfg.max_length} exceeds the {positions} positions of {cfg.model}; "
+                          f"sentences are cut at {positions} tokens", stacklevel=2)
+        text_cfg = dataclasses.replace(cfg, max_length=positions)
+
+    def cache_for(tm, ds, name, progress, cache_dir, key):
+        return text_cache_for(tm, tokenizer, ds, text_cfg, name, progress, cache_dir, key)
+
+    return Prepared(splits, clf, cache_for)
