@@ -105,7 +105,9 @@ def fit(cfg, tm, train_cache, train_labels, val_cache, val_ds, device, progress,
                    disable=not progress, leave=False)
         for step, idx in enumerate(bar, 1):
             state = train_cache.collate(idx, device)
-            logits = tm.suffix(state).float()  # the loss in float32 whatever the model's precision
+            logits = tm.suffix(state)
+            if logits.dtype in (torch.bfloat16, torch.float16):  # the loss in float32 (float64 stays float64)
+                logits = logits.float()
             loss = loss_fn(logits, train_labels[idx].to(device))
             objective = loss + cfg.penalty * squared_norm(delta) if cfg.penalty else loss
             value = float(loss.detach())  # one sync per step, as for the running mean below
