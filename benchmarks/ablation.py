@@ -19,7 +19,7 @@ from taft.config import TrainConfig
 from taft.train.loop import train
 
 BASE = dict(data="sst2", head_init="zero-shot", epochs=5, lr=1e-3, cache="disk", cache_dir="/tmp/taft-cache",
-            threads=1)
+            threads=2)
 SPECS = [
     {}, {"method": "nlft"}, {"method": "fc", "lr": 1e-2, "epochs": 10},
     {"lr": 3e-3}, {"lr": 1e-2}, {"epochs": 10}, {"penalty": 0.0, "lr": 3e-3}, {"head_init": "random", "lr": 3e-3},
@@ -36,15 +36,25 @@ def main(argv: list[str]) -> None:
         rows.append({"spec": spec, "val_acc": r.val_acc, "test_acc": r.test_acc, "train_s": round(r.train_s),
                      "curve": [(round(e["train_loss"], 2), round(e["val_acc"], 4)) for e in r.epochs]})
         print(json.dumps(rows[-1]), flush=True)
+        _write(rows, len(specs))  # after every run: an interrupted ablation keeps what it finished
+
+
+def _write(rows: list[dict], planned: int) -> None:
     out = Path(__file__).parent / "results"
     out.mkdir(exist_ok=True)
     (out / "ablation.json").write_text(json.dumps({"date": datetime.date.today().isoformat(), "base": BASE,
-                                                   "runs": rows}, indent=2))
-    lines = ["| change from the base (TAFT-1, zero-shot head) | val acc | test acc | final train loss |",
-             "|---|---|---|---|"]
+                                                   "command": "python benchmarks/ablation.py",
+                                                   "planned_runs": planned, "runs": rows}, indent=2))
+    lines = [f"SST-2, MiniLM last block; each row changes the base setting (TAFT-1, zero-shot head, {BASE['epochs']} "
+             f"epochs, Adam {BASE['lr']:g} cosine, RSL κ=1 M=15, λ=1e-4) as its spec says; one seed; "
+             f"{datetime.date.today().isoformat()}; `python benchmarks/ablation.py`"
+             + (f" ({len(rows)} of {planned} runs done)" if len(rows) < planned else "") + ".", "",
+             "| change from the base (TAFT-1, zero-shot head) | val acc | test acc | final train loss | train s |",
+             "|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {json.dumps(r['spec']) if r['spec'] else 'base'} | {100 * r['val_acc']:.2f} | "
-                     f"{100 * r['test_acc']:.2f} | {r['curve'][-1][0] if r['curve'] else '—'} |")
+        lines.append(f"| {json.dumps(r['spec'], ensure_ascii=False) if r['spec'] else 'base'} | "
+                     f"{100 * r['val_acc']:.2f} | {100 * r['test_acc']:.2f} | "
+                     f"{r['curve'][-1][0] if r['curve'] else '—'} | {r['train_s']} |")
     (out / "ablation.md").write_text("\n".join(lines) + "\n")
 
 
