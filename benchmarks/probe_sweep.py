@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 
 from taft.data.text import SENTENCE_TASKS, load_text_dataset
-from taft.train.loop import text_embeddings
 from taft.train.losses import make_loss
+from taft.train.text import encode_texts
 from taft.zoo import load_model, load_tokenizer
 
 
@@ -27,9 +27,9 @@ def features() -> dict:
     out = {}
     for task in ("mr", "sst2", "sst5", "subj", "trec"):
         s = load_text_dataset(task, None, seed=0)
-        d = {n: (torch.cat([text_embeddings(model, tok, ds.texts[i:i + 256], 128) for i in range(0, len(ds), 256)]),
-                 ds.labels.clone()) for n, ds in (("train", s.train), ("val", s.val))}
-        d["desc"] = text_embeddings(model, tok, list(SENTENCE_TASKS[task].descriptions), 128)
+        d = {n: (encode_texts(model, tok, ds.texts, max_length=128), ds.labels.clone())
+             for n, ds in (("train", s.train), ("val", s.val))}
+        d["desc"] = encode_texts(model, tok, list(SENTENCE_TASKS[task].descriptions), max_length=128)
         out[task] = d
     return out
 

@@ -32,7 +32,7 @@ from taft.data.examples import DatasetSplits
 from taft.models.classifier import Classifier
 from taft.tangent_model import TangentModel
 from taft.train.cache import FeatureCache
-from taft.train.loop import ZERO_SHOT_SCALE, TrainingDiverged, text_embeddings
+from taft.train.loop import ZERO_SHOT_SCALE, TrainingDiverged, encode_texts
 from taft.train.text import bucketed_batches, prefix_batches, tokenize
 
 SPLITS = ("train", "val", "test")
@@ -89,8 +89,8 @@ class MultiTaskSuite:
         # identity head: the output is the embedding z
         self.encoder.head = nn.Linear(dim, dim).to(device=self.device, dtype=dtype)
         self.encoder.set_head(torch.eye(dim), 0.0)
-        self.heads = {t: (ZERO_SHOT_SCALE * text_embeddings(backbone, tokenizer, list(descriptions[t]),
-                                                            max_length)).to(dtype) for t in self.tasks}
+        self.heads = {t: (ZERO_SHOT_SCALE * encode_texts(backbone, tokenizer, list(descriptions[t]),
+                                                         max_length=max_length)).to(dtype) for t in self.tasks}
         self._tms: dict[str, TangentModel] = {}
         self._data: dict[tuple, tuple[FeatureCache, Tensor]] = {}
         self._memo: dict[tuple, Tensor] = {}

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -216,3 +216,22 @@ def cache_key(tm: TangentModel, cfg: TrainConfig, dataset, extra: str = "") -> s
     if extra:
         h.update(extra.encode())
     return h.hexdigest()[:16]
+
+
+def split_features(tm: TangentModel, cfg: TrainConfig, dataset, name: str, progress: bool, cache_dir: Path | None,
+                   key: str, batches: Callable[[], Iterable[tuple[list[int], tuple, dict]]], *,
+                   drop: Sequence[str] = ()) -> FeatureCache:
+    """Prefix features of one split, for both pipelines: read from ``cache_dir`` when a file made in the same
+    setting holds exactly ``dataset``'s examples, else built from ``batches()`` (called only then: no tokenizing or
+    image decoding on a hit) and saved there."""
+    info = cache_info(tm, cfg)
+    path = None if cache_dir is None else cache_dir / f"{key}-{name}.safetensors"
+    if path is not None:
+        hit = load_cached(path, dataset, info)
+        if hit is not None:
+            return hit
+    cache = FeatureCache.build(tm, batches(), len(dataset), desc=f"prefix features ({name})", progress=progress,
+                               drop=drop, ids=dataset.ids, info=info)
+    if path is not None:
+        cache.save(path)
+    return cache

@@ -31,7 +31,7 @@ from taft.config import ConfigError, TrainConfig
 from taft.data.examples import DataError, DatasetSplits, carve_validation
 from taft.data.images import load_image_folder, load_torchvision_dataset, model_transform
 from taft.models.classifier import Classifier
-from taft.train.cache import FeatureCache, cache_info, load_cached
+from taft.train.cache import FeatureCache, split_features
 from taft.train.pipeline import Prepared
 from taft.train.zero_shot import clip_logit_scale, clip_text_head, prompt_name
 from taft.zoo import is_clip_model, load_clip_pair, load_model
@@ -128,20 +128,10 @@ def image_prefix_batches(dataset, batch_size: int, device="cpu",
 
 def image_cache_for(tm, dataset, cfg: TrainConfig, name: str, progress: bool, cache_dir: Path | None,
                     key: str) -> FeatureCache:
-    info = cache_info(tm, cfg)
-    if cache_dir is not None:
-        hit = load_cached(cache_dir / f"{key}-{name}.safetensors", dataset, info)
-        if hit is not None:
-            return hit
     dtype = next(tm.base.parameters()).dtype
     drop = PIXEL_KEYS if tm.start > 0 else ()  # the suffix starts after the embedding: pixels are dead weight
-    cache = FeatureCache.build(tm, image_prefix_batches(dataset, cfg.eval_batch_size, torch.device(cfg.device),
-                                                        dtype),
-                               len(dataset), desc=f"prefix features ({name})", progress=progress, drop=drop,
-                               ids=dataset.ids, info=info)
-    if cache_dir is not None:
-        cache.save(cache_dir / f"{key}-{name}.safetensors")
-    return cache
+    return split_features(tm, cfg, dataset, name, progress, cache_dir, key, lambda: image_prefix_batches(
+        dataset, cfg.eval_batch_size, torch.device(cfg.device), dtype), drop=drop)
 
 
 # -- model ------------------------------------------------------------------------------------------------

@@ -28,10 +28,10 @@ from taft.train.cache import cache_key
 from taft.train.fit import RunResult, TrainingDiverged, evaluate, fit
 from taft.train.pipeline import Prepared
 from taft.train.rundir import RunFolder, ensure_writable_folder, write_json
-from taft.train.text import ZERO_SHOT_SCALE, build_classifier, prepare_text, text_embeddings
+from taft.train.text import ZERO_SHOT_SCALE, build_classifier, encode_texts, prepare_text
 
 __all__ = ["ZERO_SHOT_SCALE", "RunResult", "TrainingDiverged", "build_classifier", "evaluate", "make_tangent_model",
-           "prepare", "resolve_device", "text_embeddings", "train"]
+           "prepare", "resolve_device", "encode_texts", "train"]
 
 
 def resolve_device(name: str) -> torch.device:

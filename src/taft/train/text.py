@@ -9,12 +9,12 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from taft.config import ConfigError, TrainConfig
 from taft.data.text import SENTENCE_TASKS, load_text_dataset
 from taft.models.classifier import Classifier, pool
-from taft.train.cache import FeatureCache, cache_info, load_cached
+from taft.train.cache import split_features
 from taft.train.pipeline import Prepared
 from taft.zoo import load_model, load_tokenizer
 
@@ -60,14 +60,29 @@ def bucketed_batches(lengths: Sequence[int], batch_size: int, generator: torch.G
 
 
 @torch.no_grad()
-def text_embeddings(backbone: nn.Module, tokenizer, texts: list[str], max_length: int = 64) -> torch.Tensor:
-    """Mean-pooled, L2-normalized sentence embeddings (how MiniLM was trained)."""
-    from taft.engine.family import family_for
+def encode_texts(model: nn.Module, tokenizer, texts: Sequence[str], *, batch_size: int = 256,
+                 max_length: int = 64) -> Tensor:
+    """L2-normalized text embeddings ``(N, D)`` (float32), the one way taft embeds texts: a CLIP model's text tower
+    (open_clip ``encode_text`` or Hugging Face ``get_text_features``), or a sentence encoder's mean-pooled output
+    (MiniLM: how it was trained). Zero-shot heads come from these."""
+    dev = next(model.parameters()).device
+    out = []
+    for s in range(0, len(texts), batch_size):
+        chunk = list(texts[s : s + batch_size])
+        if hasattr(model, "get_text_features"):  # transformers CLIPModel
+            tok = tokenizer(chunk, padding=True, truncation=True, return_tensors="pt")
+            f = model.get_text_features(input_ids=tok["input_ids"].to(dev),
+                                        attention_mask=tok["attention_mask"].to(dev))
+            f = f if isinstance(f, Tensor) else f.pooler_output  # transformers 5 returns the model output
+        elif hasattr(model, "encode_text"):  # open_clip CLIP
+            f = model.encode_text(tokenizer(chunk).to(dev))
+        else:  # a sentence encoder
+            from taft.engine.family import family_for
 
-    dev = next(backbone.parameters()).device
-    batch = padded_batch(tokenize(tokenizer, texts, max_length), device=dev)
-    h = family_for(backbone).select_output(backbone(**batch))
-    return nn.functional.normalize(pool(h, batch["attention_mask"], "mean"), dim=-1)
+            batch = padded_batch(tokenize(tokenizer, chunk, max_length), device=dev)
+            f = pool(family_for(model).select_output(model(**batch)), batch["attention_mask"], "mean")
+        out.append(nn.functional.normalize(f.float(), dim=-1))
+    return torch.cat(out)
 
 
 def build_classifier(cfg: TrainConfig, backbone: nn.Module, tokenizer, num_classes: int,
@@ -82,26 +97,16 @@ def build_classifier(cfg: TrainConfig, backbone: nn.Module, tokenizer, num_class
         if not descriptions:
             raise ConfigError("head_init=zero-shot needs class descriptions (a registered task or class names); "
                               "use --head-init random")
-        clf.set_head(ZERO_SHOT_SCALE * text_embeddings(backbone, tokenizer, descriptions))
+        clf.set_head(ZERO_SHOT_SCALE * encode_texts(backbone, tokenizer, descriptions))
     elif cfg.head_init == "zeros":
         clf.set_head(0.0)
     return clf
 
 
 def text_cache_for(tm, tokenizer, dataset, cfg, name: str, progress: bool, cache_dir: Path | None, key: str):
-    info = cache_info(tm, cfg)
-    if cache_dir is not None:
-        hit = load_cached(cache_dir / f"{key}-{name}.safetensors", dataset, info)
-        if hit is not None:
-            return hit
-    ids = tokenize(tokenizer, dataset.texts, cfg.max_length)
     dev = torch.device(cfg.device)
-    cache = FeatureCache.build(tm, prefix_batches(ids, cfg.eval_batch_size, tokenizer.pad_token_id or 0, dev),
-                               len(ids), desc=f"prefix features ({name})", progress=progress,
-                               ids=dataset.ids, info=info)
-    if cache_dir is not None:
-        cache.save(cache_dir / f"{key}-{name}.safetensors")
-    return cache
+    return split_features(tm, cfg, dataset, name, progress, cache_dir, key, lambda: prefix_batches(
+        tokenize(tokenizer, dataset.texts, cfg.max_length), cfg.eval_batch_size, tokenizer.pad_token_id or 0, dev))
 
 
 def prepare_text(cfg: TrainConfig, device: torch.device) -> Prepared:

@@ -14,6 +14,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from taft.train.text import encode_texts
+
 # A few of CLIP's ImageNet prompt templates (the small ensemble of the CLIP notebooks, plus the plain prompt).
 DEFAULT_TEMPLATES: tuple[str, ...] = (
     "a photo of a {}.",
@@ -31,29 +33,6 @@ def prompt_name(class_name: str) -> str:
     return class_name.replace("_", " ").strip()
 
 
-def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
-def encode_texts(clip_model: nn.Module, tokenizer, texts: Sequence[str], batch_size: int = 256) -> Tensor:
-    """L2-normalized text embeddings ``(N, D)`` (float32) of a CLIP model (open_clip or Hugging Face)."""
-    dev = _device(clip_model)
-    out = []
-    for s in range(0, len(texts), batch_size):
-        chunk = list(texts[s : s + batch_size])
-        if hasattr(clip_model, "get_text_features"):  # transformers CLIPModel
-            tok = tokenizer(chunk, padding=True, truncation=True, return_tensors="pt")
-            f = clip_model.get_text_features(input_ids=tok["input_ids"].to(dev),
-                                             attention_mask=tok["attention_mask"].to(dev))
-            f = f if isinstance(f, Tensor) else f.pooler_output  # transformers 5 returns the model output
-        elif hasattr(clip_model, "encode_text"):  # open_clip CLIP
-            f = clip_model.encode_text(tokenizer(chunk).to(dev))
-        else:
-            raise TypeError(f"{type(clip_model).__name__} is not a CLIP model (no encode_text / get_text_features)")
-        out.append(nn.functional.normalize(f.float(), dim=-1))
-    return torch.cat(out)
-
-
 @torch.no_grad()
 def clip_text_head(clip_model: nn.Module, tokenizer, class_names: Sequence[str],
                    templates: Sequence[str] = DEFAULT_TEMPLATES, *, batch_size: int = 256) -> Tensor:
@@ -68,7 +47,8 @@ def clip_text_head(clip_model: nn.Module, tokenizer, class_names: Sequence[str],
     was_training = clip_model.training
     clip_model.eval()
     try:
-        emb = encode_texts(clip_model, tokenizer, [t.format(c) for c in names for t in templates], batch_size)
+        prompts = [t.format(c) for c in names for t in templates]
+        emb = encode_texts(clip_model, tokenizer, prompts, batch_size=batch_size)
     finally:
         clip_model.train(was_training)
     emb = emb.view(len(names), len(templates), -1).mean(1)
