@@ -32,7 +32,7 @@ from taft.data.examples import DataError, DatasetSplits, carve_validation
 from taft.data.images import load_image_folder, load_torchvision_dataset, model_transform
 from taft.models.classifier import Classifier
 from taft.train.cache import FeatureCache, split_features
-from taft.train.pipeline import Prepared
+from taft.train.pipeline import Prepared, init_classifier
 from taft.train.zero_shot import clip_logit_scale, clip_text_head, prompt_name
 from taft.zoo import is_clip_model, load_clip_pair, load_model
 
@@ -184,12 +184,11 @@ def _pooling_and_dim(backbone: nn.Module, example: torch.Tensor) -> tuple[str, i
 
 def build_image_classifier(cfg: TrainConfig, backbone: nn.Module, num_classes: int, example: torch.Tensor,
                            class_names: Sequence[str] | None = None, clip_pair=None) -> Classifier:
-    """Backbone + per-family pooling + head, initialized per ``cfg.head_init`` (seeded, so rebuilding is exact)."""
-    zero_shot = wants_zero_shot(cfg)
+    """Backbone + per-family pooling + head (:func:`~taft.train.pipeline.init_classifier`); the zero-shot head is
+    CLIP's text head of the class names."""
     pooling, dim = _pooling_and_dim(backbone, example)
-    torch.manual_seed(cfg.seed)
-    clf = Classifier(backbone, num_classes, pooling=pooling, normalize=zero_shot, feature_dim=dim)
-    if zero_shot:
+
+    def head() -> torch.Tensor:
         if clip_pair is None:
             raise ConfigError(f"head_init=zero-shot needs a CLIP model with its text tower, not {cfg.model}; "
                               f"use --head-init random")
@@ -200,10 +199,10 @@ def build_image_classifier(cfg: TrainConfig, backbone: nn.Module, num_classes: i
         text = clip_text_head(full, tokenizer, [prompt_name(c) for c in class_names])
         if text.shape[1] != dim:
             raise ConfigError(f"{cfg.model}: text embeddings of dim {text.shape[1]} for image features of dim {dim}")
-        clf.set_head(clip_logit_scale(full) * text.to(clf.head.weight))
-    elif cfg.head_init == "zeros":
-        clf.set_head(0.0)
-    return clf
+        return clip_logit_scale(full) * text.to(next(backbone.parameters()))
+
+    return init_classifier(cfg, backbone, num_classes, pooling=pooling, zero_shot=wants_zero_shot(cfg),
+                           zero_shot_head=head, feature_dim=dim)
 
 
 def prepare_images(cfg: TrainConfig, device: torch.device) -> Prepared:

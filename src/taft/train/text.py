@@ -15,7 +15,7 @@ from taft.config import ConfigError, TrainConfig
 from taft.data.text import SENTENCE_TASKS, load_text_dataset
 from taft.models.classifier import Classifier, pool
 from taft.train.cache import split_features
-from taft.train.pipeline import Prepared
+from taft.train.pipeline import Prepared, init_classifier
 from taft.zoo import load_model, load_tokenizer
 
 ZERO_SHOT_SCALE = 20.0  # logit scale of cosine-similarity heads (sentence-transformers' usual temperature)
@@ -87,20 +87,19 @@ def encode_texts(model: nn.Module, tokenizer, texts: Sequence[str], *, batch_siz
 
 def build_classifier(cfg: TrainConfig, backbone: nn.Module, tokenizer, num_classes: int,
                      descriptions: list[str] | None) -> Classifier:
-    """Backbone + mean pooling + head, initialized per ``cfg.head_init`` (seeded, so rebuilding is exact)."""
-    # head_init=probe starts from the zero-shot head where the classes have descriptions, else from random
-    zero_shot = (cfg.head_init == "zero-shot" or cfg.method == "zero-shot"
-                 or (cfg.head_init == "probe" and bool(descriptions)))
-    torch.manual_seed(cfg.seed)
-    clf = Classifier(backbone, num_classes, pooling="mean", normalize=zero_shot)
-    if zero_shot:
+    """Backbone + mean pooling + head (:func:`~taft.train.pipeline.init_classifier`); the zero-shot head is the
+    class descriptions' sentence embeddings."""
+
+    def head() -> Tensor:
         if not descriptions:
             raise ConfigError("head_init=zero-shot needs class descriptions (a registered task or class names); "
                               "use --head-init random")
-        clf.set_head(ZERO_SHOT_SCALE * encode_texts(backbone, tokenizer, descriptions))
-    elif cfg.head_init == "zeros":
-        clf.set_head(0.0)
-    return clf
+        return ZERO_SHOT_SCALE * encode_texts(backbone, tokenizer, descriptions)
+
+    # head_init=probe starts from the zero-shot head where the classes have descriptions, else from random
+    zero_shot = (cfg.head_init == "zero-shot" or cfg.method == "zero-shot"
+                 or (cfg.head_init == "probe" and bool(descriptions)))
+    return init_classifier(cfg, backbone, num_classes, pooling="mean", zero_shot=zero_shot, zero_shot_head=head)
 
 
 def text_cache_for(tm, tokenizer, dataset, cfg, name: str, progress: bool, cache_dir: Path | None, key: str):
