@@ -73,3 +73,65 @@ def test_gradients_under_vmap_over_stacked_deltas_reach_each_model(tm):
         F.cross_entropy(tm(xs[i]), y).backward()
         for k, p in tm.named_parameters():
             assert_close(stacked[k].grad[i], p.grad, what=f"model {i} {k}")
+
+
+# -- taft.functional: the same model as pure functions of a name-keyed Δw -----------------------------------------
+def _named(tm, seed: int, scale: float = 0.1, K: int | None = None) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    shape = (lambda t: t.shape) if K is None else (lambda t: (K, *t.shape))
+    return {n: scale * torch.randn(shape(t), generator=g, dtype=t.dtype) for n, t in tm.delta_dict().items()}
+
+
+def test_tangent_function_is_the_model_at_that_delta_and_leaves_it_alone(tm):
+    from taft.functional import tangent_function
+
+    x, _ = _inputs(3)
+    state = tm.prefix(x)
+    own = {n: t.detach().clone() for n, t in tm.delta_dict().items()}
+    delta = _named(tm, 1)
+    f0, jvp = tangent_function(tm)(delta, state)
+    assert all(torch.equal(t, own[n]) for n, t in tm.delta_dict().items())  # the module's Δw is untouched
+    tm.load_delta(delta)
+    ref0, ref = tm.forward_parts(x)
+    # (without a Δw that requires grad the attention takes its no-grad path: equal to rounding, not bitwise)
+    assert (f0 - ref0).abs().max() <= 1e-12 * ref0.abs().max()
+    assert (jvp - ref).abs().max() <= 1e-12 * ref.abs().max()
+    assert ref.abs().max() > 1e-3  # not vacuous
+
+
+def test_tangent_function_under_vmap_and_grad(tm):
+    from taft.functional import tangent_function
+
+    x, y = _inputs(3)
+    state = tm.prefix(x)
+    f = tangent_function(tm)
+    stacked = _named(tm, 2, K=3)
+    together = torch.func.vmap(lambda d: sum(f(d, state)))(stacked)
+    for i in range(3):
+        alone = sum(f({n: t[i] for n, t in stacked.items()}, state))
+        assert (together[i] - alone).abs().max() <= 1e-12 * alone.abs().max()
+    delta = _named(tm, 3)
+    grads = torch.func.grad(lambda d: F.cross_entropy(sum(f(d, state)), y))(delta)
+    tm.load_delta(delta)
+    tm.zero_grad()
+    F.cross_entropy(tm(x), y).backward()  # the module's VJP-mode gradient
+    for n, p in tm.delta_dict().items():
+        assert_close(grads[n], p.grad, what=n)
+
+
+def test_nonlinear_function_and_refusals():
+    from taft.functional import nonlinear_function, tangent_function
+
+    m = jitter_params(tiny_timm_vit(seed=0), 1)
+    nl = TangentModel(m, "last:1", linear=False)
+    x, _ = _inputs(2)
+    delta = _named(nl, 4)
+    out = nonlinear_function(nl)(delta, nl.prefix(x))
+    nl.load_delta(delta)
+    assert_close(out, nl(x), what="f(x; w0 + Δw)")
+    with pytest.raises(ValueError, match="use tangent_function"):
+        nonlinear_function(TangentModel(m, "last:1"))
+    with pytest.raises(ValueError, match="use nonlinear_function"):
+        tangent_function(nl)
+    with pytest.raises(KeyError, match="exactly the model's linearized tensors"):
+        nonlinear_function(nl)({n: t for n, t in list(delta.items())[1:]}, nl.prefix(x))
