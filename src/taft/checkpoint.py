@@ -159,18 +159,27 @@ def fsync_dir(path: str | Path) -> None:
     fsync_file(path)
 
 
-def read_delta(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors and metadata of a Δw file, checked to be finite and (format 2) to match their content hashes;
-    no checks against a model."""
+def read_safetensors(path: str | Path, error: type[Exception], who: str
+                     ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of a safetensors file; a missing, truncated or foreign file raises ``error`` with a
+    message starting ``who:`` (Δw files here, task vectors in :mod:`taft.arithmetic.vectors`)."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"load_delta: no file at {path}")
+        raise error(f"{who}: no file at {path}")
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
     except Exception as e:  # safetensors raises its own error types for truncated / foreign files
-        raise CheckpointError(f"load_delta: {path} is not a readable safetensors file ({e})") from e
+        raise error(f"{who}: {path} is not a readable safetensors file ({e})") from e
+    return tensors, meta
+
+
+def read_delta(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of a Δw file, checked to be finite and (format 2) to match their content hashes;
+    no checks against a model."""
+    path = Path(path)
+    tensors, meta = read_safetensors(path, CheckpointError, "load_delta")
     if meta.get("format") not in FORMATS:
         if str(meta.get("format", "")).startswith("taft-delta/"):
             raise CheckpointError(f"load_delta: {path} has format {meta['format']!r}, which this taft "

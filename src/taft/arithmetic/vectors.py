@@ -19,12 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from torch import Tensor
 
 from taft import delta as D
 from taft._version import __version__
-from taft.checkpoint import atomic_save_file, content_hashes
+from taft.checkpoint import atomic_save_file, content_hashes, read_safetensors
 from taft.errors import TaftError
 
 FORMAT = "taft-task-vector/1"
@@ -116,14 +115,7 @@ def save_task_vector(tv: TaskVector, path: str | Path) -> Path:
 
 def load_task_vector(path: str | Path, *, device: torch.device | str = "cpu") -> TaskVector:
     path = Path(path)
-    if not path.is_file():
-        raise TaskVectorError(f"load_task_vector: no file at {path}")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
-    except Exception as e:  # safetensors' own error types for truncated / foreign files
-        raise TaskVectorError(f"load_task_vector: {path} is not a readable safetensors file ({e})") from e
+    tensors, meta = read_safetensors(path, TaskVectorError, "load_task_vector")
     if meta.get("format") != FORMAT:
         raise TaskVectorError(f"load_task_vector: {path} is not a taft task vector (format {meta.get('format')!r}, "
                               f"expected {FORMAT!r})")
