@@ -102,8 +102,12 @@ def run_trials(work: str | Path, cfg: TrainConfig, *, num_shards: int = 3, trial
         time.sleep(delay)
         before = _live(store)
         proc.kill()  # SIGKILL: no atexit, no finalizers
-        finished = proc.wait() == 0
-        killed_in.append(None if finished else round(delay / length, 3))
+        code = proc.wait()  # negative: killed by the signal; 0: it had finished; positive: the requests raised
+        killed_in.append(None if code >= 0 else round(delay / length, 3))
+        if code > 0:
+            failures.append({"trial": t, "delay_s": delay, "error": f"the requests exited with {code} before the "
+                                                                    f"kill (their traceback is on stderr)"})
+            continue
         try:
             report = ops.verify(store) if (store / "manifest.sqlite").is_file() else {"incomplete": True}
             if report.get("incomplete"):  # killed before the store was created: the old state is "no store"

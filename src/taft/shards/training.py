@@ -212,7 +212,7 @@ class ShardTrainer:
                 rows_out: dict[int, list[Tensor | None]] = {k: [None] * len(epochs[k][step]) for k in active}
                 for group in length_groups({i: _tokens(st) for i, st in enumerate(states)},
                                            self.call_overhead_tokens):
-                    h, aux, _ = _stack_states([states[i] for i in group], aux_keys)
+                    h, aux = _stack_states([states[i] for i in group], aux_keys)
                     stacked = {key: torch.stack([deltas[pieces[i][0]][n] for i in group])
                                for key, n in zip(keys, names, strict=True)}
                     logits = vmapped(stacked, h, *aux)
@@ -275,12 +275,13 @@ def _row_pieces(batch: Sequence[int], lengths: Sequence[int], size: int) -> list
 
 
 def length_groups(sizes: dict[int, tuple[int, int]], overhead_tokens: int = 256) -> list[list[int]]:
-    """Split shards into groups trained by one vmapped call each, so that padding every batch of a group to its
-    longest costs little: the partition of the shards sorted by length that minimizes padded tokens plus
-    ``overhead_tokens`` per call (a call's fixed cost, in tokens). ``sizes``: shard -> (rows, tokens per row)."""
+    """Split batches (pieces of shard batches) into groups run by one vmapped call each, so that padding every batch
+    of a group to its longest costs little: the partition of the batches sorted by length that minimizes padded
+    tokens plus ``overhead_tokens`` per call (a call's fixed cost, in tokens). ``sizes``: batch -> (rows, tokens
+    per row)."""
     order = sorted(sizes, key=lambda k: (sizes[k][1], k))
     n = len(order)
-    best = [0.0] + [math.inf] * n  # best[i]: cost of the first i shards
+    best = [0.0] + [math.inf] * n  # best[i]: cost of the first i batches
     cut = [0] * (n + 1)
     for i in range(1, n + 1):
         rows = 0
@@ -296,12 +297,12 @@ def length_groups(sizes: dict[int, tuple[int, int]], overhead_tokens: int = 256)
     return groups[::-1]
 
 
-def _stack_states(states: list[State], aux_keys: list[str]) -> tuple[Tensor, list[Tensor], list[int]]:
-    """Batches of several shards as one (K, B, T, ...) input: rows and tokens padded to the largest batch."""
-    rows = [s.h.primal.shape[0] for s in states]
-    B = max(rows)
+def _stack_states(states: list[State], aux_keys: list[str]) -> tuple[Tensor, list[Tensor]]:
+    """Batches of several shards (or pieces of them) as one (K, B, T, ...) input: rows and tokens padded to the
+    largest batch (padding rows are never read: each piece's logits are taken by its own row positions)."""
+    B = max(s.h.primal.shape[0] for s in states)
     padded = "attention_mask" in states[0].aux and isinstance(states[0].aux["attention_mask"], Tensor)
     T = max(s.h.primal.shape[1] for s in states) if padded else None
     h = torch.stack([_pad_to(s.h.primal, B, T) for s in states])
     aux = [torch.stack([_pad_to(s.aux[k], B, T) for s in states]) for k in aux_keys]
-    return h, aux, rows
+    return h, aux
