@@ -25,7 +25,7 @@ def probe_head(cfg: TrainConfig, clf: Classifier, train_feats: FeatureCache, lab
     tm = make_tangent_model(fc_cfg, clf).to(device).eval()
     scratch = RunResult(config={}, val_acc=float("nan"), test_acc=None)
     fit(fc_cfg, tm, train_feats, labels, None, None, device, False, scratch, None,
-         what="the linear probe (head_init=probe)", lr_flag="--probe-lr")
+        what="the linear probe (head_init=probe)", lr_flag="--probe-lr")
     with torch.no_grad():
         for n, d in tm.delta_dict().items():
             clf.get_parameter(n).add_(d)

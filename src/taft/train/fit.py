@@ -29,7 +29,6 @@ class TrainingDiverged(TaftError):
     """The loss or Δw became NaN / infinite; nothing is written."""
 
 
-
 @dataclass
 class RunResult:
     config: dict

@@ -146,7 +146,7 @@ def _run(cfg: TrainConfig, device: torch.device, progress: bool, caches: dict | 
                     result, out_dir)
     elif cfg.method != "zero-shot":
         fit(cfg, tm, feats["train"], train_ds.labels, feats.get("val"), evals["val"], device, progress,
-             result, out_dir)
+            result, out_dir)
     result.train_s = time.perf_counter() - t1
     for name in ("val", "test"):
         if name in feats:
