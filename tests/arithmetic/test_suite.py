@@ -168,3 +168,22 @@ def test_vector_on_another_pretrained_encoder_refused(vectors):
         other.accuracy("linear-layers", "pos", "val", vectors["linear-layers"][:1], [1.0])
     # forced, it applies (same names and shapes)
     other.accuracy("linear-layers", "pos", "val", vectors["linear-layers"][:1], [1.0], allow_mixed=True)
+
+
+def test_checkpoints_are_early_stopping_points_of_one_schedule(suite):
+    """A checkpoint at epoch 1 of a 2-epoch run is the run stopped there (same schedule); keeping checkpoints does
+    not change the final vector; another seed gives another vector; points outside the run are refused."""
+    full = suite.finetune("pos", "linear-layers", lr=3e-3, epochs=2, checkpoints=(0.5, 1))
+    plain = suite.finetune("pos", "linear-layers", lr=3e-3, epochs=2)
+    stopped = suite.finetune("pos", "linear-layers", lr=3e-3, epochs=2, stop=1)
+    assert sorted(full.checkpoints) == [0.5, 1.0]
+    assert stopped.steps == full.steps // 2 == 3  # 24 sentences, batch 8
+    for n, t in full.vector.tensors.items():
+        assert torch.equal(t, plain.vector.tensors[n])
+        assert torch.equal(full.checkpoints[1.0].tensors[n], stopped.vector.tensors[n])
+    assert not all(torch.equal(full.checkpoints[1.0].tensors[n], t) for n, t in full.vector.tensors.items())
+    assert stopped.vector.info["stopped_at_epoch"] == "1.0" and stopped.vector.info["epochs"] == "2"
+    other = suite.finetune("pos", "linear-layers", lr=3e-3, epochs=2, stop=1, seed=7)
+    assert not all(torch.equal(other.vector.tensors[n], t) for n, t in stopped.vector.tensors.items())
+    with pytest.raises(ValueError, match="outside the run"):
+        suite.finetune("pos", "linear-layers", lr=3e-3, epochs=1, checkpoints=(2,))

@@ -60,6 +60,7 @@ class FinetuneResult:
     train_s: float
     steps: int
     final_loss: float
+    checkpoints: dict[float, TaskVector] = field(default_factory=dict)  # epoch -> τ at that early-stopping point
 
 
 class MultiTaskSuite:
@@ -226,9 +227,15 @@ class MultiTaskSuite:
 
     # -- fine-tuning ----------------------------------------------------------------------------------
     def finetune(self, task: str, mode: str, *, lr: float, epochs: int = 1, weight_decay: float = 0.0,
-                 warmup: float = 0.1, seed: int | None = None) -> FinetuneResult:
+                 warmup: float = 0.1, seed: int | None = None, checkpoints: Sequence[float] = (),
+                 stop: float | None = None) -> FinetuneResult:
         """Cross-entropy fine-tuning of ``mode``'s parameters through ``task``'s frozen head (AdamW, linear warm-up
-        then cosine decay); returns τ = Δw. The wrapper's Δw is reset to 0 afterwards."""
+        then cosine decay over ``epochs``); returns τ = Δw. The wrapper's Δw is reset to 0 afterwards.
+
+        ``checkpoints``: epochs (fractions allowed) at which τ is also kept, in ``FinetuneResult.checkpoints`` —
+        early-stopping points of this one schedule, for choosing a training length on validation. ``stop``: end the
+        run after this many epochs (the schedule still spans ``epochs``), so a chosen early-stopping point can be
+        rerun (another seed) without training past it."""
         m = get_mode(mode)
         tm = self.tangent_model(m)
         cache, labels = self.data(task, "train", tm)
@@ -245,11 +252,25 @@ class MultiTaskSuite:
             return (s + 1) / warm if s < warm else 0.5 * (1 + math.cos(math.pi * (s - warm) / max(total - warm, 1)))
 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        at = {self._epoch_step(c, steps_per_epoch, total): float(c) for c in checkpoints}
+        end = total if stop is None else self._epoch_step(stop, steps_per_epoch, total)
+        base_info = {"lr": lr, "epochs": epochs, "train_examples": len(cache), "seed": seed, "scope": m.scope}
+        kept: dict[float, TaskVector] = {}
+
+        def snapshot(epoch: float) -> TaskVector:
+            info = {**base_info, "stopped_at_epoch": epoch}
+            return TaskVector({n: d.detach().clone() for n, d in delta.items()}, m.name, self.base_fingerprint(),
+                              task, {k: str(v) for k, v in info.items()})
+
         t0, step, loss_v = time.perf_counter(), 0, float("nan")
         self._load(tm, None)
         with torch.enable_grad():
             for _ in range(epochs):
+                if step >= end:
+                    break
                 for idx in bucketed_batches(cache.lengths, self.batch_size, g):
+                    if step >= end:
+                        break
                     z = tm.suffix(cache.collate(idx, self.device))  # (B, D)
                     loss = nn.functional.cross_entropy(z @ head.T, labels[idx].to(self.device))
                     opt.zero_grad(set_to_none=True)
@@ -261,12 +282,21 @@ class MultiTaskSuite:
                     if not math.isfinite(loss_v):
                         self._load(tm, None)
                         raise TrainingDiverged(f"fine-tuning {mode} on {task} diverged at step {step} (lr {lr:g})")
+                    if step in at:
+                        kept[at[step]] = snapshot(at[step])
         train_s = time.perf_counter() - t0
-        tau = {n: d.detach().clone() for n, d in delta.items()}
+        tv = snapshot(float(epochs if stop is None else stop))
         self._load(tm, None)
-        info = {"lr": lr, "epochs": epochs, "train_examples": len(cache), "seed": seed, "scope": m.scope}
-        tv = TaskVector(tau, m.name, self.base_fingerprint(), task, {k: str(v) for k, v in info.items()})
-        return FinetuneResult(tv, train_s, step, loss_v)
+        return FinetuneResult(tv, train_s, step, loss_v, kept)
+
+    @staticmethod
+    def _epoch_step(epoch: float, steps_per_epoch: int, total: int) -> int:
+        """The optimizer step at which ``epoch`` (a fraction of the run's epochs) ends; refuses points outside it."""
+        s = round(float(epoch) * steps_per_epoch)
+        if not 1 <= s <= total:
+            raise ValueError(f"checkpoint/stop at epoch {epoch:g} is outside the run (1..{total} steps of "
+                             f"{steps_per_epoch} per epoch); use a value in (0, epochs]")
+        return s
 
 
 def zero_vector(tv: TaskVector) -> TaskVector:
