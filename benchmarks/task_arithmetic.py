@@ -1,16 +1,21 @@
 """Task arithmetic on the five sentence tasks with MiniLM: non-linear, NTK and linear-layers-only task vectors.
 
-    nice -n 10 python benchmarks/task_arithmetic.py              # the run behind benchmarks/results/task_arithmetic.*
-    python benchmarks/task_arithmetic.py --report                # the markdown again from the JSON
-    python benchmarks/task_arithmetic.py --small                 # a 2-task smoke run (minutes)
+    python benchmarks/task_arithmetic.py           # the run behind benchmarks/results/task_arithmetic.* (77 min, CPU)
+    python benchmarks/task_arithmetic.py --tag reference --max-train 3000 --lrs 2e-5 --lengths 2 --seeds 0 \
+        --modes nonlinear,ntk,linear-layers --no-extras --no-conditions --no-measure   # the reference run's setting
+    python benchmarks/task_arithmetic.py --report  # the markdown again from the JSON
+    python benchmarks/task_arithmetic.py --small   # a 2-task smoke run (tests/arithmetic/test_benchmark_smoke.py)
 
 One shared MiniLM encoder, each task its own frozen zero-shot head (cosine head from the class descriptions). For
-every mode, each task's vector is fine-tuned at every learning rate of ``--lrs`` (the same grid for every mode) and
-the one with the best single-task validation accuracy is kept; task addition picks one α on validation (average
-normalized accuracy) and reads test once; negation and disentanglement use the kept vectors. Fine-tuning time and
-peak memory come from a separate process per mode (``--measure MODE``), so one mode's allocations do not hide
-another's. Results: ``benchmarks/results/task_arithmetic.{json,md}`` and PNGs in
-``benchmarks/results/task_arithmetic/`` (written after every mode, so an interrupted run keeps what it finished).
+every mode and task, the learning rate and training length are chosen jointly on single-task validation accuracy
+(:func:`taft.arithmetic.tune`: ``--lrs`` × ``--lengths``, the same grid for every mode, lengths being early-stopping
+points of one schedule) with the first seed; the other ``--seeds`` rerun the chosen point with another data order.
+Per seed, task addition picks one α on validation (average normalized accuracy) and reads test once; negation and
+disentanglement use the first seed's vectors; "conditions" repeat the addition with every task at one lr. Fine-tuning
+time and peak memory come from a separate process per mode (``--measure MODE``), so one mode's allocations do not
+hide another's. Results: ``benchmarks/results/task_arithmetic[-TAG].{json,md}`` and PNGs in
+``benchmarks/results/task_arithmetic[-TAG]/`` (written after every mode, so an interrupted run keeps what it
+finished).
 """
 
 from __future__ import annotations
@@ -35,10 +40,10 @@ from taft.arithmetic import (
     disentanglement,
     task_addition,
     task_negation,
+    tune,
 )
 from taft.arithmetic.experiments import grid
 from taft.arithmetic.plots import cosine_heatmap, disentanglement_heatmap
-from taft.train.fit import TrainingDiverged
 from taft.train.rundir import write_json
 
 RESULTS = Path(__file__).parent / "results"
@@ -84,29 +89,6 @@ def measure(mode: str, args) -> dict:
             "trainable_params": sum(t.numel() for t in res.vector.tensors.values())}
 
 
-def _tune(suite: MultiTaskSuite, mode: str, task: str, args) -> tuple[dict, tuple[float, float], dict, float]:
-    """Seed 0: one run per learning rate, schedule over ``max(lengths)`` epochs, τ kept at every length; the
-    (lr, length) of the best single-task validation accuracy wins (ties: the earlier grid point)."""
-    grid_val, vectors, train_s, best = {}, {}, 0.0, None
-    for lr in args.lrs:
-        try:
-            ft = suite.finetune(task, mode, lr=lr, epochs=args.schedule_epochs, checkpoints=args.lengths,
-                                seed=args.seeds[0])
-        except TrainingDiverged:
-            grid_val[str(lr)] = {str(n): None for n in args.lengths}
-            continue
-        train_s += ft.train_s
-        for n in args.lengths:
-            acc = suite.accuracy(mode, task, "val", [ft.checkpoints[n]], [1.0])
-            grid_val.setdefault(str(lr), {})[str(n)] = acc
-            vectors[(lr, n)] = ft.checkpoints[n]
-            if best is None or acc > best[0]:
-                best = (acc, (lr, n))
-        print(json.dumps({"mode": mode, "task": task, "lr": lr, "val": grid_val[str(lr)], "s": round(ft.train_s, 1)}),
-              flush=True)
-    return grid_val, best[1], vectors, train_s
-
-
 def _addition_summary(add) -> dict:
     d = add.to_dict()
     d["single_mean"] = sum(add.single_test.values()) / len(add.single_test)
@@ -119,10 +101,12 @@ def run_mode(suite: MultiTaskSuite, mode: str, args, out: dict) -> None:
     grid_vectors: dict[str, dict] = {}
     per_seed: dict[int, list] = {s: [] for s in args.seeds}
     for task in suite.tasks:
-        grid_val, (lr, n), grid_vectors[task], train_s = _tune(suite, mode, task, args)
-        rec["grid_val"][task], rec["chosen"][task] = grid_val, {"lr": lr, "epochs": n}
-        rec["finetune_s"] += train_s
-        per_seed[args.seeds[0]].append(grid_vectors[task][(lr, n)])
+        tr = tune(suite, task, mode, lrs=args.lrs, lengths=args.lengths, seed=args.seeds[0])
+        print(json.dumps({"mode": mode, **tr.to_dict()}), flush=True)
+        lr, n, grid_vectors[task] = tr.lr, tr.epochs, tr.vectors
+        rec["grid_val"][task], rec["chosen"][task] = tr.to_dict()["grid_val"], {"lr": lr, "epochs": n}
+        rec["finetune_s"] += tr.train_s
+        per_seed[args.seeds[0]].append(tr.vector)
         for seed in args.seeds[1:]:  # the chosen point again, another data order; no training past it
             ft = suite.finetune(task, mode, lr=lr, epochs=args.schedule_epochs, stop=n, seed=seed)
             rec["finetune_s"] += ft.train_s

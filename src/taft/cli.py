@@ -346,6 +346,18 @@ def _alphas(step: float, start: float, stop: float) -> list[float]:
     return grid(start, stop, step)
 
 
+def _floats(text: str, flag: str) -> list[float]:
+    from taft.config import ConfigError
+
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) <= 0:
+        raise ConfigError(f"{flag} {text!r}: write positive numbers separated by commas, e.g. 3e-5,1e-4,3e-4")
+    return values
+
+
 def _echo(res: dict) -> None:
     from taft.train.rundir import finite_json
 
@@ -357,8 +369,10 @@ def arithmetic_finetune(
     task: str = typer.Option(..., help="sentence task (mr, sst2, sst5, subj, trec)"),
     mode: str = typer.Option("linear-layers", help="nonlinear | ntk | linear-layers | attn+bias | attn-block | "
                                                    "attn-block+bias | taft-last1"),
-    lr: float = typer.Option(1e-4, help="AdamW learning rate"),
-    epochs: int = typer.Option(1, min=1),
+    lr: str = typer.Option("1e-4", help="AdamW learning rate, or a comma-separated grid chosen on validation"),
+    epochs: int = typer.Option(1, min=1, help="length of the warm-up + cosine schedule"),
+    lengths: str | None = typer.Option(None, help="comma-separated early-stopping points in epochs (≤ --epochs), "
+                                                  "chosen on validation with the lr; default: --epochs"),
     model: str = typer.Option("minilm"),
     data_root: str | None = typer.Option(None, help="folder of the sentence-task files"),
     max_length: int = typer.Option(64, min=1),
@@ -379,7 +393,8 @@ def arithmetic_finetune(
     get_mode(mode)
     cfg = ArithmeticConfig(model=model, tasks=task, data_root=data_root, max_length=max_length, max_train=max_train,
                            max_eval=max_eval, max_test=max_test, batch_size=batch_size, seed=seed, device=device)
-    _echo(finetune_run(cfg, task, mode, output_dir, lr=lr, epochs=epochs, overwrite=overwrite))
+    _echo(finetune_run(cfg, task, mode, output_dir, lr=_floats(lr, "--lr"), epochs=epochs,
+                       lengths=_floats(lengths, "--lengths") if lengths else None, overwrite=overwrite))
 
 
 @arithmetic_app.command("add")

@@ -50,3 +50,26 @@ def test_mixed_modes_refused(runs, capsys):
     assert main(["arithmetic", "add", *v, "--output-dir", str(runs / "mixed")]) == 2
     assert "different spaces" in capsys.readouterr().err
     assert not (runs / "mixed").exists()
+
+
+def test_finetune_grid_keeps_the_validation_best(tmp_path):
+    out = tmp_path / "grid"
+    assert main(["arithmetic", "finetune", "--task", "trec", "--mode", "linear-layers", "--lr", "1e-3,1e-2",
+                 "--epochs", "2", "--lengths", "1,2", *SMALL, "--output-dir", str(out)]) == 0
+    res = json.loads((out / "results.json").read_text())
+    grid = {(lr, n): a for lr, row in res["grid_val"].items() for n, a in row.items()}
+    assert set(grid) == {(lr, n) for lr in ("0.001", "0.01") for n in ("1.0", "2.0")}
+    assert res["val_acc"] == max(grid.values()) == grid[(str(res["lr"]), str(res["epochs"]))]
+    assert res["schedule_epochs"] == 2
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--lr", "fast"], "--lr 'fast': write positive numbers"),
+    (["--lr", "1e-3", "--lengths", "3"], "past the 1-epoch schedule"),
+])
+def test_finetune_bad_grid_is_one_error_line(tmp_path, capsys, flags, message):
+    out = tmp_path / "bad"
+    assert main(["arithmetic", "finetune", "--task", "trec", *SMALL, *flags, "--output-dir", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("taft: error:") and message in err and "Traceback" not in err
+    assert not out.exists()

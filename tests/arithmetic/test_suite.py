@@ -16,8 +16,10 @@ from taft.arithmetic import (
     normalized_accuracy,
     task_addition,
     task_negation,
+    tune,
 )
 from taft.data.examples import DatasetSplits, TextDataset, TextExample
+from taft.errors import TaftError
 from taft.zoo import load_tokenizer, tiny_bert
 
 WORDS = ["good", "bad", "movie", "plot", "who", "where", "when", "great", "awful", "fine", "film", "city"]
@@ -185,5 +187,23 @@ def test_checkpoints_are_early_stopping_points_of_one_schedule(suite):
     assert stopped.vector.info["stopped_at_epoch"] == "1.0" and stopped.vector.info["epochs"] == "2"
     other = suite.finetune("pos", "linear-layers", lr=3e-3, epochs=2, stop=1, seed=7)
     assert not all(torch.equal(other.vector.tensors[n], t) for n, t in stopped.vector.tensors.items())
-    with pytest.raises(ValueError, match="outside the run"):
+    with pytest.raises(TaftError, match="outside the run"):
         suite.finetune("pos", "linear-layers", lr=3e-3, epochs=1, checkpoints=(2,))
+
+
+def test_tune_picks_the_validation_argmax_without_reading_test():
+    """lr × length chosen on validation: the kept vector is the argmax of the recorded grid, it is bitwise the
+    vector of that grid point, and the test split (which raises on access) is never read."""
+    suite = _suite(test_split=False)
+    tr = tune(suite, "qtype", "linear-layers", lrs=[1e-3, 1e-2], lengths=[0.5, 1, 2])
+    flat = {(lr, n): a for lr, row in tr.grid_val.items() for n, a in row.items()}
+    assert set(flat) == {(lr, n) for lr in (1e-3, 1e-2) for n in (0.5, 1.0, 2.0)}
+    assert tr.val == max(flat.values()) == flat[(tr.lr, tr.epochs)]
+    first = next(k for k, a in flat.items() if a == tr.val)  # ties: the earlier grid point
+    assert (tr.lr, tr.epochs) == first
+    assert all(torch.equal(t, tr.vectors[first].tensors[n]) for n, t in tr.vector.tensors.items())
+    assert tr.vector.info["stopped_at_epoch"] == str(tr.epochs)
+    with pytest.raises(TaftError, match="past the 1-epoch schedule"):
+        tune(suite, "qtype", "linear-layers", lrs=[1e-3], lengths=[2], epochs=1)
+    with pytest.raises(TaftError, match="positive"):
+        tune(suite, "qtype", "linear-layers", lrs=[], lengths=[1])

@@ -12,6 +12,7 @@ from taft.arithmetic.experiments import (
     AdditionResult,
     DisentanglementResult,
     NegationResult,
+    TuneResult,
     choose_addition_alpha,
     choose_negation_alpha,
     disentanglement,
@@ -19,6 +20,7 @@ from taft.arithmetic.experiments import (
     single_task_accuracy,
     task_addition,
     task_negation,
+    tune,
 )
 from taft.arithmetic.modes import MODES, Mode, get_mode
 from taft.arithmetic.suite import ArithmeticConfig, FinetuneResult, MultiTaskSuite
@@ -47,6 +49,7 @@ __all__ = [
     "NegationResult",
     "TaskVector",
     "TaskVectorError",
+    "TuneResult",
     "apply",
     "check_same_origin",
     "choose_addition_alpha",
@@ -62,4 +65,5 @@ __all__ = [
     "task_addition",
     "task_negation",
     "task_vector",
+    "tune",
 ]

@@ -7,11 +7,14 @@ test split once, at the chosen α (``evaluate_test=False``: never).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 from taft.arithmetic.suite import MultiTaskSuite
 from taft.arithmetic.vectors import TaskVector, TaskVectorError, check_same_origin, combine
+from taft.config import ConfigError
+from taft.train.fit import TrainingDiverged
 
 ADDITION_GRID = tuple(round(0.05 * i, 2) for i in range(21))  # 0, 0.05, ..., 1
 DISENTANGLE_GRID = tuple(float(a) for a in range(-3, 4))       # [-3, 3], step 1
@@ -56,6 +59,66 @@ def choose_negation_alpha(target_by_alpha: Mapping[float, float], control_by_alp
 
 
 # -- experiments ------------------------------------------------------------------------------------------
+@dataclass
+class TuneResult:
+    """The (lr, length) of the best single-task validation accuracy and its vector; ``grid_val[lr][length]`` is
+    ``None`` where the run diverged. ``vectors`` holds τ at every grid point."""
+
+    task: str
+    mode: str
+    lr: float
+    epochs: float
+    val: float
+    vector: TaskVector
+    grid_val: dict[float, dict[float, float | None]]
+    vectors: dict[tuple[float, float], TaskVector]
+    train_s: float
+
+    def to_dict(self) -> dict:
+        return {"task": self.task, "mode": self.mode, "lr": self.lr, "epochs": self.epochs, "val": self.val,
+                "train_s": self.train_s,
+                "grid_val": {str(lr): {str(n): a for n, a in row.items()} for lr, row in self.grid_val.items()}}
+
+
+def tune(suite: MultiTaskSuite, task: str, mode: str, *, lrs: Sequence[float], lengths: Sequence[float],
+         epochs: int | None = None, seed: int | None = None) -> TuneResult:
+    """Learning rate and training length chosen jointly on ``task``'s validation split (test never read).
+
+    One run per lr with the schedule over ``epochs`` (default ``ceil(max(lengths))``), τ kept at every length
+    (early-stopping points of that schedule, :meth:`MultiTaskSuite.finetune`); the best single-task validation
+    accuracy wins, the earlier grid point (in the order of ``lrs``, then the shorter) on ties. A diverged lr is
+    recorded and skipped."""
+    if not lrs or not lengths or min(lrs) <= 0 or min(lengths) <= 0:
+        raise ConfigError(f"tune: needs positive learning rates and lengths, got lrs={list(lrs)}, "
+                          f"lengths={list(lengths)}")
+    lengths = sorted(float(n) for n in lengths)
+    epochs = math.ceil(lengths[-1]) if epochs is None else epochs
+    if lengths[-1] > epochs:
+        raise ConfigError(f"a length of {lengths[-1]:g} epochs is past the {epochs}-epoch schedule; raise --epochs "
+                          "or drop that length")
+    grid_val: dict[float, dict[float, float | None]] = {}
+    vectors: dict[tuple[float, float], TaskVector] = {}
+    train_s, best = 0.0, None
+    for lr in lrs:
+        try:
+            ft = suite.finetune(task, mode, lr=lr, epochs=epochs, checkpoints=lengths, seed=seed)
+        except TrainingDiverged:
+            grid_val[lr] = dict.fromkeys(lengths)
+            continue
+        train_s += ft.train_s
+        grid_val[lr] = {}
+        for n in lengths:
+            acc = suite.accuracy(mode, task, "val", [ft.checkpoints[n]], [1.0])
+            grid_val[lr][n], vectors[(lr, n)] = acc, ft.checkpoints[n]
+            if best is None or acc > best[0]:
+                best = (acc, lr, n)
+    if best is None:
+        raise TrainingDiverged(f"fine-tuning {mode} on {task} diverged at every learning rate {list(lrs)}; "
+                               "try smaller ones")
+    acc, lr, n = best
+    return TuneResult(task, mode, lr, n, acc, vectors[(lr, n)], grid_val, vectors, train_s)
+
+
 @dataclass
 class AdditionResult:
     mode: str

@@ -13,7 +13,14 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from taft.arithmetic.experiments import ADDITION_GRID, DISENTANGLE_GRID, disentanglement, task_addition, task_negation
+from taft.arithmetic.experiments import (
+    ADDITION_GRID,
+    DISENTANGLE_GRID,
+    disentanglement,
+    task_addition,
+    task_negation,
+    tune,
+)
 from taft.arithmetic.plots import cosine_heatmap, disentanglement_heatmap
 from taft.arithmetic.suite import ArithmeticConfig, MultiTaskSuite
 from taft.arithmetic.vectors import TaskVector, TaskVectorError, cosine_matrix, load_task_vector, save_task_vector
@@ -48,19 +55,24 @@ def _write(folder: RunFolder, name: str, data: dict) -> None:
     write_json(folder.path / name, finite_json(data))
 
 
-def finetune_run(cfg: ArithmeticConfig, task: str, mode: str, output_dir: str | Path, *, lr: float, epochs: int = 1,
+def finetune_run(cfg: ArithmeticConfig, task: str, mode: str, output_dir: str | Path, *,
+                 lr: float | Sequence[float], epochs: int = 1, lengths: Sequence[float] | None = None,
                  overwrite: bool = False) -> dict:
     """Fine-tune one task vector; writes ``task_vector.safetensors`` and ``results.json`` (validation and test
-    accuracy of the fine-tuned and the zero-shot model)."""
+    accuracy of the fine-tuned and the zero-shot model). Several learning rates and/or ``lengths`` (early-stopping
+    points, in epochs, of the ``epochs``-long schedule): the point of the best validation accuracy is kept
+    (:func:`~taft.arithmetic.experiments.tune`) and the whole validation grid recorded; test is read once, for it."""
+    lrs = [float(lr)] if isinstance(lr, int | float) else [float(x) for x in lr]
     with RunFolder(output_dir, overwrite=overwrite) as folder:
         suite = MultiTaskSuite.from_config(cfg, [task])
-        res = suite.finetune(task, mode, lr=lr, epochs=epochs)
-        tv = res.vector
+        tr = tune(suite, task, mode, lrs=lrs, lengths=list(lengths) if lengths else [epochs], epochs=epochs,
+                  seed=cfg.seed)
+        tv = tr.vector
         tv.info["config"] = json.dumps(dataclasses.asdict(cfg))
         save_task_vector(tv, folder.path / VECTOR_FILE)
-        out = {"task": task, "mode": mode, "lr": lr, "epochs": epochs, "train_s": res.train_s, "steps": res.steps,
-               "base_fingerprint": tv.base_fingerprint,
-               **{f"{s}_acc": suite.accuracy(mode, task, s, [tv], [1.0]) for s in ("val", "test")},
+        out = {"task": task, "mode": mode, "lr": tr.lr, "epochs": tr.epochs, "schedule_epochs": epochs,
+               "train_s": tr.train_s, "base_fingerprint": tv.base_fingerprint, "grid_val": tr.to_dict()["grid_val"],
+               "val_acc": tr.val, "test_acc": suite.accuracy(mode, task, "test", [tv], [1.0]),
                **{f"zero_shot_{s}_acc": suite.accuracy(mode, task, s) for s in ("val", "test")}}
         _write(folder, "results.json", out)
         folder.commit(kind="arithmetic-finetune", task=task, mode=mode)

@@ -28,6 +28,7 @@ from taft import delta as D
 from taft.arithmetic.modes import Mode, get_mode
 from taft.arithmetic.vectors import TaskVector, TaskVectorError, combine
 from taft.checkpoint import fingerprints
+from taft.config import ConfigError
 from taft.data.examples import DatasetSplits
 from taft.models.classifier import Classifier
 from taft.tangent_model import TangentModel
@@ -294,7 +295,7 @@ class MultiTaskSuite:
         """The optimizer step at which ``epoch`` (a fraction of the run's epochs) ends; refuses points outside it."""
         s = round(float(epoch) * steps_per_epoch)
         if not 1 <= s <= total:
-            raise ValueError(f"checkpoint/stop at epoch {epoch:g} is outside the run (1..{total} steps of "
+            raise ConfigError(f"checkpoint/stop at epoch {epoch:g} is outside the run (1..{total} steps of "
                              f"{steps_per_epoch} per epoch); use a value in (0, epochs]")
         return s
 
