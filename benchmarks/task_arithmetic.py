@@ -190,6 +190,10 @@ def _diff(modes: dict, a: str, b: str, key: str, seeds: list[int]) -> str:
     return _ms(d).replace("-", "−") if d else "—"
 
 
+def _over(seeds: list[int]) -> str:
+    return f"mean ± std over {len(seeds)} seeds" if len(seeds) > 1 else "one seed"
+
+
 def _alphas(adds: list[dict]) -> str:
     return ", ".join(f"{a['alpha']:g}" for a in adds)
 
@@ -222,10 +226,10 @@ def report(data: dict) -> str:
         f"Validation: {s['max_eval']} sentences per task (SST-2/SST-5: dev file; others: 10 % carved from train); "
         f"test: {s['max_test']} sentences per task (seeded sample). Task addition: one α for Σ τ on 0…1 step "
         f"{s['alphas'][1] - s['alphas'][0]:g}, chosen on validation by average normalized accuracy, test read once "
-        "per seed. Negation and disentanglement use the seed-"
-        f"{seeds[0]} vectors.",
+        "per seed." + (f" Negation and disentanglement use the seed-{seeds[0]} vectors."
+                       if any("negation" in r for r in modes.values()) else ""),
         "",
-        f"## Task addition (test, %, mean ± std over {len(seeds)} seed(s); the seed's Table 1)",
+        f"## Task addition (test, %, {_over(seeds)}; the seed's Table 1)",
         "",
         "| mode | α per seed | abs. mean | norm. mean | single-task mean | |cos| off-diag |",
         "|---|---|---|---|---|---|",
