@@ -346,15 +346,17 @@ def _alphas(step: float, start: float, stop: float) -> list[float]:
     return grid(start, stop, step)
 
 
-def _floats(text: str, flag: str) -> list[float]:
+def _floats(text: str, flag: str, example: str) -> list[float]:
+    import math
+
     from taft.config import ConfigError
 
     try:
         values = [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
         values = []
-    if not values or min(values) <= 0:
-        raise ConfigError(f"{flag} {text!r}: write positive numbers separated by commas, e.g. 3e-5,1e-4,3e-4")
+    if not values or not all(math.isfinite(x) and x > 0 for x in values):
+        raise ConfigError(f"{flag} {text!r}: write positive numbers separated by commas, e.g. {example}")
     return values
 
 
@@ -393,8 +395,9 @@ def arithmetic_finetune(
     get_mode(mode)
     cfg = ArithmeticConfig(model=model, tasks=task, data_root=data_root, max_length=max_length, max_train=max_train,
                            max_eval=max_eval, max_test=max_test, batch_size=batch_size, seed=seed, device=device)
-    _echo(finetune_run(cfg, task, mode, output_dir, lr=_floats(lr, "--lr"), epochs=epochs,
-                       lengths=_floats(lengths, "--lengths") if lengths else None, overwrite=overwrite))
+    _echo(finetune_run(cfg, task, mode, output_dir, lr=_floats(lr, "--lr", "3e-5,1e-4,3e-4"),
+                       epochs=epochs, lengths=_floats(lengths, "--lengths", "0.5,1,2") if lengths else None,
+                       overwrite=overwrite))
 
 
 @arithmetic_app.command("add")

@@ -66,6 +66,9 @@ def test_finetune_grid_keeps_the_validation_best(tmp_path):
 @pytest.mark.parametrize(("flags", "message"), [
     (["--lr", "fast"], "--lr 'fast': write positive numbers"),
     (["--lr", "1e-3", "--lengths", "3"], "past the 1-epoch schedule"),
+    (["--lr", "nan"], "--lr 'nan': write positive numbers"),
+    (["--lr", "1e-3", "--lengths", "nan"], "--lengths 'nan'"),
+    (["--lr", "1e-3", "--epochs", "2", "--lengths", "1.6,1.7"], "end at the same step"),
 ])
 def test_finetune_bad_grid_is_one_error_line(tmp_path, capsys, flags, message):
     out = tmp_path / "bad"

@@ -207,3 +207,14 @@ def test_tune_picks_the_validation_argmax_without_reading_test():
         tune(suite, "qtype", "linear-layers", lrs=[1e-3], lengths=[2], epochs=1)
     with pytest.raises(TaftError, match="positive"):
         tune(suite, "qtype", "linear-layers", lrs=[], lengths=[1])
+
+
+@pytest.mark.parametrize(("kw", "message"), [
+    ({"epochs": 1, "checkpoints": (0.5, 0.6)}, "end at the same step"),  # 3 steps per epoch: both round to step 2
+    ({"epochs": 2, "checkpoints": (1.5,), "stop": 1}, "after the run stops"),
+    ({"epochs": 1, "checkpoints": (1.1,)}, "outside the run"),
+    ({"epochs": 1, "checkpoints": (float("nan"),)}, "outside the run"),
+])
+def test_checkpoints_that_cannot_be_kept_are_refused(suite, kw, message):
+    with pytest.raises(TaftError, match=message):
+        suite.finetune("pos", "linear-layers", lr=3e-3, **kw)

@@ -88,7 +88,7 @@ def tune(suite: MultiTaskSuite, task: str, mode: str, *, lrs: Sequence[float], l
     (early-stopping points of that schedule, :meth:`MultiTaskSuite.finetune`); the best single-task validation
     accuracy wins, the earlier grid point (in the order of ``lrs``, then the shorter) on ties. A diverged lr is
     recorded and skipped."""
-    if not lrs or not lengths or min(lrs) <= 0 or min(lengths) <= 0:
+    if not lrs or not lengths or not all(math.isfinite(x) and x > 0 for x in [*lrs, *lengths]):
         raise ConfigError(f"tune: needs positive learning rates and lengths, got lrs={list(lrs)}, "
                           f"lengths={list(lengths)}")
     lengths = sorted(float(n) for n in lengths)

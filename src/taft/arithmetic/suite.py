@@ -253,8 +253,16 @@ class MultiTaskSuite:
             return (s + 1) / warm if s < warm else 0.5 * (1 + math.cos(math.pi * (s - warm) / max(total - warm, 1)))
 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
-        at = {self._epoch_step(c, steps_per_epoch, total): float(c) for c in checkpoints}
-        end = total if stop is None else self._epoch_step(stop, steps_per_epoch, total)
+        end = total if stop is None else self._epoch_step(stop, epochs, steps_per_epoch)
+        at: dict[int, float] = {}
+        for c in sorted(float(c) for c in checkpoints):
+            at_step = self._epoch_step(c, epochs, steps_per_epoch)
+            if at_step in at:
+                raise ConfigError(f"lengths {at[at_step]:g} and {c:g} epochs end at the same step ({at_step}, with "
+                                  f"{steps_per_epoch} steps per epoch); drop one or use more training examples")
+            if at_step > end:
+                raise ConfigError(f"checkpoint at epoch {c:g} is after the run stops (epoch {stop:g})")
+            at[at_step] = c
         base_info = {"lr": lr, "epochs": epochs, "train_examples": len(cache), "seed": seed, "scope": m.scope}
         kept: dict[float, TaskVector] = {}
 
@@ -291,13 +299,12 @@ class MultiTaskSuite:
         return FinetuneResult(tv, train_s, step, loss_v, kept)
 
     @staticmethod
-    def _epoch_step(epoch: float, steps_per_epoch: int, total: int) -> int:
+    def _epoch_step(epoch: float, epochs: int, steps_per_epoch: int) -> int:
         """The optimizer step at which ``epoch`` (a fraction of the run's epochs) ends; refuses points outside it."""
-        s = round(float(epoch) * steps_per_epoch)
-        if not 1 <= s <= total:
-            raise ConfigError(f"checkpoint/stop at epoch {epoch:g} is outside the run (1..{total} steps of "
-                             f"{steps_per_epoch} per epoch); use a value in (0, epochs]")
-        return s
+        if not (math.isfinite(epoch) and 0 < epoch <= epochs) or round(epoch * steps_per_epoch) < 1:
+            raise ConfigError(f"checkpoint/stop at epoch {epoch:g} is outside the run ({epochs} epoch(s) of "
+                              f"{steps_per_epoch} steps); use a value in (0, {epochs}] of at least one step")
+        return round(epoch * steps_per_epoch)
 
 
 def zero_vector(tv: TaskVector) -> TaskVector:
