@@ -26,6 +26,7 @@ import gc
 import json
 import math
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -42,7 +43,7 @@ from taft.arithmetic import (
     task_negation,
     tune,
 )
-from taft.arithmetic.experiments import grid
+from taft.arithmetic.experiments import TuneResult, grid
 from taft.arithmetic.plots import cosine_heatmap, disentanglement_heatmap
 from taft.train.rundir import write_json
 
@@ -98,13 +99,14 @@ def _addition_summary(add) -> dict:
 def run_mode(suite: MultiTaskSuite, mode: str, args, out: dict) -> None:
     t_mode = time.perf_counter()
     rec: dict = {"grid_val": {}, "chosen": {}, "finetune_s": 0.0, "seeds": {}}
-    grid_vectors: dict[str, dict] = {}
+    tuned: dict[str, TuneResult] = {}
     per_seed: dict[int, list] = {s: [] for s in args.seeds}
     for task in suite.tasks:
-        tr = tune(suite, task, mode, lrs=args.lrs, lengths=args.lengths, seed=args.seeds[0])
-        print(json.dumps({"mode": mode, **tr.to_dict()}), flush=True)
-        lr, n, grid_vectors[task] = tr.lr, tr.epochs, tr.vectors
-        rec["grid_val"][task], rec["chosen"][task] = tr.to_dict()["grid_val"], {"lr": lr, "epochs": n}
+        tuned[task] = tr = tune(suite, task, mode, lrs=args.lrs, lengths=args.lengths, seed=args.seeds[0])
+        summary = tr.to_dict()
+        print(json.dumps({"mode": mode, **summary}), flush=True)
+        lr, n = tr.lr, tr.epochs
+        rec["grid_val"][task], rec["chosen"][task] = summary["grid_val"], {"lr": lr, "epochs": n}
         rec["finetune_s"] += tr.train_s
         per_seed[args.seeds[0]].append(tr.vector)
         for seed in args.seeds[1:]:  # the chosen point again, another data order; no training past it
@@ -140,14 +142,9 @@ def run_mode(suite: MultiTaskSuite, mode: str, args, out: dict) -> None:
         # the comparison depends on the lr, reported for every grid point rather than one favourable setting
         rec["conditions"] = {}
         for lr in args.lrs:
-            vs = []
-            for task in suite.tasks:
-                ok = [(rec["grid_val"][task][str(lr)][str(n)], -n, n) for n in args.lengths
-                      if rec["grid_val"][task][str(lr)][str(n)] is not None]
-                if not ok:
-                    break
-                vs.append(grid_vectors[task][(lr, max(ok)[2])])
-            else:
+            best = [tuned[t].best_at(lr) for t in suite.tasks]
+            if None not in best:  # no task diverged at this lr
+                vs = [tuned[t].vectors[(lr, n)] for t, (_, n) in zip(suite.tasks, best, strict=True)]
                 add = task_addition(suite, vs, alphas=args.alphas)
                 rec["conditions"][str(lr)] = _addition_summary(add)
                 print(json.dumps({"mode": mode, "condition_lr": lr, "abs": add.abs_mean, "norm": add.normalized_mean}),
@@ -200,11 +197,8 @@ def _alphas(adds: list[dict]) -> str:
 
 def _ms(xs: list[float]) -> str:
     """mean ± std (%, sample std) of fractions; the mean alone for one value."""
-    m = 100 * sum(xs) / len(xs)
-    if len(xs) < 2:
-        return f"{m:.1f}"
-    sd = 100 * (sum((x - m / 100) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5
-    return f"{m:.1f} ± {sd:.1f}"
+    m = 100 * statistics.fmean(xs)
+    return f"{m:.1f}" if len(xs) < 2 else f"{m:.1f} ± {100 * statistics.stdev(xs):.1f}"
 
 
 def report(data: dict) -> str:

@@ -74,10 +74,19 @@ class TuneResult:
     vectors: dict[tuple[float, float], TaskVector]
     train_s: float
 
+    def best_at(self, lr: float) -> tuple[float, float] | None:
+        """``(validation accuracy, length)`` of the best length at ``lr`` (the shorter on ties); None if it diverged."""
+        return _best_length(self.grid_val[lr])
+
     def to_dict(self) -> dict:
         return {"task": self.task, "mode": self.mode, "lr": self.lr, "epochs": self.epochs, "val": self.val,
                 "train_s": self.train_s,
                 "grid_val": {str(lr): {str(n): a for n, a in row.items()} for lr, row in self.grid_val.items()}}
+
+
+def _best_length(row: Mapping[float, float | None]) -> tuple[float, float] | None:
+    scored = [(a, n) for n, a in sorted(row.items()) if a is not None]
+    return max(scored, key=lambda x: x[0]) if scored else None
 
 
 def tune(suite: MultiTaskSuite, task: str, mode: str, *, lrs: Sequence[float], lengths: Sequence[float],
@@ -106,12 +115,11 @@ def tune(suite: MultiTaskSuite, task: str, mode: str, *, lrs: Sequence[float], l
             grid_val[lr] = dict.fromkeys(lengths)
             continue
         train_s += ft.train_s
-        grid_val[lr] = {}
-        for n in lengths:
-            acc = suite.accuracy(mode, task, "val", [ft.checkpoints[n]], [1.0])
-            grid_val[lr][n], vectors[(lr, n)] = acc, ft.checkpoints[n]
-            if best is None or acc > best[0]:
-                best = (acc, lr, n)
+        vectors.update({(lr, n): ft.checkpoints[n] for n in lengths})
+        grid_val[lr] = {n: suite.accuracy(mode, task, "val", [ft.checkpoints[n]], [1.0]) for n in lengths}
+        acc, n = _best_length(grid_val[lr])
+        if best is None or acc > best[0]:  # strictly: the earlier lr on ties
+            best = (acc, lr, n)
     if best is None:
         raise TrainingDiverged(f"fine-tuning {mode} on {task} diverged at every learning rate {list(lrs)}; "
                                "try smaller ones")

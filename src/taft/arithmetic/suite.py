@@ -16,6 +16,7 @@ Data is read lazily per (task, split): a search on validation never touches a te
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from collections.abc import Sequence
@@ -273,26 +274,23 @@ class MultiTaskSuite:
 
         t0, step, loss_v = time.perf_counter(), 0, float("nan")
         self._load(tm, None)
+        # each epoch's batches are drawn when it starts, so stopping early draws no later epoch's order
+        batches = (idx for _ in range(epochs) for idx in bucketed_batches(cache.lengths, self.batch_size, g))
         with torch.enable_grad():
-            for _ in range(epochs):
-                if step >= end:
-                    break
-                for idx in bucketed_batches(cache.lengths, self.batch_size, g):
-                    if step >= end:
-                        break
-                    z = tm.suffix(cache.collate(idx, self.device))  # (B, D)
-                    loss = nn.functional.cross_entropy(z @ head.T, labels[idx].to(self.device))
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                    sched.step()
-                    step += 1
-                    loss_v = float(loss.detach())
-                    if not math.isfinite(loss_v):
-                        self._load(tm, None)
-                        raise TrainingDiverged(f"fine-tuning {mode} on {task} diverged at step {step} (lr {lr:g})")
-                    if step in at:
-                        kept[at[step]] = snapshot(at[step])
+            for idx in itertools.islice(batches, end):
+                z = tm.suffix(cache.collate(idx, self.device))  # (B, D)
+                loss = nn.functional.cross_entropy(z @ head.T, labels[idx].to(self.device))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                step += 1
+                loss_v = float(loss.detach())
+                if not math.isfinite(loss_v):
+                    self._load(tm, None)
+                    raise TrainingDiverged(f"fine-tuning {mode} on {task} diverged at step {step} (lr {lr:g})")
+                if step in at:
+                    kept[at[step]] = snapshot(at[step])
         train_s = time.perf_counter() - t0
         tv = snapshot(float(epochs if stop is None else stop))
         self._load(tm, None)
