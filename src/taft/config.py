@@ -164,6 +164,59 @@ def check_scope_syntax(spec: str) -> None:
             raise ConfigError(f"scope {spec!r}: {item!r} is not valid; write last or last:K with K a whole number ≥ 1")
 
 
+CLASS_NAMES_FIX = '--class-names "name0,name1,..." (or @PATH: a text file, one name per line)'
+
+
+def resolve_class_names(value: str) -> str:
+    """``TrainConfig.class_names`` in its stored form: the names, stripped and comma-joined.
+
+    ``value`` is ``"name0,name1,..."`` or ``@PATH``, a UTF-8 text file with one name per line (blank lines
+    ignored), read here once: the config then holds the names themselves, so a run or shard store does not depend
+    on the file later. Names may not be empty, repeat or contain a comma, the first may not start with ``@``;
+    two at least."""
+    text = value.strip()
+    if text.startswith("@"):
+        path = Path(text[1:].strip()).expanduser()
+        if not text[1:].strip():
+            raise ConfigError(f"class_names {value!r}: '@' names no file; write {CLASS_NAMES_FIX}")
+        if not path.is_file():
+            what = "is a folder" if path.is_dir() else "does not exist"
+            raise ConfigError(f"class_names: file {path} {what}; write {CLASS_NAMES_FIX}")
+        try:
+            lines = path.read_bytes().decode("utf-8-sig").splitlines()
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"class_names: file {path} is not UTF-8 text (byte {e.start}); save it as UTF-8") from e
+        except OSError as e:
+            raise ConfigError(f"class_names: file {path} cannot be read: {e.strerror}") from e
+        names, source = [line.strip() for line in lines if line.strip()], f"file {path}"
+        with_comma = [n for n in names if "," in n]
+        if with_comma:
+            raise ConfigError(f"class_names: {source}: names cannot contain a comma ({with_comma[0]!r}); the config "
+                              f"stores them comma-separated")
+    else:
+        names, source = [n.strip() for n in text.split(",")], repr(value)
+        empty = [i for i, n in enumerate(names) if not n]
+        if empty:
+            raise ConfigError(f"class_names {source}: name {empty[0]} (counting from 0) is empty; write "
+                              f"{CLASS_NAMES_FIX}, one non-empty name per class")
+    if len(names) < 2:
+        raise ConfigError(f"class_names {source}: {len(names)} name(s); a classifier needs two classes at least: "
+                          f"write {CLASS_NAMES_FIX}")
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ConfigError(f"class_names {source}: {repeated} appear(s) more than once; give every class its own "
+                          f"name with --class-names")
+    if names[0].startswith("@"):  # the stored "@a,b" would read as a file
+        raise ConfigError(f"class_names {source}: the first name {names[0]!r} starts with '@', which marks a file; "
+                          f"rename it")
+    return ",".join(names)
+
+
+def class_name_list(value: str | None) -> list[str] | None:
+    """The names of a resolved ``TrainConfig.class_names`` (see :func:`resolve_class_names`), or None."""
+    return None if value is None else value.split(",")
+
+
 DEVICE = re.compile(r"cpu|cuda(:[0-9]+)?|mps")
 
 
@@ -194,6 +247,9 @@ class TrainConfig:
     data_root: str | None = field(default=None, metadata={"help": "folder of the sentence-task files"})
     test_file: str | None = field(default=None, metadata={"help": "test file when --data is a single file"})
     num_classes: int | None = field(default=None, metadata={"help": "declared classes (labels outside are errors)"})
+    class_names: str | None = field(default=None, metadata={
+        "help": "class names in label order, for the zero-shot head: \"name0,name1,...\" or @PATH (a text file, "
+                "one name per line; read once, the config keeps the names)"})
     method: str = field(default="taft", metadata={"help": "taft | nlft | fc | lora | adapter | zero-shot"})
     scope: str = field(default="last:1", metadata={
         "help": "parameters trained: last[:k] | all | attn | attn+bias | bias | norm | head | ..."})
@@ -270,6 +326,12 @@ class TrainConfig:
             raise ConfigError(f"warmup is a fraction of all steps: need 0 ≤ warmup < 1, got {self.warmup}")
         if self.num_classes is not None and self.num_classes < 2:
             raise ConfigError(f"num_classes must be ≥ 2 (a classifier needs two classes), got {self.num_classes}")
+        if self.class_names is not None:
+            self.class_names = resolve_class_names(self.class_names)
+            count = len(class_name_list(self.class_names))
+            if self.num_classes is not None and self.num_classes != count:
+                raise ConfigError(f"class_names gives {count} names but num_classes={self.num_classes}; give one "
+                                  f"name per class with --class-names, or drop --num-classes")
         if not 0 <= self.seed < 2**63:
             raise ConfigError(f"seed must be in 0..2**63-1, got {self.seed}")
         for name in ("model", "data"):

@@ -14,7 +14,8 @@ stage is in the prefix). The classifier pools per family: ``none`` where the bac
 vector per image (timm with ``num_classes=0``, CLIP vision ``pooler_output``/``image_embeds``, open_clip's
 embedding), ``cls`` where it returns tokens (HF ViT ``last_hidden_state``). timm models lose their ImageNet head
 (``reset_classifier(0)``). ``head_init=zero-shot`` builds CLIP's zero-shot head from the class names (CLIP
-models only): normalized image embeddings, head ``logit_scale × clip_text_head``.
+models only): normalized image embeddings, head ``logit_scale × clip_text_head``. ``--class-names`` replace the
+class names (one per class, in label order: class folders sort by name).
 """
 
 from __future__ import annotations
@@ -27,12 +28,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from taft.config import ConfigError, TrainConfig
+from taft.config import CLASS_NAMES_FIX, ConfigError, TrainConfig
 from taft.data.examples import DataError, DatasetSplits, carve_validation
 from taft.data.images import load_image_folder, load_torchvision_dataset, model_transform
 from taft.models.classifier import Classifier
 from taft.train.cache import FeatureCache, split_features
-from taft.train.pipeline import Prepared, init_classifier
+from taft.train.pipeline import Prepared, given_class_names, init_classifier
 from taft.train.zero_shot import clip_logit_scale, clip_text_head, prompt_name
 from taft.zoo import is_clip_model, load_clip_pair, load_model
 
@@ -193,8 +194,8 @@ def build_image_classifier(cfg: TrainConfig, backbone: nn.Module, num_classes: i
             raise ConfigError(f"head_init=zero-shot needs a CLIP model with its text tower, not {cfg.model}; "
                               f"use --head-init random")
         if not class_names:
-            raise ConfigError(f"head_init=zero-shot needs class names, and {cfg.data} has none; "
-                              f"use --head-init random")
+            raise ConfigError(f"head_init=zero-shot needs class names, and {cfg.data} has none: name the classes "
+                              f"in label order with {CLASS_NAMES_FIX}, or use --head-init random")
         full, tokenizer = clip_pair
         text = clip_text_head(full, tokenizer, [prompt_name(c) for c in class_names])
         if text.shape[1] != dim:
@@ -219,7 +220,8 @@ def prepare_images(cfg: TrainConfig, device: torch.device) -> Prepared:
     backbone = image_backbone(cfg.model, pair).to(device)
     splits = load_image_splits(cfg.data, model_transform(backbone), root=cfg.data_root, seed=cfg.seed)
     k = num_classes_of(splits, cfg.num_classes)
-    names = getattr(splits.train, "class_names", None)
+    # --class-names replace the folder (or torchvision) class names, in label order (folders sort by name)
+    names = given_class_names(cfg, k) or getattr(splits.train, "class_names", None)
     clf = build_image_classifier(cfg, backbone, k, splits.train[0][0], names, pair).to(device)
 
     def cache_for(tm, ds, name, progress, cache_dir, key):

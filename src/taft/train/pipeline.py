@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from taft.config import TrainConfig
+from taft.config import ConfigError, TrainConfig, class_name_list
 from taft.data.examples import DatasetSplits
 from taft.models.classifier import Classifier
 from taft.train.cache import FeatureCache
@@ -37,3 +37,16 @@ def init_classifier(cfg: TrainConfig, backbone: nn.Module, num_classes: int, *, 
     elif cfg.head_init == "zeros":
         clf.set_head(0.0)
     return clf
+
+
+def given_class_names(cfg: TrainConfig, num_classes: int, *, declarable: bool = False) -> list[str] | None:
+    """``cfg.class_names`` as a list, one name per class of the loaded data (None when not given); a count that
+    differs from the data's is a :class:`ConfigError` naming both. ``declarable``: the data's classes follow
+    ``--num-classes`` (text files), so more names than labels seen may mean classes without examples."""
+    names = class_name_list(cfg.class_names)
+    if names is not None and len(names) != num_classes:
+        hint = (f"; if some classes have no examples, also set --num-classes {len(names)}"
+                if declarable and cfg.num_classes is None and len(names) > num_classes else "")
+        raise ConfigError(f"class_names gives {len(names)} names but {cfg.data} has {num_classes} classes; give one "
+                          f"name per class, in label order, with --class-names{hint}")
+    return names

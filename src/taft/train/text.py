@@ -11,11 +11,11 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from taft.config import ConfigError, TrainConfig
+from taft.config import CLASS_NAMES_FIX, ConfigError, TrainConfig
 from taft.data.text import SENTENCE_TASKS, load_text_dataset
 from taft.models.classifier import Classifier, pool
 from taft.train.cache import split_features
-from taft.train.pipeline import Prepared, init_classifier
+from taft.train.pipeline import Prepared, given_class_names, init_classifier
 from taft.zoo import load_model, load_tokenizer
 
 ZERO_SHOT_SCALE = 20.0  # logit scale of cosine-similarity heads (sentence-transformers' usual temperature)
@@ -92,8 +92,9 @@ def build_classifier(cfg: TrainConfig, backbone: nn.Module, tokenizer, num_class
 
     def head() -> Tensor:
         if not descriptions:
-            raise ConfigError("head_init=zero-shot needs class descriptions (a registered task or class names); "
-                              "use --head-init random")
+            what = "method=zero-shot" if cfg.method == "zero-shot" else "head_init=zero-shot"
+            raise ConfigError(f"{what} needs a description of each class, and {cfg.data} has none (integer labels): "
+                              f"name the classes in label order with {CLASS_NAMES_FIX}, or use --head-init random")
         return ZERO_SHOT_SCALE * encode_texts(backbone, tokenizer, descriptions)
 
     # head_init=probe starts from the zero-shot head where the classes have descriptions, else from random
@@ -112,7 +113,9 @@ def prepare_text(cfg: TrainConfig, device: torch.device) -> Prepared:
     splits = load_text_dataset(cfg.data, cfg.test_file, root=cfg.data_root, seed=cfg.seed,
                                num_classes=cfg.num_classes)
     task = SENTENCE_TASKS.get(cfg.data)
-    descriptions = list(task.descriptions) if task else (list(splits.train.class_names or []) or None)
+    # --class-names win over the task's descriptions and the file's string labels
+    names = given_class_names(cfg, splits.train.num_classes, declarable=task is None)
+    descriptions = names or (list(task.descriptions) if task else (list(splits.train.class_names or []) or None))
     tokenizer = load_tokenizer(cfg.model)
     backbone = load_model(cfg.model).to(device)
     clf = build_classifier(cfg, backbone, tokenizer, splits.train.num_classes, descriptions).to(device)
