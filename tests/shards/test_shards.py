@@ -14,7 +14,7 @@ import torch
 
 from taft.checkpoint import read_delta, write_delta
 from taft.cli import main
-from taft.config import ConfigError, TrainConfig
+from taft.config import ConfigError
 from taft.delta import weighted_average
 from taft.models.classifier import Classifier
 from taft.shards import ShardStore, ShardTrainer, StoreError, compose, evaluate_store, forget, train_store, verify
@@ -22,39 +22,7 @@ from taft.shards.ops import shard_logits
 from taft.tangent_model import TangentModel
 from taft.zoo import tiny_bert
 
-LINES = [f"{i % 3} sentence number {i} is {['bad', 'fine', 'good'][i % 3]} {'very ' * (i % 4)}indeed"
-         for i in range(90)]
-K = 3
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> tuple[Path, Path]:
-    d = tmp_path_factory.mktemp("data")
-    (d / "d.txt").write_text("\n".join(LINES) + "\n")
-    (d / "t.txt").write_text("\n".join(LINES[:24]) + "\n")
-    return d / "d.txt", d / "t.txt"
-
-
-def _cfg(data, **kw) -> TrainConfig:
-    d, t = data
-    base = dict(model="tiny-bert", data=str(d), test_file=str(t), head_init="random", epochs=2, batch_size=8,
-                lr=1e-2, scope="last:1", threads=1)
-    return TrainConfig(**{**base, **kw})
-
-
-@pytest.fixture(scope="module")
-def built(data, tmp_path_factory) -> Path:
-    """A trained 3-shard store, copied by each test that changes it."""
-    root = tmp_path_factory.mktemp("stores") / "base"
-    train_store(_cfg(data), root, K, progress=False)
-    return root
-
-
-@pytest.fixture()
-def store(built, tmp_path) -> Path:
-    dst = tmp_path / "store"
-    shutil.copytree(built, dst)
-    return dst
+from .helpers import K, _cfg
 
 
 def _composed(store: Path) -> dict[str, torch.Tensor]:
@@ -156,10 +124,12 @@ def test_forget_by_retrain_equals_training_from_scratch_on_the_rest(store, data)
     assert report["ok"], report["problems"]
     with ShardStore(store) as st:
         assert st.shard_row(2)["generation"] == 2
-        feats = st.root / st.get_meta("features")
         from taft.train.cache import FeatureCache
 
-        assert victim not in FeatureCache.load(feats).ids  # no feature row of the forgotten example remains
+        files = sorted((st.root / "features").iterdir())
+        assert [st.rel(f) for f in files] == sorted(r["file"] for r in st.feature_rows().values())
+        assert len(files) == K and "shard-0002-f2" in files[2].name  # only the forgotten example's shard rewritten
+        assert all(victim not in FeatureCache.load(f).ids for f in files)  # no feature row of it remains
     assert not (store / "shards" / "shard-0002-g1.safetensors").exists()
 
 

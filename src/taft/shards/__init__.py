@@ -6,8 +6,9 @@
 """
 
 from taft.shards.ops import compose, evaluate_store, forget, status, train_store, verify
+from taft.shards.session import ShardSession
 from taft.shards.store import ShardStore, StoreError
 from taft.shards.training import ShardTrainer
 
-__all__ = ["ShardStore", "ShardTrainer", "StoreError", "compose", "evaluate_store", "forget", "status",
+__all__ = ["ShardSession", "ShardStore", "ShardTrainer", "StoreError", "compose", "evaluate_store", "forget", "status",
            "train_store", "verify"]

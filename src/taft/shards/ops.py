@@ -35,6 +35,30 @@ WEIGHTS = ("size", "uniform")
 _RUN_ONLY = ("output_dir", "overwrite", "cache", "cache_dir", "threads", "device", "eval_batch_size", "max_eval")
 
 
+@dataclasses.dataclass
+class Loaded:
+    """What a long-lived process keeps between requests on one store (:class:`taft.shards.ShardSession`): the
+    trainer (w0 and the validation features), and shard Δw and features files by ``(file, SHA-256)``. An entry is
+    used only while the manifest still lists that file with that hash, so a change made by another process is read
+    from disk again; nothing is trusted that the manifest does not name."""
+
+    trainer: ShardTrainer | None = None
+    deltas: dict[tuple[str, str], tuple[dict[str, Tensor], dict[str, str]]] = dataclasses.field(default_factory=dict)
+    features: dict[tuple[str, str], FeatureCache] = dataclasses.field(default_factory=dict)
+
+    def keep_features(self, store: ShardStore, caches: dict[int, FeatureCache]) -> None:
+        rows = store.feature_rows()
+        for k, cache in caches.items():
+            self.features[(rows[k]["file"], rows[k]["sha256"])] = cache
+
+    def prune(self, store: ShardStore) -> None:
+        """Forget entries the manifest no longer lists (superseded shards and features)."""
+        shards = {(r["file"], r["sha256"]) for r in store.shard_rows() if r["file"]}
+        feats = {(r["file"], r["sha256"]) for r in store.feature_rows().values()}
+        self.deltas = {k: v for k, v in self.deltas.items() if k in shards}
+        self.features = {k: v for k, v in self.features.items() if k in feats}
+
+
 def ids_digest(ids: Sequence[str]) -> str:
     """SHA-256 of a training set (its ids in order): recorded with each shard file, checked by ``verify``."""
     return hashlib.sha256("\n".join(ids).encode()).hexdigest()
@@ -76,7 +100,8 @@ def _register_shard(store: ShardStore, model: ShardModel, path: Path, sha: str, 
 
 
 def _train_jobs(store: ShardStore, trainer: ShardTrainer, jobs: list[tuple[int, list[str]]], backend: str,
-                *, ray_address: str | None = None, chunk: int | None = None, progress: bool = False) -> None:
+                *, ray_address: str | None = None, chunk: int | None = None, progress: bool = False,
+                loaded: Loaded | None = None) -> None:
     """Train ``jobs`` (shard, live ids) with ``backend`` and register each shard as it finishes."""
     if not jobs:
         return
@@ -98,6 +123,8 @@ def _train_jobs(store: ShardStore, trainer: ShardTrainer, jobs: list[tuple[int, 
     for model in models:
         sha = _write_shard(paths[model.shard], model, meta, ids_of[model.shard])
         _register_shard(store, model, paths[model.shard], sha, ids_of[model.shard], gens[model.shard])
+        if loaded is not None:  # the Δw just written (the file's metadata as read_delta gives it: read once)
+            loaded.deltas[(store.rel(paths[model.shard]), sha)] = (model.delta, read_delta(paths[model.shard])[1])
 
 
 def _ray_task(cfg, clf, features, labels, val_features, val_labels, shard, ids, path, meta):
@@ -163,7 +190,7 @@ def train_store(cfg: TrainConfig, store_dir: str | Path, num_shards: int, *, bac
                                  f"options, or choose a new --store")
         args = {"shards": num_shards, "backend": backend, "config": dataclasses.asdict(cfg)}
         with store.writing("train", args):
-            _recompose_if_dirty(store)
+            _begin(store)
             if not exists:
                 trainer = ShardTrainer.from_config(cfg, progress=progress)
                 _create(store, trainer, num_shards)
@@ -190,8 +217,8 @@ def _create(store: ShardStore, trainer: ShardTrainer, num_shards: int) -> None:
     counts = [0] * num_shards
     for s in shards:
         counts[s] += 1
-    path = store.root / "features" / "train-g1.safetensors"
-    _write_features(store, trainer.features, path)
+    written = _write_shard_features(store, trainer.features, {
+        k: [i for i, s in zip(ids, shards, strict=True) if s == k] for k in range(num_shards) if counts[k]}, {})
     with store.transaction() as db:
         db.executemany("INSERT INTO examples (id, shard, position, label) VALUES (?, ?, ?, ?)",
                        [(i, s, p, trainer.labels[i]) for p, (i, s) in enumerate(zip(ids, shards, strict=True))])
@@ -200,35 +227,110 @@ def _create(store: ShardStore, trainer: ShardTrainer, num_shards: int) -> None:
         fp = fingerprints(trainer.template)
         for key, value in (("format", "taft-shards/1"), ("config", dataclasses.asdict(cfg)),
                            ("num_shards", num_shards), ("base_fingerprint", fp["all"]),
-                           ("features", store.rel(path)), ("features_info", trainer.features.info),
+                           ("features", None), ("features_info", trainer.features.info),
                            ("exclude", []), ("weights", "size"), ("dirty", False)):
             store.set_meta(db, key, value)
-        store.settle(db, path, atomic_tmp(path))
+        _register_features(store, db, written)
 
 
-def _write_features(store: ShardStore, features: FeatureCache, path: Path) -> None:
-    tmp = atomic_tmp(path)
-    store.add_pending(path, tmp)
-    features.save(tmp)
-    publish(tmp, path)
+# -- features: one file per shard, so a forget rewrites only its shards' rows -----------------------------------
+def _write_shard_features(store: ShardStore, features: FeatureCache, ids_of: dict[int, Sequence[str]],
+                          old: dict[int, dict[str, Any]]) -> dict[int, tuple[Path, str, int]]:
+    """Write each shard's rows of ``features`` (``ids_of``: shard -> its live ids) to a new file of the next
+    generation after ``old``'s; returns ``{shard: (path, sha256, generation)}``. The caller registers them."""
+    gens = {k: (old[k]["generation"] + 1 if k in old else 1) for k in ids_of}
+    paths = {k: store.feature_file(k, gens[k]) for k in ids_of}
+    store.add_pending(*paths.values(), *(atomic_tmp(p) for p in paths.values()))
+    out = {}
+    for k, ids in ids_of.items():
+        tmp = atomic_tmp(paths[k])
+        features.subset(list(ids)).save(tmp)
+        publish(tmp, paths[k])
+        out[k] = (paths[k], sha256_file(paths[k]), gens[k])
+    return out
 
 
-def _trainer_for(store: ShardStore, cfg: TrainConfig, progress: bool,
-                 features: FeatureCache | None = None) -> ShardTrainer:
-    """A trainer over the store's own features (no forgotten row; ``features``: those features, already read and
-    checked by the caller), after checking w0 is the store's."""
-    path = store.root / store.get_meta("features")
+def _register_features(store: ShardStore, db, written: dict[int, tuple[Path, str, int]]) -> None:
+    """Inside a transaction: the written features files are now the shards' own."""
+    db.executemany("INSERT OR REPLACE INTO features (shard, file, sha256, generation) VALUES (?, ?, ?, ?)",
+                   [(k, store.rel(p), sha, g) for k, (p, sha, g) in written.items()])
+    for p, _, _ in written.values():
+        store.settle(db, p, atomic_tmp(p))
+
+
+def _read_features(store: ShardStore, shards: Sequence[int] | None = None,
+                   loaded: Loaded | None = None) -> FeatureCache:
+    """The features of ``shards`` (default: every shard with live examples), each file checked against its SHA-256,
+    its shard's live ids and the store's feature setting (``loaded``: files already read are taken from memory)."""
+    rows = store.feature_rows()
+    parts = []
+    for k in shards if shards is not None else list(rows):
+        row = rows.get(k)
+        path = store.root / row["file"] if row else None
+        key = (row["file"], row["sha256"]) if row else None
+        if loaded is not None and key in loaded.features and loaded.features[key].ids == store.live_ids(k):
+            parts.append(loaded.features[key])
+            continue
+        try:
+            if row is None:
+                raise StoreError("the manifest lists no features file for it")
+            if sha256_file(path) != row["sha256"]:
+                raise StoreError("the file does not match the SHA-256 in the manifest (corrupt or replaced)")
+            parts.append(FeatureCache.load(path, expect_ids=store.live_ids(k),
+                                           expect_info=store.get_meta("features_info")))
+            if loaded is not None:
+                loaded.features[key] = parts[-1]
+        except Exception as e:
+            raise StoreError(f"shard {k}: its training features ({row['file'] if row else 'none'}) cannot be read "
+                             f"or do not match the manifest ({e}); run `taft shards verify`") from e
+    return FeatureCache.concat(parts)
+
+
+def _upgrade_features(store: ShardStore) -> None:
+    """A store made before features were kept per shard (one ``features/train-gN`` file for all): split it into one
+    file per shard, crash-safely (the old file stays the store's until one transaction switches over)."""
+    old = store.get_meta("features")
+    if not old:
+        return
+    path = store.root / old
     try:
-        feats = features if features is not None else FeatureCache.load(
-            path, expect_ids=store.all_live_ids(), expect_info=store.get_meta("features_info"))
+        feats = FeatureCache.load(path, expect_ids=store.all_live_ids(), expect_info=store.get_meta("features_info"))
     except Exception as e:
-        raise StoreError(f"{path}: the store's training features cannot be read or do not match the manifest "
-                         f"({e}); run `taft shards verify`") from e
+        raise StoreError(f"{old}: the store's training features cannot be read or do not match the manifest ({e}); "
+                         f"run `taft shards verify`") from e
+    rows = store.shard_rows()
+    written = _write_shard_features(store, feats, {r["shard"]: ids for r in rows
+                                                   if (ids := store.live_ids(r["shard"]))}, {})
+    with store.transaction() as db:
+        _register_features(store, db, written)
+        store.set_meta(db, "features", None)
+        db.execute("INSERT OR IGNORE INTO pending (path) VALUES (?)", (old,))
+        store.record(db, "features", {"upgraded": old, "files": len(written)})
+    store.delete_files([path])
+
+
+def _begin(store: ShardStore, loaded: Loaded | None = None) -> None:
+    """What every writing request does first: finish what an interrupted writer left."""
+    _upgrade_features(store)
+    _recompose_if_dirty(store, loaded)
+
+
+def _trainer_for(store: ShardStore, cfg: TrainConfig, progress: bool, features: FeatureCache | None = None,
+                 loaded: Loaded | None = None) -> ShardTrainer:
+    """A trainer over the store's own features (no forgotten row; ``features``: those features, already read and
+    checked by the caller), after checking w0 is the store's. ``loaded``: w0 and the validation features built
+    once per process."""
+    feats = features if features is not None else _read_features(store, loaded=loaded)
     labels = dict(store.db.execute("SELECT id, label FROM examples WHERE forgotten_in IS NULL").fetchall())
+    if loaded is not None and loaded.trainer is not None:
+        t = loaded.trainer
+        return ShardTrainer(cfg, t.clf, feats, labels, val_features=t.val_features, val_labels=t.val_labels)
     trainer = ShardTrainer.from_config(cfg, progress=progress, features=feats, labels=labels)
     if fingerprints(trainer.template)["all"] != store.get_meta("base_fingerprint"):
         raise StoreError(f"the model {cfg.model!r} loaded here differs from the one the store {store.root} was "
                          f"trained from (w0 fingerprint); load the same weights")
+    if loaded is not None:
+        loaded.trainer = trainer
     return trainer
 
 
@@ -251,8 +353,12 @@ def _weights(store: ShardStore, shards: list[int], weights: str) -> list[float]:
     return [table[k] for k in shards]
 
 
-def load_shard(store: ShardStore, row: dict[str, Any]) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """A live shard's Δw, after checking its file against the manifest's SHA-256 and the store's w0."""
+def load_shard(store: ShardStore, row: dict[str, Any],
+               loaded: Loaded | None = None) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """A live shard's Δw, after checking its file against the manifest's SHA-256 and the store's w0 (``loaded``:
+    a file already read with that hash is taken from memory)."""
+    if loaded is not None and (row["file"], row["sha256"]) in loaded.deltas:
+        return loaded.deltas[(row["file"], row["sha256"])]
     path = store.root / row["file"]
     if not path.is_file():
         raise StoreError(f"shard {row['shard']}: its file {row['file']} is missing; run `taft shards verify`, then "
@@ -266,18 +372,23 @@ def load_shard(store: ShardStore, row: dict[str, Any]) -> tuple[dict[str, Tensor
         raise StoreError(f"shard {row['shard']}: {e}") from e
     if meta.get("base_fingerprint") != store.get_meta("base_fingerprint"):
         raise StoreError(f"shard {row['shard']}: {row['file']} was trained on another base model")
+    if loaded is not None:
+        loaded.deltas[(row["file"], row["sha256"])] = (delta, meta)
     return delta, meta
 
 
 def _stray_files(store: ShardStore) -> list[str]:
     known = {r["file"] for r in store.shard_rows() if r["file"]}
-    known.add(store.get_meta("features"))
+    known.update(r["file"] for r in store.feature_rows().values())
+    if store.get_meta("features"):
+        known.add(store.get_meta("features"))
     pending = {p for (p,) in store.db.execute("SELECT path FROM pending")}
     found = [store.rel(p) for d in (store.shards_dir, store.root / "features") if d.is_dir() for p in d.iterdir()]
     return sorted(f for f in found if f not in known and f not in pending)
 
 
-def _compose(store: ShardStore, *, weights: str | None = None, exclude: Sequence[int] | None = None) -> dict:
+def _compose(store: ShardStore, *, weights: str | None = None, exclude: Sequence[int] | None = None,
+             loaded: Loaded | None = None) -> dict:
     """Average the live shards (minus ``exclude``) into ``STORE/composed``; record what was composed."""
     weights = weights or store.get_meta("weights", "size")
     exclude = sorted(set(exclude if exclude is not None else store.get_meta("exclude", [])))
@@ -291,15 +402,15 @@ def _compose(store: ShardStore, *, weights: str | None = None, exclude: Sequence
                          "to train the missing shards, or compose with fewer --exclude")
     shards = [r["shard"] for r in rows]
     ws = _weights(store, shards, weights)
-    loaded = [load_shard(store, r) for r in rows]
-    composed = weighted_average([d for d, _ in loaded], ws)
+    deltas = [load_shard(store, r, loaded) for r in rows]
+    composed = weighted_average([d for d, _ in deltas], ws)
     cfg = _store_config(store)
     target = store.composed_dir
     with store.transaction() as db:  # killed while composed/ is replaced: the next request composes again
         store.set_meta(db, "dirty", True)
     with RunFolder(target, overwrite=True) as folder:
         save_config(cfg, folder.path / "config.yaml")
-        write_delta(composed, loaded[0][1], folder.path / "delta.safetensors", run_id=folder.run_id,
+        write_delta(composed, deltas[0][1], folder.path / "delta.safetensors", run_id=folder.run_id,
                     extra_metadata={"method": cfg.method, "model": cfg.model, "data": cfg.data,
                                     "composed_shards": json.dumps(shards)})
         info = {"shards": shards, "weights": ws, "weights_rule": weights, "exclude": exclude}
@@ -347,16 +458,17 @@ def _remove_composed(store: ShardStore) -> None:
         store.set_meta(db, "dirty", False)
 
 
-def _recompose_if_dirty(store: ShardStore) -> None:
+def _recompose_if_dirty(store: ShardStore, loaded: Loaded | None = None) -> None:
     """A request that changed the shards was killed before it recomposed: compose now (under the lock)."""
     if store.get_meta("dirty", False):
         if any(r["status"] == "live" for r in store.shard_rows()):
-            _compose(store)
+            _compose(store, loaded=loaded)
         else:
             _remove_composed(store)
 
 
-def compose(store_dir: str | Path, *, weights: str | None = None, exclude: Sequence[int] | None = None) -> dict:
+def compose(store_dir: str | Path, *, weights: str | None = None, exclude: Sequence[int] | None = None,
+            loaded: Loaded | None = None) -> dict:
     """Write the weighted average of the live shards' Δw as ``STORE/composed`` (a run folder ``taft eval`` takes)."""
     with ShardStore(store_dir) as store:
         known = {r["shard"] for r in store.shard_rows()}
@@ -364,7 +476,7 @@ def compose(store_dir: str | Path, *, weights: str | None = None, exclude: Seque
         if bad:
             raise ConfigError(f"--exclude {bad}: no such shard (the store has shards 0..{len(known) - 1})")
         with store.writing("compose", {"weights": weights, "exclude": list(exclude or [])}):
-            out = _compose(store, weights=weights, exclude=exclude)
+            out = _compose(store, weights=weights, exclude=exclude, loaded=loaded)
             with store.transaction() as db:
                 store.finish(db, out)
         return out
@@ -372,15 +484,16 @@ def compose(store_dir: str | Path, *, weights: str | None = None, exclude: Seque
 
 # -- forget ---------------------------------------------------------------------------------------------------
 def forget(store_dir: str | Path, ids: Sequence[str], *, retrain: bool = False, backend: str = "sequential",
-           progress: bool = False) -> dict:
+           progress: bool = False, loaded: Loaded | None = None) -> dict:
     """Forget training examples ``ids``: their shards are dropped from the composition, or (``retrain``) trained
-    again from w0 on their remaining examples; the store's features lose the forgotten rows; superseded shard files
-    are deleted; the composition is redone. Nothing derived from a forgotten example remains in the store."""
+    again from w0 on their remaining examples; their shards' features files lose the forgotten rows; superseded
+    shard files are deleted; the composition is redone. Nothing derived from a forgotten example remains in the
+    store. ``loaded``: what a long-lived process keeps in memory between requests (:class:`ShardSession`)."""
     ids = list(dict.fromkeys(ids))
     if not ids:
         raise ConfigError("no ids to forget; pass --ids ID ... or --ids-file FILE (one id per line)")
     with ShardStore(store_dir) as store, store.writing("forget", {"ids": ids, "retrain": retrain}):
-        _recompose_if_dirty(store)
+        _begin(store, loaded)
         wanted = set(ids)
         rows = [r for r in store.db.execute("SELECT id, shard, forgotten_in FROM examples") if r[0] in wanted]
         known = {i: f for i, _, f in rows}
@@ -393,48 +506,48 @@ def forget(store_dir: str | Path, ids: Sequence[str], *, retrain: bool = False, 
         if not todo:
             raise StoreError(f"all {len(ids)} id(s) were already forgotten (request(s) "
                              f"{sorted({known[i] for i in ids})}); nothing to do")
-        live = store.all_live_ids()
-        if len(todo) == len(live):
+        live_count = store.db.execute("SELECT COUNT(*) FROM examples WHERE forgotten_in IS NULL").fetchone()[0]
+        if len(todo) == live_count:
             raise StoreError("this request forgets every remaining training example: no model would be left. "
                              "Delete the store folder instead")
         gone = set(todo)
         affected = sorted({k for i, k, _ in rows if i in gone})
         remaining = {k: [i for i in store.live_ids(k) if i not in gone] for k in affected}
-        # 1. the features without the forgotten rows, as a new file
+        # 1. the affected shards' features without the forgotten rows, as new files
         t_start = time.perf_counter()
-        old_feat = store.root / store.get_meta("features")
-        feats = FeatureCache.load(old_feat, expect_ids=live)
-        new_feat = old_feat.with_name(f"train-g{int(old_feat.stem.split('-g')[-1]) + 1}.safetensors")
-        kept = feats.subset([i for i in live if i not in gone])
-        _write_features(store, kept, new_feat)
+        old_feats = {k: r for k, r in store.feature_rows().items() if k in affected}
+        feats = _read_features(store, affected, loaded)
+        written = _write_shard_features(store, feats, {k: remaining[k] for k in affected if remaining[k]}, old_feats)
         # 2. one transaction: forgotten, shards emptied/dropped/awaiting retrain, old files to delete
         rows = {r["shard"]: r for r in store.shard_rows()}
         old_files = [store.root / rows[k]["file"] for k in affected if rows[k]["file"]]
+        old_files += [store.root / r["file"] for r in old_feats.values()]
         status = {k: "empty" if not remaining[k] else ("untrained" if retrain else "dropped") for k in affected}
         with store.transaction() as db:
             db.executemany("UPDATE examples SET forgotten_in = ? WHERE id = ?", [(store.request, i) for i in todo])
             for k in affected:
                 db.execute("UPDATE shards SET status = ?, file = NULL, sha256 = NULL, examples = ?, "
                            "ids_sha256 = NULL WHERE shard = ?", (status[k], len(remaining[k]), k))
-            db.executemany("INSERT OR IGNORE INTO pending (path) VALUES (?)",
-                           [(store.rel(p),) for p in (*old_files, old_feat)])
-            store.settle(db, new_feat, atomic_tmp(new_feat))
-            store.set_meta(db, "features", store.rel(new_feat))
+            db.executemany("DELETE FROM features WHERE shard = ?", [(k,) for k in affected if not remaining[k]])
+            db.executemany("INSERT OR IGNORE INTO pending (path) VALUES (?)", [(store.rel(p),) for p in old_files])
+            _register_features(store, db, written)
             store.set_meta(db, "dirty", True)
             store.record(db, "forgotten", {"ids": todo, "shards": affected})
-        store.delete_files([*old_files, old_feat])
+        store.delete_files(old_files)
+        kept = feats.subset([i for k in affected for i in remaining[k]])
+        if loaded is not None:
+            loaded.keep_features(store, {k: kept.subset(remaining[k]) for k in written})
         features_s = time.perf_counter() - t_start
         # 3. retrain the affected shards on what they have left
         t0 = time.perf_counter()
         jobs = [(k, remaining[k]) for k in affected if remaining[k]] if retrain else []
         if jobs:
-            cfg = _store_config(store)
-            trainer = _trainer_for(store, cfg, progress, features=kept)  # the rows just written, not read again
-            _train_jobs(store, trainer, jobs, backend, progress=progress)
+            trainer = _trainer_for(store, _store_config(store), progress, features=kept, loaded=loaded)
+            _train_jobs(store, trainer, jobs, backend, progress=progress, loaded=loaded)
         retrain_s = time.perf_counter() - t0
         # 4. the composition of what is live now
         live_rows = [r for r in store.shard_rows() if r["status"] == "live"]
-        composed = _compose(store) if live_rows else _remove_composed(store)
+        composed = _compose(store, loaded=loaded) if live_rows else _remove_composed(store)
         out = {"forgotten": todo, "already_forgotten": already, "shards": affected,
                "action": "retrained" if retrain else "dropped", "empty_shards": [k for k in affected
                                                                                  if not remaining[k]],
@@ -461,7 +574,7 @@ def verify(store_dir: str | Path) -> dict[str, Any]:
             with store.transaction() as db:
                 store.finish(db, report, "failed")
             return report
-        _recompose_if_dirty(store)
+        _begin(store)
         problems: list[str] = []
         rows = store.shard_rows()
         live = [r for r in rows if r["status"] == "live"]
@@ -492,11 +605,7 @@ def verify(store_dir: str | Path) -> dict[str, Any]:
                 problems.append(f"shard {k}: {r['file']} has no training record in the audit log")
         for f in _stray_files(store):
             problems.append(f"{f} is in the store but not in the manifest (a foreign or leftover file)")
-        feat = store.root / store.get_meta("features")
-        try:
-            FeatureCache.load(feat, expect_ids=store.all_live_ids())
-        except Exception as e:
-            problems.append(f"{store.get_meta('features')}: the features do not hold exactly the live examples ({e})")
+        problems += _check_features(store, rows)
         composed = store.get_meta("composed")
         exclude = set(store.get_meta("exclude", []))
         want = [r["shard"] for r in live if r["shard"] not in exclude]
@@ -511,6 +620,25 @@ def verify(store_dir: str | Path) -> dict[str, Any]:
         with store.transaction() as db:
             store.finish(db, report, "ok" if not problems else "failed")
         return report
+
+
+def _check_features(store: ShardStore, rows: list[dict[str, Any]]) -> list[str]:
+    """Every shard with live examples has one features file, matching its SHA-256 and holding exactly its live
+    examples; no other shard has one."""
+    problems = []
+    feats = store.feature_rows()
+    for r in rows:
+        k, has = r["shard"], bool(store.live_ids(r["shard"]))
+        if has and k not in feats:
+            problems.append(f"shard {k}: no features file is listed for its live examples")
+        elif not has and k in feats:
+            problems.append(f"shard {k} has no live example but lists a features file {feats[k]['file']}")
+        elif has:
+            try:
+                _read_features(store, [k])
+            except StoreError as e:
+                problems.append(str(e))
+    return problems
 
 
 def _check_composed(store: ShardStore, composed: dict | None, want: list[int], loaded: dict) -> list[str]:

@@ -5,7 +5,8 @@ Layout of ``STORE/``::
     manifest.sqlite    examples (id → shard, forgotten?), shards (file, SHA-256, size, accuracy), meta, audit
     store.lock         the writer lock (filelock): one writer at a time, across processes and machines sharing it
     shards/            shard-0003-g1.safetensors: Δw of shard 3, generation 1 (a retrain makes generation 2)
-    features/          the frozen-prefix features of the live training examples (no forgotten example's row)
+    features/          shard-0003-f1.safetensors: the frozen-prefix features of shard 3's live training examples
+                       (no forgotten example's row; a forget rewrites only its shards' files)
     composed/          the composition of the live shards, a normal run folder (`taft eval STORE/composed`)
 
 **Crash safety.** A file is written as a temporary sibling, fsynced and renamed; the manifest learns of it in one
@@ -47,6 +48,8 @@ CREATE TABLE IF NOT EXISTS shards (
     shard INTEGER PRIMARY KEY, status TEXT NOT NULL, file TEXT, sha256 TEXT, examples INTEGER NOT NULL,
     generation INTEGER NOT NULL, val_acc REAL, train_s REAL, trained_in INTEGER, ids_sha256 TEXT,
     privacy TEXT);
+CREATE TABLE IF NOT EXISTS features (shard INTEGER PRIMARY KEY, file TEXT NOT NULL, sha256 TEXT NOT NULL,
+    generation INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS pending (path TEXT PRIMARY KEY);
 CREATE TABLE IF NOT EXISTS audit (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, request INTEGER, time TEXT NOT NULL, action TEXT NOT NULL,
@@ -104,10 +107,6 @@ class ShardStore:
     @property
     def shards_dir(self) -> Path:
         return self.root / "shards"
-
-    @property
-    def features_path(self) -> Path:
-        return self.root / "features" / "train.safetensors"
 
     @property
     def composed_dir(self) -> Path:
@@ -260,6 +259,14 @@ class ShardStore:
 
     def shard_file(self, shard: int, generation: int) -> Path:
         return self.shards_dir / f"shard-{shard:04d}-g{generation}.safetensors"
+
+    def feature_rows(self) -> dict[int, dict[str, Any]]:
+        """``{shard: {file, sha256, generation}}``: each shard's features file (shards with live examples)."""
+        cur = self.db.execute("SELECT shard, file, sha256, generation FROM features ORDER BY shard")
+        return {k: {"file": f, "sha256": h, "generation": g} for k, f, h, g in cur.fetchall()}
+
+    def feature_file(self, shard: int, generation: int) -> Path:
+        return self.root / "features" / f"shard-{shard:04d}-f{generation}.safetensors"
 
 
 def atomic_tmp(path: Path) -> Path:

@@ -67,6 +67,22 @@ class FeatureCache:
         return FeatureCache([self.items[row[i]] for i in ids], self.none_keys, self.constants, ids=list(ids),
                             info=self.info)
 
+    @classmethod
+    def concat(cls, caches: Sequence[FeatureCache]) -> FeatureCache:
+        """The rows of ``caches`` one after another (tensors shared, not copied); they must come from one setting
+        (same keys, constants and ``info``) and all record ids, or none."""
+        if not caches:
+            return cls([], ids=[])
+        first = caches[0]
+        for c in caches[1:]:
+            if (c.none_keys, c.constants, c.info) != (first.none_keys, first.constants, first.info):
+                raise StaleCacheError("FeatureCache.concat: the caches were made in different settings")
+            if (c.ids is None) != (first.ids is None):
+                raise StaleCacheError("FeatureCache.concat: some caches record example ids and some do not")
+        ids = None if first.ids is None else [i for c in caches for i in c.ids]
+        return cls([it for c in caches for it in c.items], first.none_keys, first.constants, ids=ids,
+                   info=first.info)
+
     def __len__(self) -> int:
         return len(self.items)
 
