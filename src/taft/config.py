@@ -273,6 +273,9 @@ class TrainConfig:
     step_gamma: float = field(default=0.1, metadata={"help": "step schedule: decay factor"})
     epochs: int | None = field(default=None, metadata={
         "help": "passes over the training set (default by method: fc 30, the others 5)"})
+    min_steps: int | None = field(default=None, metadata={
+        "help": "train at least this many optimizer steps: epochs are raised on small training sets (the shards "
+                "of a store) so their training does not shrink with their size"})
     batch_size: int = field(default=32, metadata={"help": "training batch size"})
     eval_batch_size: int = field(default=256, metadata={"help": "batch size of the prefix / evaluation passes"})
     max_length: int = field(default=128, metadata={"help": "tokens per sentence (longer are truncated)"})
@@ -311,8 +314,8 @@ class TrainConfig:
         _check_choice("head_init", self.head_init, HEAD_INITS)
         _check_choice("cache", self.cache, ("memory", "disk", "none"))
         _check_choice("dtype", self.dtype, DTYPES)
-        for name in ("epochs", "batch_size", "eval_batch_size", "max_length", "probe_epochs", "step_epochs",
-                     "lora_r", "max_train", "max_eval", "threads"):
+        for name in ("epochs", "min_steps", "batch_size", "eval_batch_size", "max_length", "probe_epochs",
+                     "step_epochs", "lora_r", "max_train", "max_eval", "threads"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"{name} must be ≥ 1, got {value}")
@@ -349,6 +352,13 @@ class TrainConfig:
         if self.cache == "disk" and not self.cache_dir:
             raise ConfigError("cache=disk needs cache_dir (a folder reused across runs)")
         self._check_privacy()
+
+    def epochs_for(self, n: int) -> int:
+        """Epochs a run on ``n`` training examples takes: ``epochs``, raised to reach ``min_steps`` optimizer steps."""
+        if not self.min_steps:
+            return self.epochs
+        per_epoch = 1 if self.dp_full_batch else math.ceil(max(n, 1) / self.batch_size)
+        return max(self.epochs, math.ceil(self.min_steps / per_epoch))
 
     def _check_privacy(self) -> None:
         _check_choice("dp_accountant", self.dp_accountant, ("rdp", "prv"))

@@ -63,7 +63,7 @@ def plan_private_run(cfg: TrainConfig, n: int) -> PrivacyPlan:
         batch = float(min(cfg.batch_size, n))
         steps_per_epoch = math.ceil(n / batch)
     q = batch / n
-    steps = cfg.epochs * steps_per_epoch
+    steps = cfg.epochs_for(n) * steps_per_epoch
     sigma = calibrate_noise(cfg.dp_epsilon, cfg.dp_delta, sample_rate=q, steps=steps, accountant=cfg.dp_accountant)
     spent = epsilon_spent(sigma, cfg.dp_delta, sample_rate=q, steps=steps, accountant=cfg.dp_accountant)
     return PrivacyPlan(cfg.dp_epsilon, cfg.dp_delta, cfg.dp_clip, cfg.dp_accountant, cfg.dp_full_batch, n, batch, q,
@@ -87,6 +87,7 @@ def fit_private(cfg: TrainConfig, plan: PrivacyPlan, tm, train_cache, train_labe
 
     if len(train_cache) != plan.n:
         raise ConfigError(f"fit_private: planned for {plan.n} examples, the training features hold {len(train_cache)}")
+    cfg = dataclasses.replace(cfg, epochs=plan.steps // plan.steps_per_epoch)  # min_steps: as planned
     delta = tm.delta_dict()
     g_sample = torch.Generator().manual_seed(cfg.seed)
     g_noise = torch.Generator().manual_seed(cfg.seed + 1)

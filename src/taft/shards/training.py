@@ -179,14 +179,16 @@ class ShardTrainer:
         K = len(jobs)
         deltas = [{n: nn.Parameter(torch.zeros_like(t)) for n, t in tm.delta_dict().items()} for _ in range(K)]
         data = [self._data(ids) for _, ids in jobs]
-        opts, scheds, plans = [], [], []
+        opts, scheds, plans, n_epochs = [], [], [], []
         for (shard, _), (cache, _), delta in zip(jobs, data, deltas, strict=True):
             scfg = self.shard_config(shard)
+            scfg = dataclasses.replace(scfg, epochs=scfg.epochs_for(len(cache)))  # as fit() does (min_steps)
             opt = make_optimizer(scfg, list(delta.values()))
             steps = math.ceil(len(cache) / cfg.batch_size)
             opts.append(opt)
             scheds.append(torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(scfg, steps)))
             plans.append((torch.Generator().manual_seed(scfg.seed), cache.lengths))
+            n_epochs.append(scfg.epochs)
         loss_fn = make_loss(cfg.loss, kappa=cfg.kappa, m=cfg.rsl_m)
         template = data[0][0].collate([0], self.device)
         aux_keys = [k for k, v in template.aux.items() if isinstance(v, Tensor)]
@@ -199,8 +201,9 @@ class ShardTrainer:
         lengths_of = [cache.lengths for cache, _ in data]
         tm.forward = tm.suffix  # functional_call calls forward: here the suffix on cached features (a local model)
         vmapped = torch.func.vmap(shard_forward)
-        for epoch in range(cfg.epochs):
-            epochs = [list(bucketed_batches(lengths, cfg.batch_size, g)) for g, lengths in plans]
+        for epoch in range(max(n_epochs)):  # a shard whose epochs are done has no batch (min_steps: they differ)
+            epochs = [list(bucketed_batches(lengths, cfg.batch_size, g)) if epoch < n else []
+                      for (g, lengths), n in zip(plans, n_epochs, strict=True)]
             for step in range(max(len(e) for e in epochs)):
                 active = [k for k in range(K) if step < len(epochs[k])]
                 # Each shard's batch is cut into pieces of rows of similar length, and pieces of similar length

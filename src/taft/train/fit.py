@@ -89,6 +89,7 @@ def make_optimizer(cfg: TrainConfig, params):
 
 def fit(cfg, tm, train_cache, train_labels, val_cache, val_ds, device, progress, result, out_dir,
          what: str = "training", lr_flag: str = "--lr") -> None:
+    cfg = dataclasses.replace(cfg, epochs=cfg.epochs_for(len(train_cache)))  # min_steps: epochs for this data size
     delta = tm.delta_dict()
     opt = make_optimizer(cfg, list(delta.values()))
     g = torch.Generator().manual_seed(cfg.seed)
