@@ -196,9 +196,14 @@ def _drop_curve(t: Task, keep: dict, args) -> dict:
 
 
 def _forget_time(cfg: TrainConfig, task: str, k: int, args) -> dict:
-    """Through a real store (sequential backend): build K_max shards, forget one example with --retrain; against
-    training one model on all the data from the same features (the retrain-from-scratch alternative)."""
-    from taft.shards import ops
+    """Through a real store: build K_max shards, then forget one example with --retrain three ways: in a long-lived
+    process (``ShardSession``: w0, features and Δw already loaded), as a one-shot API call (``forget``: loads w0 and
+    the validation features, reads the K shard files), and as the CLI (``taft shards forget``: a new interpreter);
+    against retraining one model on all the data from the same features (the retrain-from-scratch alternative) in
+    the same process."""
+    import subprocess
+
+    from taft.shards import ShardSession, ops
 
     work = Path(tempfile.mkdtemp(prefix="taft-shards-bench-"))
     try:
@@ -207,22 +212,44 @@ def _forget_time(cfg: TrainConfig, task: str, k: int, args) -> dict:
         ops.train_store(cfg, store, k, backend="batched", chunk=args.chunk, progress=False)
         build_s = time.perf_counter() - t0
         st = ops.ShardStore(store)
-        victim = st.all_live_ids()[0]
+        victims = st.all_live_ids()[: 2 + args.timing_repeats]
         st.close()
         t0 = time.perf_counter()
-        res = ops.forget(store, [victim], retrain=True)
-        forget_s = time.perf_counter() - t0
+        session = ShardSession(store)
+        warm_s = time.perf_counter() - t0
+        session_s, phases = [], []
+        for victim in victims[: args.timing_repeats]:  # each forget hits another shard (or the same): both count
+            t0 = time.perf_counter()
+            res = session.forget([victim], retrain=True)
+            session_s.append(time.perf_counter() - t0)
+            phases.append(res["timing_s"])
+        t0 = time.perf_counter()
+        res = ops.forget(store, [victims[-2]], retrain=True)
+        oneshot_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        cli = subprocess.run([sys.executable, "-m", "taft.cli", "shards", "forget", "--store", str(store), "--ids",
+                              victims[-1], "--retrain"], capture_output=True, text=True)
+        cli_s = time.perf_counter() - t0
         ev = ops.evaluate_store(store)
         report = ops.verify(store)
-        trainer = ShardTrainer.from_config(cfg)
-        ids = [i for i in trainer.features.ids if i != victim]
-        t0 = time.perf_counter()
-        trainer.train_one(0, ids)
-        scratch_s = time.perf_counter() - t0
-        return {"K": k, "store_build_s": build_s, "forget_retrain_s": forget_s, "of_which_training_s": res["retrain_s"],
-                "phases_s": res["timing_s"],
-                "retrain_from_scratch_s": scratch_s, "speedup": scratch_s / forget_s,
-                "speedup_training_only": scratch_s / res["retrain_s"],
+        with ops.ShardStore(store) as st:  # one model on everything the store still holds, from the same features
+            ids = st.all_live_ids()
+            labels = dict(st.db.execute("SELECT id, label FROM examples WHERE forgotten_in IS NULL").fetchall())
+            feats = ops._read_features(st)
+        t = session.loaded.trainer
+        scratch = ShardTrainer(t.cfg, t.clf, feats, labels, val_features=t.val_features, val_labels=t.val_labels)
+        scratch_runs = []
+        for _ in range(args.timing_repeats):
+            t0 = time.perf_counter()
+            scratch.train_one(0, ids)
+            scratch_runs.append(time.perf_counter() - t0)
+        scratch_s = statistics.median(scratch_runs)
+        med = statistics.median(session_s)
+        return {"K": k, "store_build_s": build_s, "session_warm_s": warm_s, "forget_session_s": session_s,
+                "forget_session_median_s": med, "session_phases_s": phases, "forget_oneshot_s": oneshot_s,
+                "forget_cli_s": cli_s, "cli_rc": cli.returncode, "retrain_from_scratch_s": scratch_runs,
+                "retrain_from_scratch_median_s": scratch_s, "speedup_session": scratch_s / med,
+                "speedup_oneshot": scratch_s / oneshot_s, "speedup_cli": scratch_s / cli_s,
                 "test_after_forget": {"composed": ev["composed"], "vote": ev["vote"]}, "verify_ok": report["ok"]}
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -214,6 +214,43 @@ _config_command("train", __import__("taft.config", fromlist=["TrainConfig"]).Tra
                 defaults={"head_init": "zero-shot"})
 
 
+def _shards_search_options() -> list:
+    import inspect
+    from pathlib import Path
+
+    def opt(name, annotation, default, help):
+        return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
+                                 default=typer.Option(default, help=help))
+
+    return [
+        opt("shards", int, ..., "number of disjoint shards K (the split `taft shards train` makes)"),
+        opt("grid", list[str] | None, None, "FIELD=V1,V2,… (repeatable; the grid is their product). Default: "
+            "lr=1e-3,3e-3 × min_steps=none,100, the same for every method"),
+        opt("select", str, "composed", "what is scored on validation: composed (TAFT, Model Soup) | vote (SISA)"),
+        opt("store", Path | None, None, "then train this store with the chosen setting"),
+        opt("output", Path | None, None, "write the grid, every point's validation accuracy and the choice (JSON)"),
+        opt("chunk", int | None, None, "at most this many shards trained at once (memory)"),
+    ]
+
+
+def _run_shards_search(cfg, shards, grid, select, store, output, chunk) -> None:
+    from taft.shards.search import search_store
+    from taft.train.search import parse_grid
+
+    out = search_store(cfg, shards, parse_grid(grid) or None, select=select, store=store, output=output,
+                       chunk=chunk)
+    console().print(f"chosen on validation ({select}): {out['chosen']} → {out['val']:.4f}")
+    if "store" in out:
+        console().print(f"trained the store: composed {len(out['store']['shards'])} shard(s) into "
+                        f"{out['store']['composed']}/")
+
+
+_config_command("search", __import__("taft.config", fromlist=["TrainConfig"]).TrainConfig, _run_shards_search,
+                "Choose a store's training setting on validation (the same grid for every method): the composed "
+                "model's or the vote's accuracy; optionally train the store with it.", extra=_shards_search_options(),
+                on=shards_app, defaults={"head_init": "zero-shot"})
+
+
 @shards_app.command("compose")
 def shards_compose(
     store: str = typer.Option(..., help="the store folder"),

@@ -1,0 +1,65 @@
+"""taft shards search: the same grid for every method, the validation argmax chosen, the test split never read,
+the chosen setting is what trains the store."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+import taft.train.text as text_pipeline
+from taft.cli import main
+from taft.config import ConfigError
+from taft.shards import ShardStore
+from taft.shards.search import DEFAULT_STORE_GRID, search_store
+
+from .helpers import _cfg
+
+
+class _Refused:
+    def __getattr__(self, name):
+        raise AssertionError(f"the test split was read by the search ({name})")
+
+    def __len__(self):
+        raise AssertionError("the test split was read by the search (len)")
+
+
+def test_search_keeps_the_validation_argmax_and_never_reads_test(data, tmp_path, monkeypatch):
+    real_load = text_pipeline.load_text_dataset
+    monkeypatch.setattr(text_pipeline, "load_text_dataset",
+                        lambda *a, **k: dataclasses.replace(real_load(*a, **k), test=_Refused()))
+    cfg = _cfg(data, method="taft")
+    grid = {"lr": [1e-4, 1e-2, 3e-2], "min_steps": [None, 12]}
+    out = search_store(cfg, 3, grid, progress=False, output=tmp_path / "s.json")
+    vals = [c["val_composed"] for c in out["candidates"]]
+    best = max(range(len(vals)), key=lambda i: (vals[i], -i))
+    assert out["chosen"] == out["candidates"][best]["setting"] and out["val"] == vals[best]
+    assert len(set(vals)) > 1, "every point scored the same: vacuous"
+    assert json.loads((tmp_path / "s.json").read_text())["chosen"] == out["chosen"]
+    vote = search_store(cfg, 3, grid, select="vote", progress=False)
+    assert vote["val"] == max(c["val_vote"] for c in vote["candidates"])
+
+
+def test_the_chosen_setting_trains_the_store(data, tmp_path):
+    cfg = _cfg(data, method="nlft")
+    out = search_store(cfg, 3, {"lr": [1e-3, 1e-2]}, store=tmp_path / "store", progress=False)
+    with ShardStore(tmp_path / "store") as st:
+        assert st.get_meta("config")["lr"] == out["chosen"]["lr"]
+
+
+def test_default_grid_and_refusals(data, tmp_path, capsys):
+    assert set(DEFAULT_STORE_GRID) == {"lr", "min_steps"}
+    with pytest.raises(ConfigError, match="--select"):
+        search_store(_cfg(data), 3, select="best", progress=False)
+    with pytest.raises(ConfigError, match="lr"):
+        search_store(_cfg(data), 3, {"lr": [-1.0]}, progress=False)
+    d, t = data
+    common = ["shards", "search", "--shards", "3", "--model", "tiny-bert", "--data", str(d), "--test-file", str(t),
+              "--head-init", "random", "--epochs", "1", "--batch-size", "8", "--threads", "1"]
+    assert main([*common, "--grid", "lr=1e-3,1e-2", "--output", str(tmp_path / "o.json")]) == 0
+    assert "chosen on validation" in capsys.readouterr().out
+    assert main([*common, "--grid", "nope=1"]) == 2
+    assert "taft: error:" in capsys.readouterr().err
+    assert main([*common, "--head-init", "probe"]) == 2
+    assert "must not depend on training examples" in capsys.readouterr().err
