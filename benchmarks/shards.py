@@ -356,16 +356,26 @@ def _detail_lines(r: dict) -> list[str]:
     f, tm = r["forget"], r["timing"]
     after = f["test_after_forget"]
     cmd = f" (`{r['meta']['detail_command']}`)" if "detail_command" in r.get("meta", {}) else ""
+    if "forget_session_median_s" in f:
+        ph = f["session_phases_s"][0]
+        forget = [
+            f"Forget one example (K = {f['K']}, retrain its shard through the store, then recompose): in a long-lived "
+            f"process (`ShardSession`, w0 and the shards loaded once in {f['session_warm_s']:.1f} s) "
+            f"{f['forget_session_median_s']:.2f} s (median of {len(f['forget_session_s'])}; first: features "
+            f"{ph['features']:.2f} s, retraining {ph['retrain']:.2f} s, recomposition {ph['compose']:.2f} s) vs "
+            f"retraining one model on all the data in the same process {f['retrain_from_scratch_median_s']:.1f} s: "
+            f"**{f['speedup_session']:.1f}× faster**. As a one-shot API call (loads w0, the validation features "
+            f"and the K shard files) {f['forget_oneshot_s']:.1f} s ({f['speedup_oneshot']:.1f}×); through the CLI "
+            f"(a new interpreter) {f['forget_cli_s']:.1f} s ({f['speedup_cli']:.1f}×). Test accuracy after: "
+            f"composed {100 * after['composed']:.2f}, vote {100 * after['vote']:.2f}; verify "
+            f"{'passed' if f['verify_ok'] else 'FAILED'}.", ""]
+    else:
+        forget = [
+            f"Forget one example (K = {f['K']}, retrain its shard through the store): {f['forget_retrain_s']:.1f} s "
+            f"vs retraining one model on all the data {f['retrain_from_scratch_s']:.1f} s: {f['speedup']:.1f}× "
+            f"faster; verify {'passed' if f['verify_ok'] else 'FAILED'}.", ""]
     return [
-        f"Timings with {f.get('epochs', r['config']['epochs'])} epochs per shard{cmd}.", "",
-        f"Forget one example (K = {f['K']}, retrain its shard through the store): {f['forget_retrain_s']:.1f} s "
-        + (f"(new features file {f['phases_s']['features']:.1f} s, retraining the shard {f['phases_s']['retrain']:.1f}"
-           f" s with loading w0 and the validation features, recomposition {f['phases_s']['compose']:.1f} s)"
-           if "phases_s" in f else f"(of which training {f['of_which_training_s']:.1f} s)")
-        + " vs retraining one model on all the data "
-        f"{f['retrain_from_scratch_s']:.1f} s: {f['speedup']:.1f}× faster ({f['speedup_training_only']:.1f}× "
-        f"counting the shard's retraining only); test accuracy after: composed {100 * after['composed']:.2f}, vote "
-        f"{100 * after['vote']:.2f}; verify {'passed' if f['verify_ok'] else 'FAILED'}.", "",
+        f"Timings with {f.get('epochs', r['config']['epochs'])} epochs per shard{cmd}.", "", *forget,
         f"Training K = {tm['K']} shards (median of {len(tm.get('repeats', {}).get('single', [0]))} interleaved "
         f"runs): sequential {tm['sequential_s']:.1f} s, batched {tm['batched_s']:.1f} s, one "
         f"model on all the data {tm['single_model_all_data_s']:.1f} s (batched ÷ single "

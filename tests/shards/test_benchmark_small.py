@@ -21,6 +21,24 @@ def test_shards_benchmark_small(tmp_path):
         taft = row["detail"]["taft"]
         assert taft["composed"] == taft["ensemble_mean"]  # the composed model is the size-weighted ensemble
         assert all(0.0 <= row[m] <= 1.0 for m in ("TAFT (composed)", "Model Soup", "SISA (vote)"))
-    assert task["forget"]["verify_ok"] and task["forget"]["forget_retrain_s"] > 0
+    f = task["forget"]
+    assert f["verify_ok"] and f["cli_rc"] == 0 and f["forget_session_median_s"] > 0 and f["forget_oneshot_s"] > 0
     assert task["timing"]["batched_s"] > 0 and set(task["conditions"]) and task["drop_curve"]["dropped"][0] == 0
     assert (tmp_path / "shards-small.png").stat().st_size > 0 and (tmp_path / "shards-small.md").is_file()
+
+
+def test_tuned_shards_benchmark_small(tmp_path):
+    """Equal tuning: each method's chosen lr is its validation argmax by its own rule; 3 seeds per chosen cell."""
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "shards_tuned.py"), "--small", "--out",
+                           str(tmp_path)], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "shards_tuned" / "d.jsonl").read_text().splitlines()]
+    for sel in (r for r in rows if r["step"] == "select"):
+        for name, chosen in sel["chosen"].items():
+            rule = "composed" if name in ("TAFT (composed)", "Model Soup") else "vote"
+            vals = [c["val"][rule] for c in sel["candidates"]]
+            assert chosen["val"] == max(vals) and chosen["lr"] == sel["candidates"][vals.index(max(vals))]["lr"]
+    summary = json.loads((tmp_path / "shards_tuned-small.json").read_text())["d"]["summary"]
+    assert set(summary) == {"pt-t", "pt-f"}
+    assert all(len(cell["test"]) == 3 for by_k in summary.values() for c in by_k.values() for cell in c.values())
+    assert (tmp_path / "shards_tuned-small.png").stat().st_size > 0
