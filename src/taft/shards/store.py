@@ -216,8 +216,9 @@ class ShardStore:
         """Delete files that a committed transaction listed as pending, then clear them from ``pending``."""
         for p in paths:
             remove_path(p)
+        for folder in {Path(p).parent for p in paths}:
+            fsync_dir(folder)
         if paths:
-            fsync_dir(self.shards_dir)
             with self.transaction() as db:
                 self.settle(db, *paths)
 
