@@ -154,10 +154,12 @@ def run_task(task: str, args) -> dict:
     return out
 
 
-def _details(t: Task, cfg: TrainConfig, task: str, taft: ShardTrainer, kmax: int, args) -> dict:
-    out = {"forget": _forget_time(cfg, task, kmax, args), "timing": _timing(t, taft, kmax, args)}
-    for part in ("forget", "timing"):
-        out[part]["epochs"] = cfg.epochs
+def _details(t: Task | None, cfg: TrainConfig, task: str, taft: ShardTrainer | None, kmax: int, args) -> dict:
+    key = f"forget_min_steps_{cfg.min_steps}" if cfg.min_steps else "forget"
+    out = {key: {**_forget_time(cfg, task, kmax, args), "epochs": cfg.epochs, "min_steps": cfg.min_steps}}
+    if args.forget_only:
+        return out
+    out["timing"] = {**_timing(t, taft, kmax, args), "epochs": cfg.epochs}
     if args.conditions:
         out["conditions"] = _conditions(t, args.condition_ks or [1, kmax], args)
         out["conditions_epochs"] = cfg.epochs
@@ -172,9 +174,9 @@ def run_details(task: str, args) -> dict:
     out = json.loads((done if done.is_file() else partial).read_text())
     cfg = TrainConfig(model=args.model, data=task, data_root=args.data_root, head_init=args.head_init,
                       test_file=args.test_file, epochs=args.epochs, max_train=args.max_train, seed=0,
-                      threads=args.threads)
-    t = Task(cfg)
-    out.update(_details(t, cfg, task, t.trainer("taft"), max(args.ks), args))
+                      threads=args.threads, min_steps=args.min_steps)
+    t = None if args.forget_only else Task(cfg)
+    out.update(_details(t, cfg, task, t.trainer("taft") if t else None, max(args.ks), args))
     return out
 
 
@@ -354,12 +356,31 @@ def report(tasks: list[str], out_dir: Path, stem: str) -> None:
 
 def _detail_lines(r: dict) -> list[str]:
     f, tm = r["forget"], r["timing"]
-    after = f["test_after_forget"]
     cmd = f" (`{r['meta']['detail_command']}`)" if "detail_command" in r.get("meta", {}) else ""
+    forget = []
+    for key in sorted(k for k in r if k.startswith("forget")):
+        forget += _forget_lines(r[key])
+    return [
+        f"Timings with {f.get('epochs', r['config']['epochs'])} epochs per shard{cmd}.", "", *forget,
+        f"Training K = {tm['K']} shards (median of {len(tm.get('repeats', {}).get('single', [0]))} interleaved "
+        f"runs): sequential {tm['sequential_s']:.1f} s, batched {tm['batched_s']:.1f} s, one "
+        f"model on all the data {tm['single_model_all_data_s']:.1f} s (batched ÷ single "
+        f"{tm['batched_over_single']:.2f}×, per run "
+        f"{', '.join(f'{x:.2f}' for x in tm.get('batched_over_single_each', []))}; target ≤ 1.5×; sequential ÷ single "
+        f"{tm['sequential_over_single']:.2f}×; the shared prefix features, "
+        f"{r['features_s']:.1f} s, are computed once). Inference on the test set: composed model "
+        f"{tm['inference_composed_s']:.2f} s (the same at every K) vs the {tm['K']}-model ensemble "
+        f"{tm['inference_ensemble_s']:.2f} s ({tm['ensemble_over_composed']:.1f}×).", ""]
+
+
+def _forget_lines(f: dict) -> list[str]:
+    after = f["test_after_forget"]
+    budget = f"min_steps {f['min_steps']}" if f.get("min_steps") else f"{f.get('epochs')} epochs"
     if "forget_session_median_s" in f:
         ph = f["session_phases_s"][0]
         forget = [
-            f"Forget one example (K = {f['K']}, retrain its shard through the store, then recompose): in a long-lived "
+            f"Forget one example (K = {f['K']}, shards trained with {budget}; retrain its shard through the store, "
+            f"then recompose): in a long-lived "
             f"process (`ShardSession`, w0 and the shards loaded once in {f['session_warm_s']:.1f} s) "
             f"{f['forget_session_median_s']:.2f} s (median of {len(f['forget_session_s'])}; first: features "
             f"{ph['features']:.2f} s, retraining {ph['retrain']:.2f} s, recomposition {ph['compose']:.2f} s) vs "
@@ -374,17 +395,7 @@ def _detail_lines(r: dict) -> list[str]:
             f"Forget one example (K = {f['K']}, retrain its shard through the store): {f['forget_retrain_s']:.1f} s "
             f"vs retraining one model on all the data {f['retrain_from_scratch_s']:.1f} s: {f['speedup']:.1f}× "
             f"faster; verify {'passed' if f['verify_ok'] else 'FAILED'}.", ""]
-    return [
-        f"Timings with {f.get('epochs', r['config']['epochs'])} epochs per shard{cmd}.", "", *forget,
-        f"Training K = {tm['K']} shards (median of {len(tm.get('repeats', {}).get('single', [0]))} interleaved "
-        f"runs): sequential {tm['sequential_s']:.1f} s, batched {tm['batched_s']:.1f} s, one "
-        f"model on all the data {tm['single_model_all_data_s']:.1f} s (batched ÷ single "
-        f"{tm['batched_over_single']:.2f}×, per run "
-        f"{', '.join(f'{x:.2f}' for x in tm.get('batched_over_single_each', []))}; target ≤ 1.5×; sequential ÷ single "
-        f"{tm['sequential_over_single']:.2f}×; the shared prefix features, "
-        f"{r['features_s']:.1f} s, are computed once). Inference on the test set: composed model "
-        f"{tm['inference_composed_s']:.2f} s (the same at every K) vs the {tm['K']}-model ensemble "
-        f"{tm['inference_ensemble_s']:.2f} s ({tm['ensemble_over_composed']:.1f}×).", ""]
+    return forget
 
 
 def _plots(per: dict, out_dir: Path, stem: str) -> None:
@@ -432,6 +443,8 @@ def main() -> None:
     p.add_argument("--condition-ks", default=None, help="K values of the conditions (default: 1 and the largest)")
     p.add_argument("--detail-task", default=None, help="the task that also gets forget/timing/conditions "
                                                         "(default: the first)")
+    p.add_argument("--forget-only", action="store_true", help="with --detail-only: only the forget timings")
+    p.add_argument("--min-steps", type=int, default=None, help="--forget-only: the shards' step budget")
     p.add_argument("--report", action="store_true")
     p.add_argument("--force", action="store_true")
     p.add_argument("--small", action="store_true", help="tiny random model on a generated task (CI smoke test)")
