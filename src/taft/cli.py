@@ -177,14 +177,18 @@ shards_app = typer.Typer(no_args_is_help=True, help="Shard stores: train shards,
 app.add_typer(shards_app, name="shards")
 
 
-def _shards_train_options() -> list:
+def _option(name: str, annotation, default, help: str):
+    """One extra keyword option of a config command (``_config_command(extra=...)``)."""
     import inspect
+
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
+                             default=typer.Option(default, help=help))
+
+
+def _shards_train_options() -> list:
     from pathlib import Path
 
-    def opt(name, annotation, default, help):
-        return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
-                                 default=typer.Option(default, help=help))
-
+    opt = _option
     return [
         opt("store", Path, ..., "the store folder (created, or resumed with the same options)"),
         opt("shards", int, ..., "number of disjoint shards K (seeded per-id hash of the training set)"),
@@ -215,13 +219,9 @@ _config_command("train", __import__("taft.config", fromlist=["TrainConfig"]).Tra
 
 
 def _shards_search_options() -> list:
-    import inspect
     from pathlib import Path
 
-    def opt(name, annotation, default, help):
-        return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
-                                 default=typer.Option(default, help=help))
-
+    opt = _option
     return [
         opt("shards", int, ..., "number of disjoint shards K (the split `taft shards train` makes)"),
         opt("grid", list[str] | None, None, "FIELD=V1,V2,… (repeatable; the grid is their product). Default: "
