@@ -218,6 +218,19 @@ class TangentModel(nn.Module):
                 state = self.family.run_stage(ctx, i, state)
         return state
 
+    def advance(self, state: State, start: int) -> State:
+        """The prefix state of this model from the prefix state of a model on the same base whose frozen stages end
+        earlier, at stage ``start`` (the stages ``start .. self.start`` run as the plain model, no grad): features
+        cached for a late start give those of a later one without running the earlier stages again."""
+        if not 0 <= start <= self.start:
+            raise ValueError(f"TangentModel.advance: start={start} is not a stage before this model's first "
+                             f"linearized one ({self.start})")
+        ctx = self._context(with_deltas=False)
+        with torch.no_grad():
+            for i in range(start, self.start):
+                state = self.family.run_stage(ctx, i, state)
+        return state
+
     def suffix_parts(self, state: State) -> tuple[Tensor, Tensor]:
         """(f(x; w0), J·Δw) from a prefix state."""
         ctx = self._context()

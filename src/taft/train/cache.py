@@ -123,6 +123,22 @@ class FeatureCache:
         bar.close()
         return cls(items, sorted(none_keys), constants, ids=ids, info=info)
 
+    def advance(self, tm, start: int, *, batch_size: int = 256, device: torch.device | str = "cpu",
+                progress: bool = False, info: dict[str, str] | None = None) -> FeatureCache:
+        """The features of ``tm`` (whose frozen stages end later) from these, made by a model on the same base whose
+        frozen stages end at stage ``start``: only the stages in between run (:meth:`TangentModel.advance`)."""
+        order = sorted(range(len(self)), key=lambda i: self.lengths[i])  # similar lengths batch with little padding
+
+        class _Advance:  # FeatureCache.build calls ``prefix``
+            @staticmethod
+            def prefix(state: State) -> State:
+                return tm.advance(state, start)
+
+        batches = ((idx, (self.collate(idx, device),), {}) for idx in
+                   (order[s : s + batch_size] for s in range(0, len(order), batch_size)))
+        return FeatureCache.build(_Advance, batches, len(self), desc="prefix features (advanced)", progress=progress,
+                                  ids=self.ids, info=info)
+
     def collate(self, indices: Sequence[int], device: torch.device | str = "cpu",
                 dtype: torch.dtype | None = None) -> State:
         """Batch examples ``indices`` into a prefix state (right-padded to the longest)."""

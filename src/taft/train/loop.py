@@ -24,7 +24,7 @@ from taft.checkpoint import save_delta
 from taft.config import ConfigError, TrainConfig, save_config
 from taft.data.examples import check_label_space
 from taft.train.baselines import make_tangent_model, probe_head
-from taft.train.cache import cache_key
+from taft.train.cache import cache_info, cache_key
 from taft.train.fit import RunResult, TrainingDiverged, evaluate, fit
 from taft.train.pipeline import Prepared
 from taft.train.rundir import RunFolder, ensure_writable_folder, write_json
@@ -101,13 +101,23 @@ def _run(cfg: TrainConfig, device: torch.device, progress: bool, caches: dict | 
         from taft.privacy.fit import plan_private_run
 
         plan = plan_private_run(cfg, len(train_ds))
+    cache_dir = Path(cfg.cache_dir) if cfg.cache == "disk" else None
     if cfg.head_init == "probe" and cfg.method not in ("fc", "zero-shot"):
         t_probe = time.perf_counter()
         probe_tm = make_tangent_model(dataclasses.replace(cfg, method="fc"), clf).to(device).eval()
         # same key as an FC run's training features: the probe *is* that run (shared across runs of a task)
         ck = (cache_key(probe_tm, cfg, train_ds, prep.data_fingerprint), "train")
         if ck not in caches:
-            caches[ck] = prep.cache_for(probe_tm, train_ds, "probe", progress, None, "")
+            # The training set goes through the encoder once: its features at the run's own start (cached under the
+            # key the run looks up below; the head the probe changes comes after them), advanced through the
+            # frozen stages that remain before the head.
+            pre_tm = make_tangent_model(cfg, clf).to(device).eval()
+            key = cache_key(pre_tm, cfg, train_ds, prep.data_fingerprint)
+            if (key, "train") not in caches:
+                caches[(key, "train")] = prep.cache_for(pre_tm, train_ds, "train", progress, cache_dir, key)
+            caches[ck] = caches[(key, "train")].advance(probe_tm, pre_tm.start, batch_size=cfg.eval_batch_size,
+                                                        device=device, progress=progress,
+                                                        info=cache_info(probe_tm, cfg))
         probe_head(cfg, clf, caches[ck], train_ds.labels, device)
         probe_s = time.perf_counter() - t_probe
     else:
@@ -115,7 +125,6 @@ def _run(cfg: TrainConfig, device: torch.device, progress: bool, caches: dict | 
     tm = make_tangent_model(cfg, clf).to(device).eval()  # eval: no dropout, f_lin is deterministic
 
     t0 = time.perf_counter()
-    cache_dir = Path(cfg.cache_dir) if cfg.cache == "disk" else None
     feats = {}
     for name, ds in (("train", train_ds), *evals.items()):
         if ds is None:
