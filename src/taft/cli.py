@@ -177,6 +177,11 @@ shards_app = typer.Typer(no_args_is_help=True, help="Shard stores: train shards,
 app.add_typer(shards_app, name="shards")
 
 
+# A store's own defaults: a data-independent head (removal), and a step budget that does not shrink with the
+# shards (chosen on validation: benchmarks/results/shard_budget.md; --min-steps 1 turns it off).
+SHARD_DEFAULTS = {"head_init": "zero-shot", "min_steps": 100}
+
+
 def _option(name: str, annotation, default, help: str):
     """One extra keyword option of a config command (``_config_command(extra=...)``)."""
     import inspect
@@ -215,7 +220,7 @@ def _run_shards_train(cfg, store, shards, backend, ray_address, chunk, weights) 
 _config_command("train", __import__("taft.config", fromlist=["TrainConfig"]).TrainConfig, _run_shards_train,
                 "Split the training set into K disjoint shards, train one tangent model per shard from the same w0, "
                 "and compose them (resumes an interrupted store).", extra=_shards_train_options(), on=shards_app,
-                defaults={"head_init": "zero-shot"})
+                defaults=SHARD_DEFAULTS)
 
 
 def _shards_search_options() -> list:
@@ -248,7 +253,7 @@ def _run_shards_search(cfg, shards, grid, select, store, output, chunk) -> None:
 _config_command("search", __import__("taft.config", fromlist=["TrainConfig"]).TrainConfig, _run_shards_search,
                 "Choose a store's training setting on validation (the same grid for every method): the composed "
                 "model's or the vote's accuracy; optionally train the store with it.", extra=_shards_search_options(),
-                on=shards_app, defaults={"head_init": "zero-shot"})
+                on=shards_app, defaults=SHARD_DEFAULTS)
 
 
 @shards_app.command("compose")

@@ -7,6 +7,7 @@ import dataclasses
 import json
 
 import pytest
+import torch
 
 import taft.train.text as text_pipeline
 from taft.cli import main
@@ -63,3 +64,19 @@ def test_default_grid_and_refusals(data, tmp_path, capsys):
     assert "taft: error:" in capsys.readouterr().err
     assert main([*common, "--head-init", "probe"]) == 2
     assert "must not depend on training examples" in capsys.readouterr().err
+
+
+def test_cli_store_defaults_train_a_step_budget(data, tmp_path):
+    """`taft shards train` without --min-steps trains each shard ≥ 100 steps (chosen on validation); 1 turns it off."""
+    d, t = data
+    common = ["shards", "train", "--shards", "2", "--model", "tiny-bert", "--data", str(d), "--test-file", str(t),
+              "--head-init", "random", "--epochs", "1", "--batch-size", "16", "--threads", "1"]
+    assert main([*common, "--store", str(tmp_path / "a")]) == 0
+    assert main([*common, "--store", str(tmp_path / "b"), "--min-steps", "1"]) == 0
+    with ShardStore(tmp_path / "a") as a, ShardStore(tmp_path / "b") as b:
+        assert a.get_meta("config")["min_steps"] == 100 and b.get_meta("config")["min_steps"] == 1
+        fa, fb = (s.root / s.shard_row(0)["file"] for s in (a, b))
+    from taft.checkpoint import read_delta
+
+    da, db = read_delta(fa)[0], read_delta(fb)[0]
+    assert any(not torch.equal(da[n], db[n]) for n in da), "the budget changed nothing: vacuous"
