@@ -43,6 +43,7 @@ class Loaded:
     from disk again; nothing is trusted that the manifest does not name."""
 
     trainer: ShardTrainer | None = None
+    meta: dict[str, str] | None = None  # the shard files' metadata (w0's fingerprints: hashing w0 once)
     deltas: dict[tuple[str, str], tuple[dict[str, Tensor], dict[str, str]]] = dataclasses.field(default_factory=dict)
     features: dict[tuple[str, str], FeatureCache] = dataclasses.field(default_factory=dict)
 
@@ -105,7 +106,9 @@ def _train_jobs(store: ShardStore, trainer: ShardTrainer, jobs: list[tuple[int, 
     """Train ``jobs`` (shard, live ids) with ``backend`` and register each shard as it finishes."""
     if not jobs:
         return
-    meta = delta_metadata(trainer.template)
+    if loaded is not None and loaded.meta is None:
+        loaded.meta = delta_metadata(trainer.template)
+    meta = loaded.meta if loaded is not None else delta_metadata(trainer.template)
     gens = {k: (store.shard_row(k)["generation"] or 0) + 1 for k, _ in jobs}
     paths = {k: store.shard_file(k, gens[k]) for k, _ in jobs}
     ids_of = dict(jobs)
