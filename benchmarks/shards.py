@@ -491,6 +491,8 @@ def main() -> None:
                            "command": "python benchmarks/shards.py " + " ".join(sys.argv[1:])}
             write_json(path, res)
         tasks = [Path(t).stem if args.small else t for t in tasks]
+    if args.detail_only:  # the report covers every task with results, not only the one just timed
+        tasks = sorted(p.stem for p in (args.out / "shards").glob("*.json") if "." not in p.stem)
     report(tasks, args.out, stem)
 
 
