@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 
 from taft.config import TrainConfig
-from taft.data.shards import assign_shards
+from taft.data.shards import shard_jobs
 from taft.delta import weighted_average
 from taft.shards.training import ShardTrainer
 from taft.train.rundir import write_json
@@ -50,14 +50,6 @@ def _device() -> str:
     if torch.cuda.is_available():
         return torch.cuda.get_device_name(0)
     return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-
-
-def _jobs(ids: list[str], k: int, seed: int) -> list[tuple[int, list[str]]]:
-    shards = assign_shards(ids, k, seed)
-    groups: dict[int, list[str]] = {}
-    for i, s in zip(ids, shards, strict=True):
-        groups.setdefault(s, []).append(i)
-    return sorted(groups.items())
 
 
 @torch.no_grad()
@@ -105,7 +97,7 @@ class Task:
         return tr
 
     def train(self, trainer: ShardTrainer, k: int, chunk: int) -> tuple[list, list[float], float]:
-        jobs = _jobs(self.ids, k, self.cfg.seed)
+        jobs = shard_jobs(self.ids, k, self.cfg.seed)
         t0 = time.perf_counter()
         models = trainer.train_batched(jobs, chunk=chunk)
         return models, [float(len(ids)) for _, ids in jobs], time.perf_counter() - t0
@@ -260,7 +252,7 @@ def _forget_time(cfg: TrainConfig, task: str, k: int, args) -> dict:
 def _timing(t: Task, taft: ShardTrainer, k: int, args) -> dict:
     """K shards sequential vs batched (the K_max batched run above) vs one model on all the data; inference of the
     composed model vs the K-model ensemble."""
-    jobs = _jobs(t.ids, k, t.cfg.seed)
+    jobs = shard_jobs(t.ids, k, t.cfg.seed)
     runs: dict[str, list[float]] = {"sequential": [], "single": [], "batched": []}
     for _ in range(args.timing_repeats):  # interleaved repeats: this machine's speed drifts by tens of percent
 

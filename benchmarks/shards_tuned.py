@@ -32,8 +32,8 @@ from pathlib import Path
 import torch
 
 from taft.config import TrainConfig
+from taft.data.shards import shard_jobs
 from taft.delta import weighted_average
-from taft.shards.search import shard_jobs
 from taft.shards.training import ShardTrainer
 from taft.train.rundir import write_json
 

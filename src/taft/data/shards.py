@@ -32,6 +32,14 @@ def assign_shards(ids: Sequence[str], num_shards: int, seed: int) -> list[int]:
     return [shard_of(id_, num_shards, seed) for id_ in ids]
 
 
+def shard_jobs(ids: Sequence[str], num_shards: int, seed: int) -> list[tuple[int, list[str]]]:
+    """The non-empty shards of ``ids`` with their ids in order, ``[(shard, ids)]`` sorted by shard: a store's split."""
+    groups: dict[int, list[str]] = {}
+    for i, s in zip(ids, assign_shards(ids, num_shards, seed), strict=True):
+        groups.setdefault(s, []).append(i)
+    return sorted(groups.items())
+
+
 def split_into_shards(dataset: S, num_shards: int, seed: int) -> list[S]:
     """``num_shards`` disjoint subsets covering ``dataset``; each keeps the dataset's order.
 

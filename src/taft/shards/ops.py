@@ -22,7 +22,7 @@ from torch import Tensor
 
 from taft.checkpoint import CheckpointError, delta_metadata, fingerprints, read_delta, write_delta
 from taft.config import ConfigError, TrainConfig, from_dict, save_config
-from taft.data.shards import assign_shards
+from taft.data.shards import assign_shards, shard_jobs
 from taft.delta import weighted_average
 from taft.shards.store import ShardStore, StoreError, atomic_tmp, publish
 from taft.shards.training import ShardModel, ShardTrainer, check_backend, check_shard_config
@@ -106,9 +106,9 @@ def _train_jobs(store: ShardStore, trainer: ShardTrainer, jobs: list[tuple[int, 
     """Train ``jobs`` (shard, live ids) with ``backend`` and register each shard as it finishes."""
     if not jobs:
         return
-    if loaded is not None and loaded.meta is None:
-        loaded.meta = delta_metadata(trainer.template)
-    meta = loaded.meta if loaded is not None else delta_metadata(trainer.template)
+    meta = (loaded.meta if loaded is not None and loaded.meta else None) or delta_metadata(trainer.template)
+    if loaded is not None:
+        loaded.meta = meta
     gens = {k: (store.shard_row(k)["generation"] or 0) + 1 for k, _ in jobs}
     paths = {k: store.shard_file(k, gens[k]) for k, _ in jobs}
     ids_of = dict(jobs)
@@ -220,8 +220,7 @@ def _create(store: ShardStore, trainer: ShardTrainer, num_shards: int) -> None:
     counts = [0] * num_shards
     for s in shards:
         counts[s] += 1
-    written = _write_shard_features(store, trainer.features, {
-        k: [i for i, s in zip(ids, shards, strict=True) if s == k] for k in range(num_shards) if counts[k]}, {})
+    written = _write_shard_features(store, trainer.features, dict(shard_jobs(ids, num_shards, cfg.seed)), {})
     with store.transaction() as db:
         db.executemany("INSERT INTO examples (id, shard, position, label) VALUES (?, ?, ?, ?)",
                        [(i, s, p, trainer.labels[i]) for p, (i, s) in enumerate(zip(ids, shards, strict=True))])
@@ -539,7 +538,7 @@ def forget(store_dir: str | Path, ids: Sequence[str], *, retrain: bool = False, 
         store.delete_files(old_files)
         kept = feats.subset([i for k in affected for i in remaining[k]])
         if loaded is not None:
-            loaded.keep_features(store, {k: kept.subset(remaining[k]) for k in written})
+            loaded.keep_features(store, {k: feats.subset(remaining[k]) for k in written})
         features_s = time.perf_counter() - t_start
         # 3. retrain the affected shards on what they have left
         t0 = time.perf_counter()

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from taft.config import ConfigError, TrainConfig
-from taft.data.shards import assign_shards
+from taft.data.shards import shard_jobs
 from taft.delta import weighted_average
 from taft.shards.ops import train_store
 from taft.shards.training import ShardTrainer, TrainingDiverged, check_shard_config
@@ -35,14 +35,6 @@ SELECT = ("composed", "vote")
 # Options that change only how Δw is trained: grid points that differ in these share w0 and the prefix features.
 _TRAINING_ONLY = {"lr", "min_steps", "epochs", "optimizer", "schedule", "warmup", "step_epochs", "step_gamma",
                   "penalty", "radius", "loss", "kappa", "rsl_m", "batch_size", "eval_batch_size", "threads"}
-
-
-def shard_jobs(ids: list[str], num_shards: int, seed: int) -> list[tuple[int, list[str]]]:
-    """The store's split (seeded per-id hash, as ``taft shards train`` makes it): ``[(shard, ids in order)]``."""
-    groups: dict[int, list[str]] = {}
-    for i, s in zip(ids, assign_shards(ids, num_shards, seed), strict=True):
-        groups.setdefault(s, []).append(i)
-    return sorted(groups.items())
 
 
 @torch.no_grad()

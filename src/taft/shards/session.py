@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from taft.shards.ops import Loaded, _read_features, _store_config, _trainer_for, compose, forget, load_shard
+from taft.shards.ops import Loaded, _store_config, _trainer_for, compose, forget, load_shard
 from taft.shards.store import ShardStore
 
 
@@ -42,9 +42,9 @@ class ShardSession:
         with ShardStore(self.root) as store:
             if store.get_meta("config") is None:
                 return  # an interrupted creation: the first request reports it
-            if not store.get_meta("features"):  # a store of the old one-file layout is split by its next request
-                _read_features(store, loaded=self.loaded)
-                _trainer_for(store, _store_config(store), self.progress, features=None, loaded=self.loaded)
+            # w0, the validation features and every shard's features (none yet in a store of the old one-file
+            # layout: its next request splits it)
+            _trainer_for(store, _store_config(store), self.progress, loaded=self.loaded)
             for row in store.shard_rows():
                 if row["status"] == "live":
                     load_shard(store, row, self.loaded)
