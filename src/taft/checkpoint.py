@@ -22,8 +22,8 @@ import json
 import os
 from pathlib import Path
 
+import safetensors.torch
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from taft._version import __version__
@@ -167,12 +167,21 @@ def read_safetensors(path: str | Path, error: type[Exception], who: str
     if not path.is_file():
         raise error(f"{who}: no file at {path}")
     try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+        return load_safetensors(path)
     except Exception as e:  # safetensors raises its own error types for truncated / foreign files
         raise error(f"{who}: {path} is not a readable safetensors file ({e})") from e
-    return tensors, meta
+
+
+def load_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of a safetensors file, read into memory (not memory-mapped: a file truncated or
+    replaced by another process while its tensors are in use cannot crash this one with SIGBUS)."""
+    data = Path(path).read_bytes()
+    size = int.from_bytes(data[:8], "little") if len(data) >= 8 else -1
+    if not 0 < size <= len(data) - 8:
+        raise ValueError(f"{path}: not a safetensors file (header length {size}, file size {len(data)})")
+    header = json.loads(data[8:8 + size])
+    meta = header.get("__metadata__") or {} if isinstance(header, dict) else {}
+    return safetensors.torch.load(data), meta
 
 
 def read_delta(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

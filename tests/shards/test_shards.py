@@ -169,7 +169,7 @@ def test_concurrent_forgets_serialize(store):
         t.join()
     assert not errors
     with ShardStore(store) as st:
-        assert set(st.forgotten_ids()) == {a, b}
+        assert set(st.forgotten_ids()) == {st.tombstone(a), st.tombstone(b)}
         rows = [r for r in st.audit_rows() if r["action"] == "forget"]
     requests = [r["request"] for r in rows]
     assert requests == sorted(requests), "two forget requests interleaved in the audit log"
@@ -282,10 +282,11 @@ def test_audit_log_is_append_only_and_consistent(store):
     forget(store, [victim])
     with ShardStore(store) as st:
         rows = st.audit_rows()
+        stone = st.tombstone(victim)
     assert [r["action"] for r in rows if r["outcome"] == "started"] == ["train", "forget"]
     assert verify(store)["ok"]
     con = sqlite3.connect(store / "manifest.sqlite")  # a forgotten id made live again by hand is caught
-    con.execute("UPDATE examples SET forgotten_in = NULL WHERE id = ?", (victim,))
+    con.execute("UPDATE examples SET forgotten_in = NULL WHERE id = ?", (stone,))
     con.commit()
     con.close()
     assert any("logged as forgotten" in p for p in verify(store)["problems"])

@@ -174,6 +174,33 @@ class DatasetSplits(Generic[D]):
         }
 
 
+def split_digests(splits: DatasetSplits, extra: str = "") -> dict[str, str | None]:
+    """Content hash of each split: SHA-256 of its example ids in order (ids hash label and text), and ``extra``
+    (what ids alone do not identify, e.g. an image dataset's fingerprint). A run or store records it at creation
+    and checks it whenever it reads the data again, so other files under the same path are refused."""
+
+    def digest(ds) -> str | None:
+        if ds is None:
+            return None
+        return hashlib.sha256("\n".join([extra, *ds.ids]).encode()).hexdigest()
+
+    return {"train": digest(splits.train), "val": digest(splits.val), "test": digest(splits.test)}
+
+
+def check_digests(recorded: dict[str, str | None] | None, splits: DatasetSplits, which: Sequence[str], *,
+                  what: str, spec: str, extra: str = "") -> None:
+    """Refuse data whose ``which`` splits differ from the digests ``what`` (a run or a store) recorded; a record
+    without digests (made by an older taft) is not checked."""
+    if not recorded:
+        return
+    now = split_digests(splits, extra)
+    changed = [s for s in which if recorded.get(s) is not None and recorded.get(s) != now.get(s)]
+    if changed:
+        raise DataError(f"the data {spec!r} is not the data {what} was made with: its {'/'.join(changed)} split "
+                        f"differs (content hash of its examples); restore the original files at that path, or "
+                        f"train again on this data")
+
+
 def carve_validation(dataset: S, val_fraction: float, seed: int) -> tuple[S, S]:
     """Split ``dataset`` into (train, val) with a seeded ``torch.Generator`` permutation.
 

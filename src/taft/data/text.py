@@ -32,6 +32,7 @@ __all__ = [
     "default_data_root",
     "load_sentence_task",
     "load_text_dataset",
+    "pin_spec",
     "read_csv",
     "read_jsonl",
     "read_label_sentence_file",
@@ -232,6 +233,17 @@ def _load_folder(folder: Path, task: str | None, **options) -> DatasetSplits[Tex
         raise DataError(f"no {task}.train.(txt|csv|jsonl) in folder {folder}; tasks there: {tasks}")
     val = _find_split(folder, task, ("dev", "val", "validation"))
     return _assemble(train[0], val, _find_split(folder, task, ("test",)), name=task, **options)
+
+
+def pin_spec(spec: str) -> str:
+    """``spec`` as it must be recorded to mean the same data from any folder: a local path made absolute
+    (``imagefolder:PATH`` too); a registered task name, ``hf:`` or ``torchvision:`` name unchanged."""
+    text = str(spec)
+    if text.startswith(("hf:", "torchvision:")) or text.lower() in SENTENCE_TASKS:
+        return text
+    prefix, rest = ("imagefolder:", text[len("imagefolder:"):]) if text.startswith("imagefolder:") else ("", text)
+    path = Path(rest).expanduser()
+    return prefix + str(path.absolute()) if path.exists() else text
 
 
 def load_text_dataset(

@@ -1,5 +1,6 @@
 """Crash-consistency trials: run store requests in a child process, kill it with SIGKILL at a random moment,
-then check that the store reopens consistent and that no finished shard was lost.
+then check that a reader is never served a composition holding a forgotten example (it is served the old or
+the new state, or refused), that the store reopens consistent, and that no finished shard was lost.
 
 One trial: a child process (a fresh interpreter, not a fork) creates a store and trains it, composes it with other
 weights, forgets one example with ``--retrain`` and another by dropping its shard; the parent kills the child after
@@ -67,6 +68,39 @@ def _superseded(store: Path) -> set[int]:
         st.close()
 
 
+def _served_problem(store: Path) -> str | None:
+    """What a reader would be served right after the kill, before anyone repairs the store: if ``composed/`` is
+    readable (``taft eval STORE/composed`` checks it with :func:`verify_run`), it must equal the composition of its
+    shards' current files, each of them live and trained on exactly its shard's live examples — so it holds no
+    example a committed forget removed. None when that holds or the reader is refused."""
+    from taft.checkpoint import read_delta
+    from taft.delta import weighted_average
+    from taft.train.rundir import RunDirError, verify_run
+
+    if not (store / "manifest.sqlite").is_file():
+        return None
+    try:
+        manifest = verify_run(store / "composed")
+    except RunDirError:
+        return None  # refused
+    st = ops.ShardStore(store)
+    try:
+        info = manifest.get("composed") or {}
+        deltas = []
+        for k in info.get("shards", []):
+            row = st.shard_row(k)
+            if row is None or row["status"] != "live" or row["ids_sha256"] != ops.ids_digest(st.live_ids(k)):
+                return f"composed/ is served with shard {k}, which is no longer a live model of its live examples"
+            deltas.append(read_delta(store / row["file"])[0])
+        composed = read_delta(store / "composed" / "delta.safetensors")[0]
+        fresh = weighted_average(deltas, info["weights"])
+        if any(not torch.equal(fresh[n], composed[n]) for n in fresh):
+            return "composed/ is served but differs from the composition of its shards' current files"
+        return None
+    finally:
+        st.close()
+
+
 def _spawn(store: Path, cfg_json: str, num_shards: int, seed: int) -> subprocess.Popen:
     """A fresh interpreter runs the requests (no fork: a forked child would inherit thread pools and locks); it
     prints ``ready`` once its imports are done, so the kill delay measures the requests alone."""
@@ -109,6 +143,10 @@ def run_trials(work: str | Path, cfg: TrainConfig, *, num_shards: int = 3, trial
                                                                     f"kill (their traceback is on stderr)"})
             continue
         try:
+            served = _served_problem(store)
+            if served:
+                failures.append({"trial": t, "delay_s": delay, "served": served})
+                continue
             report = ops.verify(store) if (store / "manifest.sqlite").is_file() else {"incomplete": True}
             if report.get("incomplete"):  # killed before the store was created: the old state is "no store"
                 report = {"ok": not before, "problems": [] if not before else ["live shards but no config"]}

@@ -18,18 +18,23 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from filelock import Timeout
 from torch import Tensor
 
 from taft.checkpoint import CheckpointError, delta_metadata, fingerprints, read_delta, write_delta
 from taft.config import ConfigError, TrainConfig, from_dict, save_config
+from taft.data.examples import check_digests, split_digests
 from taft.data.shards import assign_shards, shard_jobs
 from taft.delta import weighted_average
-from taft.shards.store import ShardStore, StoreError, atomic_tmp, publish
+from taft.shards.store import TOMBSTONE, ShardStore, StoreError, atomic_tmp, publish
 from taft.shards.training import ShardModel, ShardTrainer, check_backend, check_shard_config
 from taft.train.cache import FeatureCache
-from taft.train.rundir import RunDirError, RunFolder, sha256_file, verify_run, write_json
+from taft.train.pipeline import pin_paths
+from taft.train.rundir import RunDirError, RunFolder, sha256_file, verify_run, withdraw, write_json
 
 BACKENDS = ("sequential", "batched", "ray")
+MAX_SHARDS = 100_000
+EVAL_SPLITS = ("val", "test")  # held-out splits: a store's training split is never reported as accuracy
 WEIGHTS = ("size", "uniform")
 # options that change what a shard computes: a store keeps the ones it was created with
 _RUN_ONLY = ("output_dir", "overwrite", "cache", "cache_dir", "threads", "device", "eval_batch_size", "max_eval")
@@ -63,6 +68,12 @@ class Loaded:
 def ids_digest(ids: Sequence[str]) -> str:
     """SHA-256 of a training set (its ids in order): recorded with each shard file, checked by ``verify``."""
     return hashlib.sha256("\n".join(ids).encode()).hexdigest()
+
+
+def check_data(store: ShardStore, trainer: ShardTrainer, splits: Sequence[str]) -> None:
+    """The store's data, read again (validation, test), must be the data it was made with (content hashes)."""
+    check_digests(store.get_meta("data_digest"), trainer.prep.splits, splits, what=f"the store {store.root}",
+                  spec=trainer.cfg.data, extra=trainer.prep.data_fingerprint)
 
 
 def _store_config(store: ShardStore) -> TrainConfig:
@@ -174,18 +185,18 @@ def train_store(cfg: TrainConfig, store_dir: str | Path, num_shards: int, *, bac
     if backend not in BACKENDS:
         raise ConfigError(f"--backend {backend}: use one of {', '.join(BACKENDS)}")
     check_backend(cfg, backend)
-    if isinstance(num_shards, bool) or not isinstance(num_shards, int) or num_shards < 1:
-        raise ConfigError(f"--shards {num_shards}: must be an integer >= 1")
+    check_num_shards(num_shards)
     check_shard_config(cfg)
+    cfg = pin_paths(cfg)  # a store reads its validation and test data again later, from any folder
     root = Path(store_dir).expanduser()
     has_db = (root / "manifest.sqlite").is_file()
     if not has_db and root.exists() and (not root.is_dir() or any(root.iterdir())):
         raise StoreError(f"--store {root} exists and is not a shard store; choose a new folder")
-    store = ShardStore(root, create=not has_db)
+    store = ShardStore(root, create=True)
     exists = store.get_meta("config") is not None  # else new, or a creation that was interrupted: start over
     try:
         if exists:
-            old, k_old = _store_config(store), store.get_meta("num_shards")
+            old, k_old = pin_paths(_store_config(store)), store.get_meta("num_shards")
             diff = _same_setting(old, cfg)
             if diff or k_old != num_shards:
                 what = ", ".join(f"{k}={getattr(old, k)!r}" for k in diff) or f"shards={k_old}"
@@ -198,6 +209,7 @@ def train_store(cfg: TrainConfig, store_dir: str | Path, num_shards: int, *, bac
                 trainer = ShardTrainer.from_config(cfg, progress=progress)
                 _create(store, trainer, num_shards)
             else:
+                _reclaim_lost(store)
                 trainer = _trainer_for(store, cfg, progress)
             jobs = [(r["shard"], store.live_ids(r["shard"])) for r in store.shard_rows() if r["status"] == "untrained"]
             t0 = time.perf_counter()
@@ -211,11 +223,50 @@ def train_store(cfg: TrainConfig, store_dir: str | Path, num_shards: int, *, bac
         store.close()
 
 
+def check_num_shards(num_shards: object, examples: int | None = None) -> None:
+    """K is an integer in 1..MAX_SHARDS and (once the data is known) at most the number of training examples."""
+    if isinstance(num_shards, bool) or not isinstance(num_shards, int) or num_shards < 1:
+        raise ConfigError(f"--shards {num_shards}: must be an integer >= 1")
+    if num_shards > MAX_SHARDS:
+        raise ConfigError(f"--shards {num_shards}: at most {MAX_SHARDS} shards (each is a model file and a training "
+                          f"run); choose fewer")
+    if examples is not None and num_shards > examples:
+        raise ConfigError(f"--shards {num_shards}: more shards than the {examples} training examples (a shard needs "
+                          f"examples to train on); choose --shards {examples} or fewer")
+
+
+def _reclaim_lost(store: ShardStore) -> None:
+    """Resuming: a live shard whose file is missing or does not match its SHA-256 (deleted, truncated, replaced)
+    is trained again, like a shard that never finished (a damaged file is deleted: it is derived data)."""
+    lost = []
+    for r in store.shard_rows():
+        if r["status"] != "live":
+            continue
+        path = store.root / r["file"]
+        if not path.is_file() or sha256_file(path) != r["sha256"]:
+            lost.append((r, path))
+    if not lost:
+        return
+    with store.transaction() as db:
+        for r, path in lost:
+            db.execute("UPDATE shards SET status = 'untrained', file = NULL, sha256 = NULL, ids_sha256 = NULL "
+                       "WHERE shard = ?", (r["shard"],))
+            db.execute("INSERT OR IGNORE INTO pending (path) VALUES (?)", (store.rel(path),))
+        store.set_meta(db, "dirty", True)
+        store.record(db, "lost", {"shards": [r["shard"] for r, _ in lost], "files": [r["file"] for r, _ in lost]})
+    store.delete_files([p for _, p in lost])
+
+
 def _create(store: ShardStore, trainer: ShardTrainer, num_shards: int) -> None:
     cfg = trainer.cfg
     ids = list(trainer.features.ids)
+    check_num_shards(num_shards, len(ids))
     if len(set(ids)) != len(ids):
         raise StoreError("the training set holds duplicate example ids; a store needs one id per example")
+    if cfg.dp_epsilon is not None:  # δ is a probability over the whole data set's records, not one shard's
+        from taft.privacy.accounting import check_budget
+
+        check_budget(cfg.dp_epsilon, cfg.dp_delta, len(ids))
     shards = assign_shards(ids, num_shards, cfg.seed)
     counts = [0] * num_shards
     for s in shards:
@@ -230,7 +281,8 @@ def _create(store: ShardStore, trainer: ShardTrainer, num_shards: int) -> None:
         for key, value in (("format", "taft-shards/1"), ("config", dataclasses.asdict(cfg)),
                            ("num_shards", num_shards), ("base_fingerprint", fp["all"]),
                            ("features", None), ("features_info", trainer.features.info),
-                           ("exclude", []), ("weights", "size"), ("dirty", False)):
+                           ("exclude", []), ("weights", "size"), ("dirty", False),
+                           ("data_digest", split_digests(trainer.prep.splits, trainer.prep.data_fingerprint))):
             store.set_meta(db, key, value)
         _register_features(store, db, written)
 
@@ -312,7 +364,9 @@ def _upgrade_features(store: ShardStore) -> None:
 
 
 def _begin(store: ShardStore, loaded: Loaded | None = None) -> None:
-    """What every writing request does first: finish what an interrupted writer left."""
+    """What every writing request does first: finish what an interrupted writer left (and bring a store made by an
+    older taft up to date)."""
+    store.ensure_id_key()
     _upgrade_features(store)
     _recompose_if_dirty(store, loaded)
 
@@ -328,6 +382,7 @@ def _trainer_for(store: ShardStore, cfg: TrainConfig, progress: bool, features: 
         t = loaded.trainer
         return ShardTrainer(cfg, t.clf, feats, labels, val_features=t.val_features, val_labels=t.val_labels)
     trainer = ShardTrainer.from_config(cfg, progress=progress, features=feats, labels=labels)
+    check_data(store, trainer, ["val"])
     if fingerprints(trainer.template)["all"] != store.get_meta("base_fingerprint"):
         raise StoreError(f"the model {cfg.model!r} loaded here differs from the one the store {store.root} was "
                          f"trained from (w0 fingerprint); load the same weights")
@@ -355,6 +410,10 @@ def _weights(store: ShardStore, shards: list[int], weights: str) -> list[float]:
     return [table[k] for k in shards]
 
 
+_RETRAIN_HINT = ("`taft shards train --store STORE --shards K` with the options the store was made with (`taft shards "
+                 "status --json` shows them) trains it again and recomposes")
+
+
 def load_shard(store: ShardStore, row: dict[str, Any],
                loaded: Loaded | None = None) -> tuple[dict[str, Tensor], dict[str, str]]:
     """A live shard's Δw, after checking its file against the manifest's SHA-256 and the store's w0 (``loaded``:
@@ -363,11 +422,10 @@ def load_shard(store: ShardStore, row: dict[str, Any],
         return loaded.deltas[(row["file"], row["sha256"])]
     path = store.root / row["file"]
     if not path.is_file():
-        raise StoreError(f"shard {row['shard']}: its file {row['file']} is missing; run `taft shards verify`, then "
-                         f"retrain it (`taft shards forget` is not needed: `taft shards train` resumes)")
+        raise StoreError(f"shard {row['shard']}: its file {row['file']} is missing; {_RETRAIN_HINT}")
     if sha256_file(path) != row["sha256"]:
         raise StoreError(f"shard {row['shard']}: {row['file']} does not match the SHA-256 in the manifest (corrupt "
-                         f"or replaced); run `taft shards verify`")
+                         f"or replaced); {_RETRAIN_HINT}")
     try:
         delta, meta = read_delta(path)
     except CheckpointError as e:
@@ -420,7 +478,8 @@ def _compose(store: ShardStore, *, weights: str | None = None, exclude: Sequence
             info["privacy"] = privacy_guarantee(store, rows)
         write_json(folder.path / "results.json", info)
         folder.commit(num_classes=int(store.db.execute("SELECT MAX(label) + 1 FROM examples").fetchone()[0]),
-                      method=cfg.method, model=cfg.model, data=cfg.data, composed=info)
+                      method=cfg.method, model=cfg.model, data=cfg.data, composed=info,
+                      data_digest=store.get_meta("data_digest"))
     with store.transaction() as db:
         store.set_meta(db, "composed", {**info, "run_id": verify_run(target)["run_id"]})
         store.set_meta(db, "weights", weights)
@@ -460,6 +519,49 @@ def _remove_composed(store: ShardStore) -> None:
         store.set_meta(db, "dirty", False)
 
 
+def _unfinished(store: ShardStore) -> str:
+    return (f"a forget on the store {store.root} was interrupted or is running, so this composition may still "
+            f"hold forgotten examples; run `taft shards verify --store {store.root}` (it finishes an interrupted "
+            f"request) and try again")
+
+
+def _withdraw_composed(store: ShardStore) -> None:
+    """Before a forget commits: mark the composition dirty (the next writer recomposes whatever happens) and
+    withdraw ``composed/`` (every reader refuses it until the new composition replaces it)."""
+    with store.transaction() as db:
+        store.set_meta(db, "dirty", True)
+    withdraw(store.composed_dir, _unfinished(store))
+
+
+def unfinished(store: ShardStore) -> str | None:
+    """Why the store cannot be read as it is (an interrupted or running writer: its composition or shard files may
+    not match its manifest yet), or None."""
+    pending = store.db.execute("SELECT COUNT(*) FROM pending").fetchone()[0]
+    if not (store.get_meta("dirty", False) or pending):
+        return None
+    if not _lock_free(store):
+        return (f"the store {store.root} is being changed by another taft process; wait for it to finish and try "
+                f"again")
+    return (f"the store {store.root} has an unfinished request (a train, compose or forget was interrupted): run "
+            f"`taft shards verify --store {store.root}` to finish it, then try again")
+
+
+def check_readable(store: ShardStore) -> None:
+    """Refuse to read a store whose last change is unfinished (:func:`unfinished`)."""
+    reason = unfinished(store)
+    if reason:
+        raise StoreError(reason)
+
+
+def _lock_free(store: ShardStore) -> bool:
+    try:
+        store.lock.acquire(timeout=0)
+    except Timeout:
+        return False
+    store.lock.release()
+    return True
+
+
 def _recompose_if_dirty(store: ShardStore, loaded: Loaded | None = None) -> None:
     """A request that changed the shards was killed before it recomposed: compose now (under the lock)."""
     if store.get_meta("dirty", False):
@@ -494,11 +596,17 @@ def forget(store_dir: str | Path, ids: Sequence[str], *, retrain: bool = False, 
     ids = list(dict.fromkeys(ids))
     if not ids:
         raise ConfigError("no ids to forget; pass --ids ID ... or --ids-file FILE (one id per line)")
-    with ShardStore(store_dir) as store, store.writing("forget", {"ids": ids, "retrain": retrain}):
+    # the audit log keeps how many ids were asked for, never the ids (see ShardStore.tombstone)
+    with ShardStore(store_dir) as store, store.writing("forget", {"ids": len(ids), "retrain": retrain}):
         _begin(store, loaded)
         wanted = set(ids)
-        rows = [r for r in store.db.execute("SELECT id, shard, forgotten_in FROM examples") if r[0] in wanted]
+        rows = [r for r in store.db.execute("SELECT id, shard, forgotten_in FROM examples WHERE forgotten_in IS NULL")
+                if r[0] in wanted]
         known = {i: f for i, _, f in rows}
+        stones = {store.tombstone(i): i for i in ids if i not in known}
+        for t, f in store.db.execute("SELECT id, forgotten_in FROM examples WHERE forgotten_in IS NOT NULL"):
+            if t in stones:
+                known[stones[t]] = f
         unknown = [i for i in ids if i not in known]
         if unknown:
             raise StoreError(f"{len(unknown)} id(s) are not training examples of this store (e.g. {unknown[:3]}); "
@@ -525,8 +633,11 @@ def forget(store_dir: str | Path, ids: Sequence[str], *, retrain: bool = False, 
         old_files = [store.root / rows[k]["file"] for k in affected if rows[k]["file"]]
         old_files += [store.root / r["file"] for r in old_feats.values()]
         status = {k: "empty" if not remaining[k] else ("untrained" if retrain else "dropped") for k in affected}
+        _withdraw_composed(store)  # from here until the new composition, readers of composed/ are refused
         with store.transaction() as db:
-            db.executemany("UPDATE examples SET forgotten_in = ? WHERE id = ?", [(store.request, i) for i in todo])
+            stone = {i: store.tombstone(i) for i in todo}  # the id and label go; a keyed digest stays
+            db.executemany("UPDATE examples SET forgotten_in = ?, id = ?, label = -1 WHERE id = ?",
+                           [(store.request, stone[i], i) for i in todo])
             for k in affected:
                 db.execute("UPDATE shards SET status = ?, file = NULL, sha256 = NULL, examples = ?, "
                            "ids_sha256 = NULL WHERE shard = ?", (status[k], len(remaining[k]), k))
@@ -534,7 +645,7 @@ def forget(store_dir: str | Path, ids: Sequence[str], *, retrain: bool = False, 
             db.executemany("INSERT OR IGNORE INTO pending (path) VALUES (?)", [(store.rel(p),) for p in old_files])
             _register_features(store, db, written)
             store.set_meta(db, "dirty", True)
-            store.record(db, "forgotten", {"ids": todo, "shards": affected})
+            store.record(db, "forgotten", {"ids": [stone[i] for i in todo], "shards": affected})
         store.delete_files(old_files)
         kept = feats.subset([i for k in affected for i in remaining[k]])
         if loaded is not None:
@@ -556,8 +667,8 @@ def forget(store_dir: str | Path, ids: Sequence[str], *, retrain: bool = False, 
                "retrain_s": retrain_s, "composed": composed,
                "timing_s": {"features": features_s, "retrain": retrain_s,
                             "compose": time.perf_counter() - t0 - retrain_s}}
-        with store.transaction() as db:
-            store.finish(db, out)
+        with store.transaction() as db:  # counts only: the log keeps no forgotten id
+            store.finish(db, {**out, "forgotten": len(todo), "already_forgotten": len(already)})
         return out
 
 
@@ -598,8 +709,8 @@ def verify(store_dir: str | Path) -> dict[str, Any]:
                 continue
             loaded[k] = delta
             ids = store.live_ids(k)
-            if forgotten & set(ids):
-                problems.append(f"shard {k}: forgotten examples are still listed as live")
+            if forgotten & {store.tombstone(i) for i in ids}:
+                problems.append(f"shard {k}: forgotten examples are listed as live again")
             if meta.get("user.train_ids_sha256") != ids_digest(ids) or r["ids_sha256"] != ids_digest(ids):
                 problems.append(f"shard {k}: its model was trained on another set of examples than its live ones "
                                 f"(a forgotten example, or a changed manifest); retrain it")
@@ -678,9 +789,9 @@ def _check_audit(store: ShardStore, audit: list[dict], forgotten: set[str]) -> l
         if len(finals) > 1:
             problems.append(f"audit request {req} ended more than once")
     logged = set()
-    for a in audit:
+    for a in audit:  # (a store made by an older taft logged the ids themselves)
         if a["outcome"] == "forgotten":
-            logged.update(json.loads(a["detail"])["ids"])
+            logged.update(i if i.startswith(TOMBSTONE) else store.tombstone(i) for i in json.loads(a["detail"])["ids"])
     if forgotten - logged:
         problems.append(f"{len(forgotten - logged)} forgotten id(s) have no forget request in the audit log")
     if logged - forgotten:
@@ -695,7 +806,7 @@ def status(store_dir: str | Path) -> dict[str, Any]:
                 "num_shards": store.get_meta("num_shards"), "shards": store.shard_rows(),
                 "examples": store.db.execute("SELECT COUNT(*) FROM examples").fetchone()[0],
                 "forgotten": len(store.forgotten_ids()), "composed": store.get_meta("composed"),
-                "dirty": store.get_meta("dirty", False),
+                "dirty": store.get_meta("dirty", False), "unfinished": unfinished(store),
                 "ids": [{"id": i, "shard": k, "forgotten_in": f} for i, k, f in store.db.execute(
                     "SELECT id, shard, forgotten_in FROM examples ORDER BY position")],
                 "history": [{k: a[k] for k in ("seq", "request", "time", "action", "outcome")} for a in
@@ -706,19 +817,33 @@ def status(store_dir: str | Path) -> dict[str, Any]:
 def shard_logits(store_dir: str | Path, split: str = "test", *, which: str = "shards",
                  max_eval: int | None = None) -> tuple[Tensor, Tensor, list[int]]:
     """Logits of every live shard model (``which="shards"``: (K, N, C)) or of the composed model ((1, N, C)) on a
-    split of the store's data, with the labels and the shard indices — what ensembles and SISA's vote use."""
+    held-out split (val | test) of the store's data, with the labels and the shard indices — what ensembles and
+    SISA's vote use. A store with an unfinished request is refused (:func:`check_readable`)."""
+    if split not in EVAL_SPLITS:
+        hint = (" (training accuracy of a store is not a held-out number; its shards' validation accuracy is in "
+                "`taft shards status`)" if split == "train" else "")
+        raise ConfigError(f"--split {split}: use val or test{hint}")
     with ShardStore(store_dir) as store:
+        check_readable(store)
         cfg = _store_config(store)
         if max_eval is not None:
             cfg = dataclasses.replace(cfg, max_eval=max_eval)
         trainer = ShardTrainer.from_config(cfg, features=FeatureCache([], ids=[]), labels={})
+        check_data(store, trainer, [split])
         ds = getattr(trainer.prep.splits, split)
         if ds is None:
             raise ConfigError(f"{cfg.data} has no {split} split")
         ds = ds.subset(range(min(len(ds), cfg.max_eval or len(ds))))
         cache = trainer.prep.cache_for(trainer.template, ds, split, False, None, "")
         if which == "composed":
-            delta, _ = read_delta(store.composed_dir / "delta.safetensors")
+            try:
+                manifest = verify_run(store.composed_dir)
+                delta, meta = read_delta(store.composed_dir / "delta.safetensors")
+            except (RunDirError, CheckpointError) as e:
+                raise StoreError(f"composed/: {e}") from e
+            if manifest["run_id"] != (store.get_meta("composed") or {}).get("run_id") or \
+                    meta.get("run_id") != manifest["run_id"]:
+                raise StoreError("composed/ is not the composition the manifest recorded; run `taft shards verify`")
             deltas, shards = [delta], [-1]
         else:
             rows = [r for r in store.shard_rows() if r["status"] == "live"]

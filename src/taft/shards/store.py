@@ -23,8 +23,11 @@ its manifest changes, an ``ok`` row (or an ``error`` row); rows are never update
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import hmac
 import json
 import os
+import secrets
 import sqlite3
 import time
 from collections.abc import Iterator, Sequence
@@ -38,6 +41,7 @@ from taft.errors import TaftError
 from taft.train.rundir import remove_path
 
 FORMAT = "taft-shards/1"
+TOMBSTONE = "forgotten:"  # the id prefix of a forgotten example's row (ShardStore.tombstone)
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS examples (
@@ -82,17 +86,43 @@ class ShardStore:
             if self.root.exists() and not self.root.is_dir():
                 raise StoreError(f"--store {self.root} is a file; choose a folder")
             self.root.mkdir(parents=True, exist_ok=True)
+        _check_manifest_file(self.root, db, create)
         try:  # the manifest first: a folder holding it is a store, whatever else a killed creation left
             self.db = sqlite3.connect(db, isolation_level=None, timeout=60)
+            self._check_tables(create)  # before anything writes to a file that may not be a store's
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=FULL")
             self.db.executescript(SCHEMA)
         except sqlite3.DatabaseError as e:
-            raise StoreError(f"{db} is damaged or not a SQLite file ({e}); the store cannot be read") from e
+            raise StoreError(f"{db} is damaged or not a SQLite file ({e}); the store cannot be read: restore the "
+                             f"folder from a backup") from e
         (self.root / "shards").mkdir(exist_ok=True)  # (a creation killed right after the manifest lacks them)
         (self.root / "features").mkdir(exist_ok=True)
         self.lock = FileLock(str(self.root / "store.lock"), timeout=lock_timeout)
         self._request: int | None = None
+
+    def _check_tables(self, create: bool) -> None:
+        """An existing manifest is a store's: it has the store's tables and format. A creation killed before its
+        tables were all made may only be started over (``create``)."""
+        tables = {r[0] for r in self.db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        ours = {"meta", "examples", "shards", "features", "pending", "audit", "sqlite_sequence"}
+        missing = {"meta", "examples", "shards", "pending", "audit"} - tables
+        problem = None
+        if tables - ours:
+            problem = (f"is a SQLite file but not a taft shard store's manifest (it has tables "
+                       f"{sorted(tables - ours)[:5]}); choose another folder for the store")
+        elif missing and not create:
+            problem = ("holds no complete store: its creation was interrupted before the manifest was set up; run "
+                       "`taft shards train` again with the same options to create it")
+        if problem:
+            self.db.close()
+            raise StoreError(f"{self.root / 'manifest.sqlite'} {problem}")
+        if "meta" not in tables:
+            return
+        row = self.db.execute("SELECT value FROM meta WHERE key = 'format'").fetchone()
+        if row is not None and json.loads(row[0]) != FORMAT:
+            self.db.close()
+            raise StoreError(f"{self.root} is a store of format {json.loads(row[0])!r}; this taft reads {FORMAT!r}")
 
     def close(self) -> None:
         self.db.close()
@@ -249,7 +279,31 @@ class ShardStore:
         return [r[0] for r in self.db.execute(
             "SELECT id FROM examples WHERE forgotten_in IS NULL ORDER BY position")]
 
+    def tombstone(self, example_id: str) -> str:
+        """What the manifest keeps of a forgotten example: ``forgotten:`` + HMAC-SHA256 of its id under this
+        store's own random key (meta ``id_key``). It recognizes the id when asked again (``already forgotten``)
+        and reveals nothing about the example to whoever lacks the key; its id, label and text are not kept."""
+        key = self.get_meta("id_key")
+        if key is None:
+            raise StoreError("the store has no id key yet (made by an older taft); run a forget or `taft shards "
+                             "verify` first")
+        return TOMBSTONE + hmac.new(bytes.fromhex(key), example_id.encode(), hashlib.sha256).hexdigest()[:32]
+
+    def ensure_id_key(self) -> None:
+        """Give the store its tombstone key (at creation; older stores at their next write), and turn the ids an
+        older store kept of forgotten examples into tombstones."""
+        if self.get_meta("id_key") is None:
+            with self.transaction() as db:
+                self.set_meta(db, "id_key", secrets.token_hex(32))
+        raw = [i for (i,) in self.db.execute("SELECT id FROM examples WHERE forgotten_in IS NOT NULL")
+               if not i.startswith(TOMBSTONE)]
+        if raw:
+            with self.transaction() as db:
+                db.executemany("UPDATE examples SET id = ?, label = -1 WHERE id = ?",
+                               [(self.tombstone(i), i) for i in raw])
+
     def forgotten_ids(self) -> list[str]:
+        """The tombstones of the forgotten examples (:meth:`tombstone`), in dataset order."""
         return [r[0] for r in self.db.execute(
             "SELECT id FROM examples WHERE forgotten_in IS NOT NULL ORDER BY position")]
 
@@ -268,6 +322,33 @@ class ShardStore:
 
     def feature_file(self, shard: int, generation: int) -> Path:
         return self.root / "features" / f"shard-{shard:04d}-f{generation}.safetensors"
+
+
+_SQLITE_HEADER = b"SQLite format 3\x00"
+
+
+def _check_manifest_file(root: Path, db: Path, create: bool) -> None:
+    """Refuse a manifest that is not a SQLite database before SQLite touches it (SQLite would take an empty file
+    for a new, empty database: a truncated manifest would read as a store without shards). An empty manifest in a
+    folder with no shard or features file is a creation killed before its first write: only ``create`` may
+    start it over."""
+    if not db.is_file():
+        return
+    with open(db, "rb") as f:
+        head = f.read(len(_SQLITE_HEADER))
+    if head == _SQLITE_HEADER:
+        return
+    if not head:
+        files = [p for d in ("shards", "features", "composed") if (root / d).is_dir() for p in (root / d).iterdir()]
+        if create and not files:
+            return
+        raise StoreError(f"{db} is empty (0 bytes): " + (
+            "the manifest was truncated while the store holds shard files; the store cannot be read: restore "
+            "manifest.sqlite from a backup (its shard files are kept)" if files else
+            "the store's creation was interrupted before it began; run `taft shards train` again with the same "
+            "options to create it"))
+    raise StoreError(f"{db} is not a SQLite database (damaged or replaced); the store cannot be read: restore it "
+                     f"from a backup")
 
 
 def atomic_tmp(path: Path) -> Path:

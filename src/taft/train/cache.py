@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -190,10 +190,9 @@ class FeatureCache:
              expect_info: dict[str, str] | None = None) -> FeatureCache:
         """Read a saved cache; with ``expect_ids`` / ``expect_info``, a file holding other examples (or in another
         order) or made in another setting raises :class:`StaleCacheError`."""
-        from safetensors import safe_open
+        from taft.checkpoint import load_safetensors
 
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata()
+        flat, meta = load_safetensors(path)  # in memory: a file changed under a long-lived reader cannot SIGBUS it
         stored_ids = json.loads(meta["ids"]) if "ids" in meta else None
         info = json.loads(meta.get("info", "{}"))
         if expect_ids is not None and stored_ids != list(expect_ids):
@@ -201,7 +200,6 @@ class FeatureCache:
         for k, v in (expect_info or {}).items():
             if info.get(k) != v:
                 raise StaleCacheError(f"{path}: made with {k}={info.get(k)!r}, this run has {k}={v!r}")
-        flat = load_file(str(path))
         keys = [k for k in meta["keys"].split(",") if k]
         lengths = flat.pop("__lengths__").tolist() if keys else []
         split = {k: torch.split(flat[k], flat.pop(f"__lengths__.{k}").tolist() if f"__lengths__.{k}" in flat

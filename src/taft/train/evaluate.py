@@ -12,7 +12,7 @@ import torch
 
 from taft.checkpoint import load_delta, read_delta
 from taft.config import ConfigError, TrainConfig, load_config
-from taft.data.examples import DataError
+from taft.data.examples import DataError, check_digests
 from taft.train.loop import evaluate, make_tangent_model, prepare
 from taft.train.rundir import RunDirError, verify_run
 
@@ -34,6 +34,9 @@ def evaluate_run(run_dir: str | Path, *, data: str | None = None, split: str = "
     if device.type != "cpu" and not _available(device):
         cfg.device, device = "cpu", torch.device("cpu")  # trained on an accelerator this machine lacks; Δw is the same
     prep = prepare(cfg, device)  # text or images, by the data spec
+    if not data:  # the run's own data: the same files it was trained and validated on
+        check_digests(manifest.get("data_digest"), prep.splits, [split], what=f"the run {run_dir}", spec=cfg.data,
+                      extra=prep.data_fingerprint)
     ds = getattr(prep.splits, split)
     if ds is None:
         raise ConfigError(f"{cfg.data} has no {split} split")

@@ -45,6 +45,7 @@ class RunResult:
     output_dir: str | None = None
     num_classes: int = 0
     privacy: dict | None = None  # private runs: ε spent, δ, σ, C, accountant, steps, sampling rate (taft.privacy)
+    data_digest: dict | None = None  # content hash of each split (taft.data.examples.split_digests), checked on reuse
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -21,12 +21,12 @@ import torch
 from safetensors.torch import save_file
 
 from taft.checkpoint import save_delta
-from taft.config import ConfigError, TrainConfig, save_config
-from taft.data.examples import check_label_space
+from taft.config import ConfigError, TrainConfig, parse_device, save_config
+from taft.data.examples import check_label_space, split_digests
 from taft.train.baselines import make_tangent_model, probe_head
 from taft.train.cache import cache_info, cache_key
 from taft.train.fit import RunResult, TrainingDiverged, evaluate, fit
-from taft.train.pipeline import Prepared
+from taft.train.pipeline import Prepared, pin_paths
 from taft.train.rundir import RunFolder, ensure_writable_folder, write_json
 from taft.train.text import ZERO_SHOT_SCALE, build_classifier, encode_texts, prepare_text
 
@@ -35,8 +35,9 @@ __all__ = ["ZERO_SHOT_SCALE", "RunResult", "TrainingDiverged", "build_classifier
 
 
 def resolve_device(name: str) -> torch.device:
-    """``name`` as a device that exists on this machine, or a :class:`ConfigError` saying what does."""
-    dev = torch.device(name)
+    """``name`` as a device that exists on this machine, or a :class:`ConfigError` saying what does (also for a
+    name that is no device taft runs on: ``gpu0``, ``cuda:007``)."""
+    dev = parse_device(name)
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise ConfigError(f"device={name!r}: no CUDA GPU is available here; use --device cpu")
@@ -68,6 +69,7 @@ def train(cfg: TrainConfig, *, progress: bool = True, caches: dict | None = None
 
     With ``cfg.output_dir`` the folder is checked first (before features are computed) and written only when the
     run is complete: any error, a diverged loss included, leaves it as it was."""
+    cfg = pin_paths(cfg)  # the data a run records is the data it read, from any folder
     device = resolve_device(cfg.device)
     if cfg.cache == "disk":
         cache_dir = Path(cfg.cache_dir).expanduser()
@@ -78,7 +80,8 @@ def train(cfg: TrainConfig, *, progress: bool = True, caches: dict | None = None
         result = _run(cfg, device, progress, caches, folder.path, folder.run_id, evaluate_test)
         result.output_dir = str(folder.target)
         write_json(folder.path / "results.json", result.to_dict())
-        folder.commit(num_classes=result.num_classes, method=cfg.method, model=cfg.model, data=cfg.data)
+        folder.commit(num_classes=result.num_classes, method=cfg.method, model=cfg.model, data=cfg.data,
+                      data_digest=result.data_digest)
     return result
 
 
@@ -140,7 +143,8 @@ def _run(cfg: TrainConfig, device: torch.device, progress: bool, caches: dict | 
 
     result = RunResult(config=dataclasses.asdict(cfg), val_acc=float("nan"), test_acc=None,
                        device=str(device), cache_s=cache_s, num_classes=int(clf.head.out_features),
-                       trainable_params=sum(d.numel() for d in tm.delta_dict().values()))
+                       trainable_params=sum(d.numel() for d in tm.delta_dict().values()),
+                       data_digest=split_digests(splits, prep.data_fingerprint))
     if out_dir:
         save_config(cfg, out_dir / "config.yaml")
         if cfg.head_init == "probe":  # part of w0 that cannot be rebuilt from the config alone

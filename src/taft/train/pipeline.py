@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
@@ -23,6 +24,24 @@ class Prepared:
     clf: Classifier
     cache_for: Callable[..., FeatureCache]
     data_fingerprint: str = ""  # for cache keys, where example ids alone do not identify the data
+
+
+def pin_paths(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` with its data paths made absolute (:func:`taft.data.text.pin_spec`), as a run or a store records
+    them: reading them again from another folder must find the same files, not others under the same name."""
+    from pathlib import Path
+
+    from taft.data.examples import DataError
+    from taft.data.text import SENTENCE_TASKS, default_data_root, pin_spec
+
+    def absolute(path: str | None) -> str | None:
+        return None if path is None else str(Path(path).expanduser().absolute())
+
+    data_root = absolute(cfg.data_root)
+    if data_root is None and cfg.data.lower() in SENTENCE_TASKS:  # found from the current folder: record where
+        with contextlib.suppress(DataError):  # no data folder here: loading will say so
+            data_root = str(default_data_root())
+    return replace(cfg, data=pin_spec(cfg.data), data_root=data_root, test_file=absolute(cfg.test_file))
 
 
 def init_classifier(cfg: TrainConfig, backbone: nn.Module, num_classes: int, *, pooling: str, zero_shot: bool,

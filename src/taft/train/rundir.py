@@ -24,6 +24,7 @@ from taft.checkpoint import fsync_dir, fsync_file
 from taft.errors import TaftError
 
 MANIFEST = "run.json"
+WITHDRAWN = "WITHDRAWN"  # a run its owner took back (its text says why and what to do); readers refuse it
 MANIFEST_FORMAT = "taft-run/1"
 # Files a run may hold; any of them present but not in the manifest does not belong to the run.
 RUN_FILES = ("config.yaml", "base_head.safetensors", "delta.safetensors", "metrics.jsonl", "results.json")
@@ -212,13 +213,33 @@ class RunFolder:
         return target
 
 
+def withdraw(run_dir: Path, reason: str) -> None:
+    """Take a finished run back before changing what it was made from: every later :func:`verify_run` refuses
+    it with ``reason`` until the folder is replaced (a shard store withdraws its composition before a forget
+    commits, so a forget killed at any point never leaves a composition of forgotten examples readable)."""
+    if not run_dir.is_dir():
+        return
+    tmp = run_dir / f".{WITHDRAWN}.tmp"
+    tmp.write_text(reason + "\n")
+    fsync_file(tmp)
+    os.replace(tmp, run_dir / WITHDRAWN)
+    fsync_dir(run_dir)
+
+
 def verify_run(run_dir: str | Path) -> dict:
-    """The manifest of a finished run, after checking that every file in the folder belongs to it."""
+    """The manifest of a finished run, after checking that every file in the folder belongs to it (and that its
+    owner did not :func:`withdraw` it)."""
     run_dir = Path(run_dir).expanduser()
     if not run_dir.exists():
         raise RunDirError(f"no run folder at {run_dir}; pass the --output-dir of `taft train`")
     if not run_dir.is_dir():
         raise RunDirError(f"{run_dir} is a file; pass the --output-dir folder of `taft train`")
+    if (run_dir / WITHDRAWN).exists():
+        try:
+            reason = (run_dir / WITHDRAWN).read_text().strip()
+        except (OSError, UnicodeDecodeError):
+            reason = "its owner withdrew it"
+        raise RunDirError(f"{run_dir} was withdrawn: {reason}")
     mpath = run_dir / MANIFEST
     if not mpath.is_file():
         if is_run_folder(run_dir):
