@@ -241,3 +241,24 @@ def test_legacy_forgotten_ids_become_tombstones(store):
         assert st.db.execute("SELECT COUNT(*) FROM examples WHERE id = ?", (victim,)).fetchone()[0] == 0
         assert st.get_meta("id_key") is not None
         assert st.forgotten_ids() == [st.tombstone(victim)]
+
+
+# -- 3. a damaged features file: verify reports it, no request trains on it ------------------------------------------
+@pytest.mark.parametrize("how", ["flipped", "truncated", "deleted"])
+def test_damaged_features_file_is_reported_and_refused(store, how, capsys):
+    with ShardStore(store) as st:
+        path = store / st.feature_rows()[0]["file"]
+    if how == "flipped":
+        raw = bytearray(path.read_bytes())
+        raw[-5] ^= 0x01  # one bit of one feature value: still a valid safetensors file
+        path.write_bytes(bytes(raw))
+    elif how == "truncated":
+        path.write_bytes(path.read_bytes()[:200])
+    else:
+        path.unlink()
+    report = verify(store)
+    assert not report["ok"] and any("shard 0" in p for p in report["problems"])
+    assert main(["shards", "forget", "--store", str(store), "--retrain", _ids(store, 0)[0]]) == 2
+    assert "shard 0" in _one_error(capsys)
+    with ShardStore(store) as st:
+        assert not st.forgotten_ids()  # nothing was forgotten on damaged data
