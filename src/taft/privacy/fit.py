@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from taft.config import ConfigError, TrainConfig
 from taft.privacy.accounting import calibrate_noise, check_budget, epsilon_spent
+from taft.privacy.ghost import clipped_sum
 from taft.privacy.grad_sample import nonlinear_twin, per_example_grads
 from taft.privacy.optimizer import DPOptimizer
 from taft.train.losses import make_loss, project_to_ball, squared_norm
@@ -77,16 +78,28 @@ def poisson_sample(n: int, rate: float, generator: torch.Generator) -> list[int]
     return torch.nonzero(torch.rand(n, generator=generator) < rate).flatten().tolist()
 
 
+CLIPPING = ("fast", "per-example")
+
+
 def fit_private(cfg: TrainConfig, plan: PrivacyPlan, tm, train_cache, train_labels, val_cache, val_ds, device,
-                progress: bool, result, out_dir, *, chunk: int = 32) -> None:
+                progress: bool, result, out_dir, *, chunk: int | None = None, clipping: str = "fast") -> None:
     """Train ``tm``'s Δw with DP-SGD (Poisson batches) or DP-GD (``plan.full_batch``), as planned.
 
-    Per-example gradients of each sampled batch are computed ``chunk`` at a time (sorted by length, so a chunk
-    pads little). Fills ``result.epochs`` and ``result.privacy``; writes ``metrics.jsonl`` when ``out_dir``."""
+    Each sampled (logical) batch is processed in micro-batches of at most ``chunk`` examples (sorted by length, so
+    a micro-batch pads little) whose clipped sums add into one noisy step, so any logical batch, the full data set
+    included, runs in bounded memory. ``clipping``: ``fast`` — per-example norms and the clipped sum without
+    per-example gradients (:mod:`taft.privacy.ghost`; default ``chunk`` = the batch size, at most 256) — or
+    ``per-example`` — the reference, per-example gradients materialized (default ``chunk`` 32). Both give the same
+    step (tests/privacy/test_ghost.py). Fills ``result.epochs`` and ``result.privacy``; writes ``metrics.jsonl``
+    when ``out_dir``."""
     from taft.train.fit import TrainingDiverged, end_epoch, lr_lambda, make_optimizer
 
     if len(train_cache) != plan.n:
         raise ConfigError(f"fit_private: planned for {plan.n} examples, the training features hold {len(train_cache)}")
+    if clipping not in CLIPPING:
+        raise ConfigError(f"fit_private(clipping={clipping!r}): use one of {CLIPPING}")
+    if chunk is None:
+        chunk = min(max(cfg.batch_size, 1), 256) if clipping == "fast" else 32
     cfg = dataclasses.replace(cfg, epochs=plan.steps // plan.steps_per_epoch)  # min_steps: as planned
     delta = tm.delta_dict()
     g_sample = torch.Generator().manual_seed(cfg.seed)
@@ -109,7 +122,10 @@ def fit_private(cfg: TrainConfig, plan: PrivacyPlan, tm, train_cache, train_labe
             for s in range(0, len(idx), chunk):
                 part = idx[s : s + chunk]
                 state = train_cache.collate(part, device)
-                opt.accumulate(per_example_grads(tm, state, labels[part], loss_fn, chunk=len(part), twin=twin))
+                if clipping == "fast":
+                    opt.add_clipped(clipped_sum(tm, state, labels[part], loss_fn, clip=plan.clip, twin=twin)[0])
+                else:
+                    opt.accumulate(per_example_grads(tm, state, labels[part], loss_fn, chunk=len(part), twin=twin))
             penalty = {n: 2 * cfg.penalty * d.detach() for n, d in delta.items()} if cfg.penalty else None
             opt.step(penalty)
             opt.zero_grad()

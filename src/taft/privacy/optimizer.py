@@ -74,6 +74,12 @@ class DPOptimizer:
         part = clip_and_sum(per_example, self.clip)
         self._sum = part if self._sum is None else {n: self._sum[n] + part[n] for n in part}
 
+    def add_clipped(self, clipped_sum: Mapping[str, Tensor]) -> None:
+        """Add one micro-batch's sum of already clipped per-example gradients
+        (:func:`taft.privacy.ghost.clipped_sum`)."""
+        part = {n: t.detach() for n, t in clipped_sum.items()}
+        self._sum = part if self._sum is None else {n: self._sum[n] + part[n] for n in part}
+
     def noisy_gradient(self) -> dict[str, Tensor]:
         """(clipped sum + N(0, σ²C²)) / B_expected, and the accumulated sum is reset."""
         total = self._sum if self._sum is not None else {n: torch.zeros_like(p) for n, p in self.params.items()}

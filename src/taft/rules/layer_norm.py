@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from taft.engine.dual import Dual, add_tangents
+from taft.engine.record import active_recorder
 from taft.engine.registry import register_rule
 from taft.errors import UnsupportedError
 
@@ -77,4 +78,9 @@ def layer_norm_rule(ctx, module: nn.LayerNorm, name: str, x: Dual) -> Dual:
         raise UnsupportedError("layer_norm rule: only normalization over the last dimension")
     gamma = ctx.param(f"{name}.weight") if module.weight is not None else None
     beta = ctx.param(f"{name}.bias") if module.bias is not None else None
-    return layer_norm_dual(ctx, x, gamma, beta, module.eps)
+    out = layer_norm_dual(ctx, x, gamma, beta, module.eps)
+    rec = active_recorder()
+    if rec is not None:  # per-example gradient book-keeping (fast DP clipping)
+        rec.layer_norm(f"{name}.weight" if gamma is not None else None, f"{name}.bias" if beta is not None else None,
+                       x.primal, module.eps, out.primal)
+    return out

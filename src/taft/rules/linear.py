@@ -8,6 +8,7 @@ from torch import nn
 
 from taft.engine.context import SharedWeightLinear
 from taft.engine.dual import Dual, add_tangents, is_batched
+from taft.engine.record import active_recorder
 from taft.engine.registry import register_rule
 
 
@@ -44,4 +45,8 @@ def linear_dual(ctx, x: Dual, w: Dual, b: Dual | None) -> Dual:
 @register_rule(nn.Linear)
 def linear_rule(ctx, module: nn.Linear, name: str, x: Dual) -> Dual:
     b = ctx.param(f"{name}.bias") if module.bias is not None else None
-    return linear_dual(ctx, x, ctx.param(f"{name}.weight"), b)
+    out = linear_dual(ctx, x, ctx.param(f"{name}.weight"), b)
+    rec = active_recorder()
+    if rec is not None:  # per-example gradient book-keeping (fast DP clipping)
+        rec.linear(f"{name}.weight", f"{name}.bias" if b is not None else None, x.primal, out.primal)
+    return out
