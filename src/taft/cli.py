@@ -385,7 +385,7 @@ _OVERWRITE = typer.Option(False, help="replace an existing run folder")
 def _alphas(step: float, start: float, stop: float) -> list[float]:
     from taft.arithmetic.experiments import grid
 
-    return grid(start, stop, step)
+    return grid(start, stop, step, name="--alpha-step")
 
 
 def _floats(text: str, flag: str, example: str) -> list[float]:
@@ -445,7 +445,8 @@ def arithmetic_finetune(
 @arithmetic_app.command("add")
 def arithmetic_add(
     vectors: list[str] = typer.Argument(..., help="task vectors (files or finetune folders), one per task"),
-    alpha_step: float = typer.Option(0.05, help="α grid 0..1 at this step, chosen on validation"),
+    alpha_step: float = typer.Option(0.05, help="α grid 0, step, ..., 1, chosen on validation; the step must "
+                                                "divide 1 (0.05, 0.1, 0.25, ...; 0.3 is refused), ≥ 0.001"),
     allow_mixed: bool = typer.Option(False, help="combine vectors of different bases or modes anyway"),
     output_dir: str = _OUT,
     overwrite: bool = _OVERWRITE,
@@ -461,8 +462,10 @@ def arithmetic_add(
 def arithmetic_negate(
     vector: str = typer.Argument(..., help="the target task's vector"),
     control: str = typer.Option(..., help="control task that must keep its accuracy"),
-    threshold: float = typer.Option(0.95, help="control keeps ≥ this fraction of its zero-shot accuracy"),
-    alpha_step: float = typer.Option(0.05, help="α grid 0..1 at this step (w0 − α·τ), chosen on validation"),
+    threshold: float = typer.Option(0.95, help="control keeps ≥ this fraction (in [0, 1]) of its zero-shot "
+                                               "accuracy"),
+    alpha_step: float = typer.Option(0.05, help="α grid 0, step, ..., 1 (w0 − α·τ), chosen on validation; the "
+                                                "step must divide 1 (0.05, 0.1, 0.25, ...), ≥ 0.001"),
     output_dir: str = _OUT,
     overwrite: bool = _OVERWRITE,
 ) -> None:
@@ -476,7 +479,8 @@ def arithmetic_negate(
 @arithmetic_app.command("disentangle")
 def arithmetic_disentangle(
     vectors: list[str] = typer.Argument(..., help="two task vectors"),
-    alpha_step: float = typer.Option(1.0, help="grid over [−3, 3]² at this step"),
+    alpha_step: float = typer.Option(1.0, help="grid −3, −3 + step, ..., 3 on each axis; the step must divide 6 "
+                                               "(0.5, 1, 2, 3, ...), ≥ 0.006"),
     points: int = typer.Option(100, min=1, help="test sentences per task"),
     output_dir: str = _OUT,
     overwrite: bool = _OVERWRITE,

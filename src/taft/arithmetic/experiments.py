@@ -11,7 +11,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 
-from taft.arithmetic.suite import MultiTaskSuite
+from taft.arithmetic.suite import MultiTaskSuite, check_same_data
 from taft.arithmetic.vectors import TaskVector, TaskVectorError, check_same_origin, combine
 from taft.config import ConfigError
 from taft.train.fit import TrainingDiverged
@@ -20,12 +20,57 @@ ADDITION_GRID = tuple(round(0.05 * i, 2) for i in range(21))  # 0, 0.05, ..., 1
 DISENTANGLE_GRID = tuple(float(a) for a in range(-3, 4))       # [-3, 3], step 1
 
 
-def grid(start: float, stop: float, step: float) -> list[float]:
-    """``start, start + step, ..., stop`` (inclusive, rounded to 6 digits)."""
-    n = int(round((stop - start) / step))
-    if n < 0 or step <= 0:
-        raise TaskVectorError(f"grid({start}, {stop}, {step}): needs step > 0 and stop ≥ start")
-    return [round(start + i * step, 6) for i in range(n + 1)]
+MAX_GRID_POINTS = 1001  # a grid search evaluates every point on every task: more is a typo, not a search
+
+
+def grid(start: float, stop: float, step: float, *, name: str = "step") -> list[float]:
+    """``start, start + step, ..., stop``: evenly spaced, both ends included, never outside ``[start, stop]``.
+
+    ``step`` must be finite, > 0 and divide ``stop − start`` (up to float rounding, 1e-5 relative: 0.1 on [0, 1]
+    gives 11 points ending at exactly 1.0), and the grid hold at most :data:`MAX_GRID_POINTS` points. A step that
+    does not divide the range (0.3 on [0, 1]) is refused rather than ending the grid short of ``stop`` (0.9: α = 1,
+    the plain sum, never tried) or past it (0.6 once gave 1.2); the message names the nearest steps that do.
+    Anything wrong is a :class:`ConfigError` naming ``name`` (the CLI passes its flag)."""
+    start, stop, step = float(start), float(stop), float(step)
+    if not (math.isfinite(start) and math.isfinite(stop) and start < stop):
+        raise ConfigError(f"grid over [{start:g}, {stop:g}]: needs finite bounds with start < stop")
+    span = stop - start
+    where = f"the grid over [{start:g}, {stop:g}]"
+    if not (math.isfinite(step) and 0 < step <= span):
+        raise ConfigError(f"{name} {step:g}: {where} needs a finite step > 0 and at most {span:g} that divides "
+                          f"{span:g}, e.g. {span / 20:g}")
+    ratio = span / step  # intervals; checked before any list is built (a tiny step must not eat the memory)
+    if not ratio < MAX_GRID_POINTS - 1 + 1e-5 * MAX_GRID_POINTS:  # also inf, for a subnormal step
+        raise ConfigError(f"{name} {step:g}: {where} would take {ratio:.6g} steps, more than the "
+                          f"{MAX_GRID_POINTS - 1} allowed ({MAX_GRID_POINTS} points); use a step of at least "
+                          f"{span / (MAX_GRID_POINTS - 1):g}")
+    n = max(round(ratio), 1)
+    if abs(ratio - n) > 1e-5 * n:
+        lo, hi = math.floor(ratio), math.ceil(ratio)
+        options = " or ".join(f"{span / k:.10g}" for k in (hi, lo) if 1 <= k <= MAX_GRID_POINTS - 1)
+        raise ConfigError(f"{name} {step:g} does not divide {where} evenly (it would end at "
+                          f"{start + lo * step:g}, not {stop:g}); use a step that does, e.g. {options}")
+    # i/n of the range: the endpoints come out exact and 0.1-steps read 0.3, not 0.30000000000000004
+    points = [min(max(float(f"{start + span * i / n:.12g}"), start), stop) for i in range(n + 1)]
+    points[0], points[-1] = start, stop
+    return points
+
+
+def check_alphas(alphas: Sequence[float], who: str) -> list[float]:
+    """The coefficients of a grid search as floats: at least one, every one finite (NaN would score as any α)."""
+    values = [float(a) for a in alphas]
+    if not values or not all(math.isfinite(a) for a in values):
+        raise ConfigError(f"{who}: needs one or more finite α values, got {values}; build them with grid()")
+    return values
+
+
+def check_threshold(threshold: float, who: str = "task_negation") -> float:
+    """The control task's kept fraction of its zero-shot accuracy: a finite number in [0, 1]."""
+    t = float(threshold)
+    if not (math.isfinite(t) and 0.0 <= t <= 1.0):
+        raise ConfigError(f"{who}: threshold {threshold!r} is the fraction of the control task's zero-shot accuracy "
+                          "to keep; use a number in [0, 1], e.g. 0.95")
+    return t
 
 
 # -- pure selection rules ---------------------------------------------------------------------------------
@@ -54,6 +99,7 @@ def choose_negation_alpha(target_by_alpha: Mapping[float, float], control_by_alp
                           control_zero_shot: float, threshold: float = 0.95) -> float:
     """The α of the lowest target accuracy among those keeping the control task at ≥ ``threshold`` × its
     zero-shot accuracy (the smallest α on ties; 0 — no edit — when no α qualifies)."""
+    threshold = check_threshold(threshold, "choose_negation_alpha")
     ok = [(target_by_alpha[a], a) for a in target_by_alpha if control_by_alpha[a] >= threshold * control_zero_shot]
     return min(ok)[1] if ok else 0.0
 
@@ -163,9 +209,12 @@ def task_addition(suite: MultiTaskSuite, vectors: Sequence[TaskVector], *, alpha
                   evaluate_test: bool = True, allow_mixed: bool = False) -> AdditionResult:
     """One α for ``Σ τ_t``, chosen on validation by average normalized accuracy; test read once, at that α."""
     check_same_origin(vectors, allow_mixed=allow_mixed)
+    alphas = check_alphas(alphas, "task_addition")
     mode, tasks = vectors[0].mode, [v.task for v in vectors]
     if len(set(tasks)) != len(tasks):
         raise TaskVectorError(f"task_addition: one vector per task, got {tasks}")
+    check_same_data(vectors)  # never waived by allow_mixed: validation must not overlap any vector's training data
+    suite.check_vectors(vectors, "task_addition")
     single_val = single_task_accuracy(suite, vectors, "val")
     # α·Στ, one vector: a tangent-space model then needs one J·v pass per split instead of one per task vector
     total = TaskVector(combine(vectors, 1.0, allow_mixed=allow_mixed), mode, vectors[0].base_fingerprint, "sum")
@@ -206,6 +255,10 @@ def task_negation(suite: MultiTaskSuite, vector: TaskVector, control: str, *, al
     ≥ ``threshold`` of its zero-shot accuracy."""
     if control == vector.task:
         raise TaskVectorError("task_negation: the control task must differ from the target")
+    threshold = check_threshold(threshold)
+    alphas = check_alphas(alphas, "task_negation")
+    check_same_origin([vector])
+    suite.check_vectors([vector], "task_negation")
     mode, target = vector.mode, vector.task
     zs_control = suite.accuracy(mode, control, "val")
     vt = {a: suite.accuracy(mode, target, "val", [vector], [-a]) for a in alphas}
@@ -239,6 +292,12 @@ def disentanglement(suite: MultiTaskSuite, v1: TaskVector, v2: TaskVector, *,
     """Weight disentanglement error ξ(α1, α2) = Σ_t E_{x∈D_t}[δ(f(x; α1τ1 + α2τ2), f(x; α_tτ_t))] on ``points``
     examples per task: δ = prediction disagreement (``xi``) and squared embedding distance (``xi_rep``)."""
     check_same_origin([v1, v2])
+    alphas = check_alphas(alphas, "disentanglement")
+    if isinstance(points, bool) or not isinstance(points, int) or points < 1:
+        raise ConfigError(f"disentanglement: points is the number of sentences per task; use an integer ≥ 1, "
+                          f"got {points!r}")
+    check_same_data([v1, v2])
+    suite.check_vectors([v1, v2], "disentanglement")
     mode, vs = v1.mode, (v1, v2)
     n = len(alphas)
     xi = [[0.0] * n for _ in range(n)]

@@ -17,10 +17,12 @@ Data is read lazily per (task, split): a search on validation never touches a te
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -29,7 +31,7 @@ from taft import delta as D
 from taft.arithmetic.modes import Mode, get_mode
 from taft.arithmetic.vectors import TaskVector, TaskVectorError, combine
 from taft.checkpoint import fingerprints
-from taft.config import ConfigError
+from taft.config import ConfigError, coerce_fields, from_dict
 from taft.data.examples import DatasetSplits
 from taft.models.classifier import Classifier
 from taft.tangent_model import TangentModel
@@ -54,6 +56,67 @@ class ArithmeticConfig:
     seed: int = field(default=0, metadata={"help": "seed of the validation split, samples and shuffling"})
     device: str = field(default="cpu", metadata={"help": "cpu | cuda"})
     threads: int | None = field(default=None, metadata={"help": "torch CPU threads"})
+
+    def __post_init__(self) -> None:
+        coerce_fields(self)
+        for name in ("max_length", "batch_size", "eval_batch_size", "max_train", "max_eval", "max_test", "threads"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                sample = name in ("max_train", "max_eval", "max_test")
+                hint = "; leave it unset to use every sentence" if sample else ""
+                raise ConfigError(f"{name} must be an integer ≥ 1, got {value}{hint}")
+        if not 0 <= self.seed < 2**63:
+            raise ConfigError(f"seed must be in 0..2**63-1, got {self.seed}")
+        if not [t for t in self.tasks.split(",") if t.strip()]:
+            raise ConfigError("tasks is empty; name one or more sentence tasks, e.g. sst2,mr")
+
+
+# The settings that decide which sentences a suite evaluates on: the files, the seeded validation carve and samples,
+# the tokenization and the sample sizes. (max_train is not one: no evaluation reads the train split, and the
+# validation carve does not depend on it.) The CLI flag of each, for the messages.
+DATA_SETTINGS = {"data_root": "--data-root", "seed": "--seed", "max_length": "--max-length",
+                 "max_eval": "--max-eval", "max_test": "--max-test"}
+
+
+def vector_config(tv: TaskVector, name: str = "") -> ArithmeticConfig | None:
+    """The :class:`ArithmeticConfig` a task vector was trained under (``info["config"]``, written by
+    ``taft arithmetic finetune``); None for a vector that records none (built in memory)."""
+    if "config" not in tv.info:
+        return None
+    try:
+        return from_dict(ArithmeticConfig, json.loads(tv.info["config"]))
+    except (ValueError, TypeError) as e:  # ConfigError is a ValueError; so is a JSON error
+        raise TaskVectorError(f"task vector {name or tv.task or 'unnamed'} records a training config that cannot be "
+                              f"read ({e}); fine-tune it again with `taft arithmetic finetune`") from e
+
+
+def data_settings(cfg: ArithmeticConfig) -> dict[str, object]:
+    """The values of :data:`DATA_SETTINGS` as a suite uses them (``max_test`` defaults to ``max_eval``)."""
+    root = None if cfg.data_root is None else str(Path(cfg.data_root).expanduser().resolve())
+    return {"data_root": root, "seed": cfg.seed, "max_length": cfg.max_length, "max_eval": cfg.max_eval,
+            "max_test": cfg.max_eval if cfg.max_test is None else cfg.max_test}
+
+
+def check_same_data(vectors: Sequence[TaskVector], names: Sequence[str] | None = None) -> None:
+    """Refuse task vectors trained under different :data:`DATA_SETTINGS`: a suite is built from one vector's
+    settings, and with another seed (or files) its validation split can hold another vector's training sentences;
+    with another length or sample size it is not the evaluation that vector was tuned on. Vectors recording no
+    config are not compared. ``allow_mixed`` (bases, modes) never waives this."""
+    names = [f"#{i} ({v.task or 'unnamed'})" for i, v in enumerate(vectors)] if names is None else list(names)
+    seen: list[tuple[str, dict]] = []
+    for v, name in zip(vectors, names, strict=True):
+        cfg = vector_config(v, name)
+        if cfg is not None:
+            seen.append((name, data_settings(cfg)))
+    for name, settings in seen[1:]:
+        first_name, first = seen[0]
+        for key, flag in DATA_SETTINGS.items():
+            if settings[key] != first[key]:
+                raise TaskVectorError(
+                    f"task vectors trained on different data: {key} {first[key]} for {first_name} but "
+                    f"{settings[key]} for {name}; the evaluation suite is built from one setting, so validation "
+                    f"could overlap another vector's training data or differ from what it was tuned on. Fine-tune "
+                    f"them with the same {flag} (--allow-mixed does not waive this)")
 
 
 @dataclass
@@ -131,6 +194,23 @@ class MultiTaskSuite:
         if self._fingerprint is None:
             self._fingerprint = fingerprints(self.tangent_model("linear-layers"))["backbone"]
         return self._fingerprint
+
+    def check_vectors(self, vectors: Sequence[TaskVector], who: str) -> None:
+        """Refuse a task vector whose recorded training config (``taft arithmetic finetune``) evaluates on other
+        data than this suite: another seed (validation carve and samples), token length or sample size."""
+        mine = {"seed": self.seed, "max_length": self.max_length, "max_eval": self.max_eval,
+                "max_test": self.max_test}
+        for v in vectors:
+            cfg = vector_config(v)
+            if cfg is None:
+                continue
+            theirs = data_settings(cfg)
+            for key, value in mine.items():
+                if theirs[key] != value:
+                    raise TaskVectorError(
+                        f"{who}: task vector {v.task or 'unnamed'} was fine-tuned with {key} {theirs[key]}, this suite "
+                        f"evaluates with {value}: its validation could overlap that vector's training data or differ "
+                        f"from what it was tuned on; build the suite with {key}={theirs[key]}")
 
     # -- data -----------------------------------------------------------------------------------------
     def data(self, task: str, split: str, tm: TangentModel, limit: int | None = None) -> tuple[FeatureCache, Tensor]:

@@ -54,7 +54,8 @@ def task_vector(finetuned: Mapping[str, Tensor], base: Mapping[str, Tensor], *, 
 
 
 def check_same_origin(vectors: Sequence[TaskVector], *, allow_mixed: bool = False) -> None:
-    """Refuse vectors of different bases or modes (unless ``allow_mixed``) and incompatible tensors (always)."""
+    """Refuse vectors of different bases or modes (unless ``allow_mixed``), and incompatible tensors or tensors
+    holding NaN / inf (always)."""
     if not vectors:
         raise TaskVectorError("no task vectors given")
     first = vectors[0]
@@ -71,6 +72,20 @@ def check_same_origin(vectors: Sequence[TaskVector], *, allow_mixed: bool = Fals
                 f"task vector #{i} ({v.task or 'unnamed'}) is a {v.mode!r} vector, #0 a {first.mode!r} one: they "
                 "live in different spaces (weight vs tangent, or other parameters); pass allow_mixed=True to force")
     D.check_compatible(*(v.tensors for v in vectors))
+    for i, v in enumerate(vectors):
+        bad = non_finite(v.tensors)
+        if bad:
+            raise TaskVectorError(f"task vector #{i} ({v.task or 'unnamed'}) holds NaN or inf in {_names(bad)}: any "
+                                  "sum, α grid or cosine with it is meaningless; fine-tune it again (smaller lr)")
+
+
+def non_finite(tensors: Mapping[str, Tensor]) -> list[str]:
+    """Names of the floating-point tensors holding a NaN or an inf."""
+    return [n for n, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+
+
+def _names(names: list[str], k: int = 3) -> str:
+    return ", ".join(names[:k]) + (f", ... ({len(names)} in all)" if len(names) > k else "")
 
 
 def combine(vectors: Sequence[TaskVector], alphas: Sequence[float] | float, *,
@@ -103,9 +118,9 @@ def save_task_vector(tv: TaskVector, path: str | Path) -> Path:
     """safetensors with the base fingerprint, mode, task and content hashes; atomic (temp file, fsync, rename)."""
     path = Path(path)
     tensors = {n: t.detach().to("cpu").contiguous() for n, t in tv.tensors.items()}
-    bad = [n for n, t in tensors.items() if not bool(torch.isfinite(t).all())]
+    bad = non_finite(tensors)
     if bad:
-        raise TaskVectorError(f"save_task_vector: {bad[:3]} hold NaN or inf; refusing to write {path}")
+        raise TaskVectorError(f"save_task_vector: {_names(bad)} hold NaN or inf; refusing to write {path}")
     meta = {"format": FORMAT, "taft_version": __version__, "mode": tv.mode, "task": tv.task,
             "base_fingerprint": tv.base_fingerprint, "info": json.dumps(tv.info),
             "content_sha256": json.dumps(content_hashes(tensors))}
@@ -119,8 +134,22 @@ def load_task_vector(path: str | Path, *, device: torch.device | str = "cpu") ->
     if meta.get("format") != FORMAT:
         raise TaskVectorError(f"load_task_vector: {path} is not a taft task vector (format {meta.get('format')!r}, "
                               f"expected {FORMAT!r})")
-    if json.loads(meta["content_sha256"]) != content_hashes(tensors):
+    bad = non_finite(tensors)
+    if bad:
+        raise TaskVectorError(f"load_task_vector: {path} holds NaN or inf in tensor {_names(bad)}; refusing to load "
+                              "it (its training diverged or the file was edited): fine-tune it again")
+    missing = [k for k in ("mode", "base_fingerprint", "content_sha256") if k not in meta]
+    try:
+        hashes, info = json.loads(meta.get("content_sha256", "{}")), json.loads(meta.get("info", "{}"))
+    except ValueError:
+        hashes, info, missing = None, None, [*missing, "readable content_sha256/info"]
+    if info is not None and not isinstance(info, dict):
+        missing.append("an info mapping")
+    if missing:
+        raise TaskVectorError(f"load_task_vector: {path} lacks {missing} in its metadata; it was not written by "
+                              "save_task_vector: fine-tune it again")
+    if hashes != content_hashes(tensors):
         raise TaskVectorError(f"load_task_vector: {path} does not match the content hashes stored when it was "
                               "saved: the file was modified or corrupted")
     return TaskVector({n: t.to(device) for n, t in tensors.items()}, meta["mode"], meta["base_fingerprint"],
-                      meta.get("task", ""), json.loads(meta.get("info", "{}")))
+                      meta.get("task", ""), info)
