@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 import re
 import types
 import typing
@@ -217,7 +218,41 @@ def class_name_list(value: str | None) -> list[str] | None:
     return None if value is None else value.split(",")
 
 
-DEVICE = re.compile(r"cpu|cuda(:[0-9]+)?|mps")
+DEVICE = re.compile(r"cpu|mps|cuda(:(0|[1-9][0-9]{0,8}))?")
+DEVICE_HELP = "use cpu, cuda, cuda:N (N = 0, 1, ...) or mps"
+
+
+def parse_device(name: str):
+    """``name`` as a ``torch.device``, or a :class:`ConfigError` naming the valid spellings. Only the devices taft
+    runs on are accepted (not ``gpu``, ``cuda:007`` or an index torch cannot parse); whether the machine has one is
+    checked where the device is first used (:func:`taft.train.loop.resolve_device`)."""
+    if not isinstance(name, str) or not DEVICE.fullmatch(name):
+        raise ConfigError(f"device={name!r} is not valid; {DEVICE_HELP}")
+    import torch
+
+    try:
+        return torch.device(name)
+    except RuntimeError as e:  # what torch's own parser refuses
+        raise ConfigError(f"device={name!r} is not valid ({e}); {DEVICE_HELP}") from e
+
+
+# ε above this is no privacy in any useful sense (e^100 ≈ 2.7e43 is the allowed likelihood ratio), and the noise
+# calibration for it searches noise multipliers close to 0, where the accountants are slow and imprecise.
+MAX_DP_EPSILON = 100.0
+
+
+def check_dp_epsilon(epsilon: float) -> None:
+    """Refuse a DP target ε that is not a finite number in (0, MAX_DP_EPSILON]."""
+    if isinstance(epsilon, bool) or not isinstance(epsilon, numbers.Real):
+        raise ConfigError(f"dp_epsilon must be a number, got {epsilon!r}; typical targets are 1, 3 or 8")
+    if not math.isfinite(epsilon):
+        raise ConfigError(f"dp_epsilon must be a finite number, got {epsilon}; typical targets are 1, 3 or 8, and "
+                          "leaving --dp-epsilon out trains without privacy")
+    if epsilon <= 0:
+        raise ConfigError(f"dp_epsilon must be > 0, got {epsilon}; typical targets are 1, 3 or 8")
+    if epsilon > MAX_DP_EPSILON:
+        raise ConfigError(f"dp_epsilon={epsilon:g} is above {MAX_DP_EPSILON:g}: such an ε gives no meaningful privacy "
+                          f"guarantee; use a target such as 1, 3 or 8, or omit --dp-epsilon for non-private training")
 
 
 METHODS = ("taft", "nlft", "fc", "lora", "adapter", "zero-shot")
@@ -286,7 +321,7 @@ class TrainConfig:
     cache: str = field(default="memory", metadata={"help": "frozen-prefix feature cache: memory | disk | none"})
     cache_dir: str | None = field(default=None, metadata={"help": "folder for --cache disk (reused across runs)"})
     seed: int = field(default=0, metadata={"help": "seed of head init, shuffling, validation split"})
-    device: str = field(default="cpu", metadata={"help": "cpu | cuda"})
+    device: str = field(default="cpu", metadata={"help": "cpu | cuda | cuda:N | mps"})
     dtype: str = field(default="float32", metadata={
         "help": "the model's precision: float32 | bfloat16 | float16 (Δw stays a float32 master copy)"})
     threads: int | None = field(default=None, metadata={"help": "torch CPU threads (default: torch's choice)"})
@@ -295,7 +330,8 @@ class TrainConfig:
         "help": "replace a run already in output_dir (the old run is kept until the new one is complete)"})
     # -- differential privacy (taft.privacy): set dp_epsilon to train with DP-SGD ---------------------------------
     dp_epsilon: float | None = field(default=None, metadata={
-        "help": "train with differential privacy at this ε (DP-SGD on Δw; σ calibrated to the planned steps)"})
+        "help": "train with differential privacy at this ε, 0 < ε ≤ 100 (DP-SGD on Δw; σ calibrated to the planned "
+                "steps)"})
     dp_delta: float = field(default=1e-5, metadata={"help": "DP δ (must be ≤ 1/N for N training examples)"})
     dp_clip: float = field(default=1.0, metadata={"help": "DP per-example gradient norm bound C"})
     dp_accountant: str = field(default="rdp", metadata={"help": "DP accountant (Opacus): rdp | prv"})
@@ -343,8 +379,7 @@ class TrainConfig:
         for name in ("data_root", "test_file", "cache_dir", "output_dir"):
             if getattr(self, name) is not None and not getattr(self, name).strip():
                 raise ConfigError(f"{name} is an empty path; leave it out or name a path")
-        if not DEVICE.fullmatch(self.device):
-            raise ConfigError(f"device={self.device!r} is not valid; use cpu, cuda, cuda:N or mps")
+        parse_device(self.device)
         check_scope_syntax(self.scope)
         if self.method in ("lora", "adapter") and not re.fullmatch(r"last(:[1-9][0-9]*)?", self.scope):
             raise ConfigError(f"method={self.method} adds adapters to the last k blocks only; use scope last:K, "
@@ -366,8 +401,7 @@ class TrainConfig:
             if self.dp_full_batch:
                 raise ConfigError("dp_full_batch is a private-training option; set --dp-epsilon too")
             return
-        if self.dp_epsilon <= 0:
-            raise ConfigError(f"dp_epsilon must be > 0, got {self.dp_epsilon}; typical targets are 1, 3 or 8")
+        check_dp_epsilon(self.dp_epsilon)
         if not 0 < self.dp_delta < 1:
             raise ConfigError(f"dp_delta must be in (0, 1), got {self.dp_delta}; use one well below 1/N, e.g. 1e-5")
         if self.dp_clip <= 0:

@@ -8,9 +8,11 @@ line found mid-training costs far more than one found at load time.
 from __future__ import annotations
 
 import csv
+import difflib
 import io
 import json
 import re
+import unicodedata
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,6 +24,35 @@ _INT = re.compile(r"[+-]?[0-9]+")
 TEXT_SUFFIXES = (".txt", ".csv", ".jsonl")
 # (where, text, raw label): "where" is "line 12" / "row 3", used in error messages.
 Record = tuple[str, Any, Any]
+
+
+class LabelWarning(UserWarning):
+    """A label of the training data that looks like a mistake (it occurs once, or it is a near-copy or a different
+    kind of the other labels): not an error, since a real data set may have a rare class, but named with its line."""
+
+
+# Characters that show nothing: whitespace, format characters (zero-width space and joiners, BOM, bidi marks, tags),
+# separators and controls, and a few letters and symbols that render blank (Hangul fillers, braille blank, the
+# combining grapheme joiner, variation selectors).
+_BLANK_CATEGORIES = frozenset({"Cf", "Zs", "Zl", "Zp", "Cc"})
+_BLANK_CHARS = frozenset("\u034f\u115f\u1160\u3164\uffa0\u2800" + "".join(map(chr, range(0xFE00, 0xFE10))))
+
+
+def _blank_char(c: str) -> bool:
+    return c.isspace() or c in _BLANK_CHARS or unicodedata.category(c) in _BLANK_CATEGORIES
+
+
+def is_blank_text(text: str) -> bool:
+    """Whether ``text`` shows nothing: empty once whitespace and invisible characters (Unicode categories Cf, Zs,
+    Zl, Zp, Cc, and a few blank-rendering letters) are removed. Such a "sentence" is no example."""
+    return all(_blank_char(c) for c in text)
+
+
+def _name_chars(text: str, k: int = 3) -> str:
+    """The distinct invisible characters of ``text``, as ``U+200B ZERO WIDTH SPACE`` (at most ``k``)."""
+    seen = list(dict.fromkeys(c for c in text if c not in " \t"))
+    names = [f"U+{ord(c):04X} {unicodedata.name(c, unicodedata.category(c))}" for c in seen[:k]]
+    return ", ".join(names) + (", ..." if len(seen) > k else "") if names else "spaces"
 
 
 def infer_name_and_split(path: Path) -> tuple[str, str]:
@@ -74,6 +105,8 @@ def records_to_dataset(
     """Validate labels against the declared classes and assign ids; ``records`` are (where, text, label)."""
     if not records:
         raise DataError(f"no examples in {source}: it is empty or holds only blank lines")
+    if num_classes is None and split == "train":  # inferred classes: a typo in one label is a class of its own
+        warn_suspicious_labels(records, source=source, class_names=class_names)
     if num_classes is None:
         num_classes = len(class_names) if class_names else max(label for _, _, label in records) + 1
     shown = f" {list(class_names)}" if class_names else ""
@@ -87,6 +120,67 @@ def records_to_dataset(
             )
         examples.append(TextExample(example_id(text, label, seen, split=split), text, label))
     return TextDataset(name, examples, num_classes, list(class_names) if class_names else None)
+
+
+RARE_RATIO = 5  # a label this many times rarer than a look-alike (or than the labels of the other kind) is suspect
+
+
+def _looks_alike(a: str, b: str) -> bool:
+    """``a`` differs from ``b`` only by case, spacing or punctuation, or by a typo (similarity ≥ 0.8)."""
+    def norm(x: str) -> str:
+        return "".join(c for c in x.casefold() if c.isalnum())
+
+    return a != b and (norm(a) == norm(b) or difflib.SequenceMatcher(None, a.casefold(), b.casefold()).ratio() >= 0.8)
+
+
+def warn_suspicious_labels(records: Sequence[tuple[str, str, int]], *, source: str | Path,
+                           class_names: Sequence[str] | None = None) -> None:
+    """One :class:`LabelWarning` per training label that is probably a mistake, naming the file, its line(s) and
+    the fix: a label with a single example; a string label that is a near-copy of a label at least
+    :data:`RARE_RATIO` times more frequent (``Pos``/``pos``, ``postive``/``positive``); a number among words or a
+    word among numbers. ``records`` are (where, text, label) with labels mapped to ``class_names``' positions.
+
+    Warnings, not errors: a real data set may have a rare class. Declaring the classes (``num_classes``) turns a
+    label outside them into an error naming its line; :func:`records_to_dataset` checks only without it."""
+    rows: dict[int, list[str]] = {}
+    for where, _, label in records:
+        rows.setdefault(label, []).append(where)
+    if len(rows) < 2:
+        return  # one class: an error later (check_label_space)
+    counts = {label: len(w) for label, w in rows.items()}
+    reasons: dict[int, list[str]] = {}
+    names = list(class_names) if class_names else None
+
+    def shown(label: int) -> str:
+        return repr(names[label]) if names and 0 <= label < len(names) else str(label)
+
+    if names and all(0 <= label < len(names) for label in rows):
+        for label in sorted(rows):
+            alike = [m for m in rows if counts[m] >= RARE_RATIO * counts[label] and _looks_alike(names[label],
+                                                                                                names[m])]
+            if alike:
+                best = max(alike, key=lambda m: counts[m])
+                reasons.setdefault(label, []).append(f"looks like {shown(best)} ({counts[best]} rows)")
+        numeric = {label: bool(_INT.fullmatch(names[label].strip())) for label in rows}
+        by_kind = {kind: sum(counts[label] for label in rows if numeric[label] == kind) for kind in (True, False)}
+        for label in sorted(rows):
+            kind = numeric[label]
+            if by_kind[kind] * RARE_RATIO <= by_kind[not kind]:
+                what, others = ("a number", "words") if kind else ("a word", "numbers")
+                reasons.setdefault(label, []).append(f"is {what} while the other labels are {others}")
+    for label in sorted(rows):
+        if counts[label] == 1:
+            reasons.setdefault(label, []).insert(0, "occurs only once")
+    for label, why in sorted(reasons.items()):
+        where = rows[label]
+        lines = ", ".join(where[:5]) + (f" (and {len(where) - 5} more)" if len(where) > 5 else "")
+        warnings.warn(
+            f"{source}, {lines}: training label {shown(label)} ({counts[label]} of {len(records)} rows) "
+            f"{' and '.join(why)}, so it becomes a class of its own: if it is a typo, fix that line; if not, declare "
+            f"the classes with --num-classes (num_classes=), which makes a label outside them an error",
+            LabelWarning,
+            stacklevel=3,
+        )
 
 
 def read_label_sentence_file(
@@ -122,12 +216,19 @@ def read_label_sentence_file(
             line = line.removeprefix("\ufeff").strip() if lineno == 1 else line.strip()
             if not line:
                 continue
+            if is_blank_text(line):
+                raise DataError(f"{path}: line {lineno} holds only invisible characters ({_name_chars(line)}); "
+                                f"delete the line or write `LABEL sentence` on it")
             parts = line.split(maxsplit=1)
             if len(parts) != 2 or not _INT.fullmatch(parts[0]):
                 raise DataError(
                     f"{path}: cannot parse line {lineno}: {_clip(line)!r}; "
                     f"expected `LABEL<space>sentence` with an integer LABEL, e.g. `1 a gripping , funny film`"
                 )
+            if is_blank_text(parts[1]):
+                raise DataError(f"{path}: line {lineno}: the sentence after label {parts[0]} is empty: it holds only "
+                                f"invisible characters ({_name_chars(parts[1])}); write the sentence or delete the "
+                                f"line")
             records.append((f"line {lineno}", parts[1], int(parts[0])))
     if undecodable:
         warnings.warn(
@@ -169,6 +270,9 @@ def map_labels(
     for where, text, _ in records:
         if not isinstance(text, str) or not text.strip():
             raise DataError(f"{source}, {where}: text must be a non-empty string, got {text!r}")
+        if is_blank_text(text):
+            raise DataError(f"{source}, {where}: the text is empty: it holds only invisible characters "
+                            f"({_name_chars(text)}); write the sentence or delete the row")
     raws = [raw for _, _, raw in records]
     if label_names is not None:
         index = {n: i for i, n in enumerate(label_names)}
@@ -176,7 +280,7 @@ def map_labels(
     elif all(_int_like(r) for r in raws):
         index, names = {}, None
     else:
-        missing = [where for where, _, raw in records if raw is None or raw == ""]
+        missing = [where for where, _, raw in records if raw is None or (isinstance(raw, str) and is_blank_text(raw))]
         if missing:
             raise DataError(f"{source}, {missing[0]}: missing label")
         names = sorted({str(r).strip() for r in raws})

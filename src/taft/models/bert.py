@@ -8,7 +8,10 @@ Inputs: every argument of ``BertModel.forward`` that changes ``last_hidden_state
 ``position_ids`` — in HF's positional order; output-format flags are accepted. Not the family's
 (the exact generic fallback runs instead): decoders (``is_decoder``: causal self-attention, cross-attention).
 Refused (:class:`~taft.errors.UnsupportedError`): ``encoder_hidden_states``, caches and any other argument;
-attention-probability dropout in training mode.
+attention-probability dropout in training mode. Refused (:class:`~taft.errors.TaftError`): a row of the batch with
+no token to attend to (an all-zero padding mask, or a 4-D mask with a fully masked query): what the model computes
+for it depends on its attention implementation (eager attends uniformly to the padding, SDPA returns zeros), and
+mean pooling has no token to average for it anyway.
 """
 
 from __future__ import annotations
@@ -101,6 +104,28 @@ def bert_pooler_rule(ctx, m: mb.BertPooler, name: str, h: Dual) -> Dual:
     return ctx.call(m.activation, f"{name}.activation", ctx.call(m.dense, f"{name}.dense", h))
 
 
+def _refuse_rows_without_tokens(arch: str, attention_mask: Tensor) -> None:
+    """A :class:`TaftError` naming the first row of the batch whose tokens attend to nothing: a 2-D padding mask
+    of zeros only, or a 4-D mask with a query row masked everywhere (bool False, or additive ``-inf``). The model's
+    own output for such a row is whatever its attention kernel makes of an empty softmax (uniform weights in eager
+    attention, zeros in SDPA), so no closed form can promise to match it. A vmapped mask is not checked (its
+    values cannot steer Python); additive 4-D masks with finite fills (HF's ``finfo.min``) give uniform weights in
+    every implementation and are allowed."""
+    if is_batched(attention_mask):
+        return
+    if attention_mask.dim() == 2:
+        attends = attention_mask.to(torch.bool).any(dim=-1)  # (B,)
+    elif attention_mask.dtype == torch.bool:
+        attends = attention_mask.any(dim=-1).flatten(1).all(dim=1)  # every query of the row sees a token
+    else:
+        attends = ~torch.isneginf(attention_mask).all(dim=-1).flatten(1).any(dim=1)
+    if not bool(attends.all()):
+        row = int((~attends).nonzero()[0, 0])
+        raise TaftError(f"{arch} family: row {row} of the batch has no token to attend to (all padding: its "
+                        f"attention mask masks every token); drop that row, or keep at least one token unmasked "
+                        f"(a tokenizer's [CLS] and [SEP] always are)")
+
+
 @register_family
 class BertFamily(Family):
     arch = "hf-bert"
@@ -176,6 +201,7 @@ class BertFamily(Family):
         elif attention_mask.dim() not in (2, 4):
             raise TaftError(f"BERT family: attention_mask must be (batch, tokens) or 4-D additive, got shape "
                             f"{tuple(attention_mask.shape)}")
+        _refuse_rows_without_tokens(self.arch, attention_mask)
         if position_ids is not None:
             position_ids = position_ids.expand(B, T)  # (B, T): one row per example (the prefix cache splits rows)
         aux = {"input_ids": input_ids, "inputs_embeds": inputs_embeds, "token_type_ids": token_type_ids,

@@ -97,6 +97,29 @@ def _slug(setting: dict[str, Any]) -> str:
     return "-".join(f"{k}={v}" for k, v in setting.items()).replace("/", "_") or "default"
 
 
+def _check_settings(cfg: TrainConfig, grid: dict[str, list], seeds: list[int]) -> None:
+    """Every configuration the search would train, built (hence validated) before the first run: a bad grid value
+    or seed (``max_train=0``, ``seed=-1``) is refused up front, not after hours of the candidates before it."""
+    for name, values in grid.items():
+        if not values:
+            raise ConfigError(f"search: grid {name} has no values")
+        for value in values:
+            try:
+                dataclasses.replace(cfg, **{name: value})
+            except ConfigError as e:
+                raise ConfigError(f"search: grid {name}={value!r}: {e}") from e
+    for point in grid_points(grid):  # options that are only bad together (lora_r with a scope, ...)
+        try:
+            dataclasses.replace(cfg, **point)
+        except ConfigError as e:
+            raise ConfigError(f"search: grid point {point}: {e}") from e
+    for seed in seeds:
+        try:
+            dataclasses.replace(cfg, seed=seed)
+        except ConfigError as e:
+            raise ConfigError(f"search: --seeds {seed}: {e}") from e
+
+
 def search(cfg: TrainConfig, grid: dict[str, list] | None = None, seeds: list[int] | None = None, *,
            progress: bool = True, caches: dict | None = None) -> SearchResult:
     """Select ``grid`` on validation at ``seeds[0]``, then score the choice on test at every seed in ``seeds``.
@@ -110,6 +133,7 @@ def search(cfg: TrainConfig, grid: dict[str, list] | None = None, seeds: list[in
     cfg = dataclasses.replace(cfg, seed=seeds[0])  # the first seed selects
     if len(set(seeds)) != len(seeds):
         raise ConfigError(f"search: seeds {seeds} repeat a value")
+    _check_settings(cfg, grid, seeds)
     caches = {} if caches is None else caches
     out = Path(cfg.output_dir) if cfg.output_dir else None
     with tempfile.TemporaryDirectory(prefix="taft-search-") as scratch:
