@@ -351,8 +351,11 @@ def shards_status(store: str = typer.Option(..., help="the store folder"),
                       "—" if eps is None else f"{eps:.3g}", r["file"] or "—")
     console().print(table)
     comp = st["composed"]
-    console().print(f"composed: {comp['shards'] if comp else 'none'}" + (f" (weights {comp['weights_rule']})"
-                                                                        if comp else ""))
+    if st["unfinished"]:
+        console().print(f"[bold red]unfinished:[/] {st['unfinished']}; composed/ is not served until then")
+    else:
+        console().print(f"composed: {comp['shards'] if comp else 'none'}" + (f" (weights {comp['weights_rule']})"
+                                                                            if comp else ""))
     for a in st["history"][-history:]:
         console().print(f"  #{a['seq']} {a['time']} {a['action']} {a['outcome']} (request {a['request']})")
 

@@ -144,7 +144,8 @@ def _run(cfg: TrainConfig, device: torch.device, progress: bool, caches: dict | 
     result = RunResult(config=dataclasses.asdict(cfg), val_acc=float("nan"), test_acc=None,
                        device=str(device), cache_s=cache_s, num_classes=int(clf.head.out_features),
                        trainable_params=sum(d.numel() for d in tm.delta_dict().values()),
-                       data_digest=split_digests(splits, prep.data_fingerprint))
+                       data_digest=split_digests(splits if evaluate_test else dataclasses.replace(splits, test=None),
+                                                 prep.data_fingerprint))  # (a search candidate never reads test)
     if out_dir:
         save_config(cfg, out_dir / "config.yaml")
         if cfg.head_init == "probe":  # part of w0 that cannot be rebuilt from the config alone
