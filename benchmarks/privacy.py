@@ -148,10 +148,13 @@ def _cost_setup(cfg):
     return tm, cache, ds.labels, make_loss(cfg.loss, kappa=cfg.kappa, m=cfg.rsl_m)
 
 
-def _cost_case(q, args, scope: str, method: str, private: bool) -> None:
-    """One case in a fresh process: set up, then time ``reps`` steps; the peak RSS the steps add."""
+def _cost_case(q, args, scope: str, method: str, private: str | None) -> None:
+    """One case in a fresh process: set up, then time ``reps`` steps; the peak RSS the steps add. ``private``:
+    None (the ordinary step), ``fast`` (ghost norms + book-keeping, micro-batches of up to 256) or ``per-example``
+    (the reference: per-example gradients materialized, micro-batches of 32) — as ``fit_private`` runs them."""
     try:
         torch.set_num_threads(args.threads or 1)
+        from taft.privacy.ghost import clipped_sum
         from taft.privacy.grad_sample import nonlinear_twin, per_example_grads
         from taft.privacy.optimizer import DPOptimizer
 
@@ -166,11 +169,17 @@ def _cost_case(q, args, scope: str, method: str, private: bool) -> None:
         lengths = cache.lengths
         order = sorted(idx, key=lambda i: lengths[i])
 
+        chunk = min(len(order), 256) if private == "fast" else 32
+
         def step():
             if private:
-                for s in range(0, len(order), 32):
-                    part = order[s : s + 32]
-                    dp.accumulate(per_example_grads(tm, cache.collate(part), labels[part], loss_fn, twin=twin))
+                for s in range(0, len(order), chunk):
+                    part = order[s : s + chunk]
+                    if private == "fast":
+                        dp.add_clipped(clipped_sum(tm, cache.collate(part), labels[part], loss_fn, clip=1.0,
+                                                   twin=twin)[0])
+                    else:
+                        dp.accumulate(per_example_grads(tm, cache.collate(part), labels[part], loss_fn, twin=twin))
                 dp.step()
                 dp.zero_grad()
             else:
@@ -197,7 +206,8 @@ def run_cost(args) -> list[dict]:
     for scope in args.cost_scopes:
         for method in METHODS:
             row = {"scope": scope, "method": method, "batch": args.cost_batch}
-            for private in (False, True):
+            kinds = {"plain": None, "private": "fast", "private_per_example": "per-example"}
+            for key, private in kinds.items():
                 q = ctx.Queue()
                 p = ctx.Process(target=_cost_case, args=(q, args, scope, method, private))
                 p.start()
@@ -205,11 +215,13 @@ def run_cost(args) -> list[dict]:
                 p.join()
                 if "error" in res:
                     raise RuntimeError(f"cost case {scope}/{method}/private={private}: {res['error']}")
-                row["private" if private else "plain"] = res
-            row["time_ratio"] = row["private"]["median_s"] / row["plain"]["median_s"]
-            for k in ("plain", "private"):
-                row[k]["added_mb"] = row[k]["peak_rss_mb"] - row[k]["setup_rss_mb"]
-            row["added_ratio"] = row["private"]["added_mb"] / max(row["plain"]["added_mb"], 1.0)
+                row[key] = res
+                row[key]["added_mb"] = res["peak_rss_mb"] - res["setup_rss_mb"]
+            for key, suffix in (("private", ""), ("private_per_example", "_per_example")):
+                row[f"time_ratio{suffix}"] = row[key]["median_s"] / row["plain"]["median_s"]
+                row[f"added_ratio{suffix}"] = row[key]["added_mb"] / max(row["plain"]["added_mb"], 1.0)
+                # peak memory of the whole process (model, features and the step) against the ordinary step's
+                row[f"peak_ratio{suffix}"] = row[key]["peak_rss_mb"] / row["plain"]["peak_rss_mb"]
             print(json.dumps(row), flush=True)
             rows.append(row)
     return rows
@@ -271,19 +283,37 @@ def report(out: dict) -> str:
               "model is the head itself.)", ""]
     if out.get("cost"):
         cmeta = out.get("cost_meta", meta)
+        fast = "private_per_example" in out["cost"][0]
         lines += ["## Cost of privacy", "",
                   f"One training step on {out['cost'][0]['batch']} SST-2 examples (cached frozen-prefix features), "
                   f"median of {cmeta['cost_reps']} steps after a warm-up ({cmeta['date']}, {cmeta['device']}; "
-                  f"`{cmeta['command']}`). Memory: the peak resident set size during the steps (sampled every 0.5 ms) "
-                  "minus the size before them (model and features loaded), each case in a fresh process. "
-                  "The machine's 2 cores were shared with other jobs: times are noisy.", "",
-                  "| scope | method | plain step (s) | private step (s) | time × | plain step adds (MB) | "
-                  "private step adds (MB) | memory × | set-up RSS (MB) |", "|---" * 9 + "|"]
-        for r in out["cost"]:
-            lines.append(f"| {r['scope']} | {METHODS[r['method']]} | {r['plain']['median_s']:.3f} | "
-                         f"{r['private']['median_s']:.3f} | {r['time_ratio']:.2f} | {r['plain']['added_mb']:.0f} | "
-                         f"{r['private']['added_mb']:.0f} | {r['added_ratio']:.2f} | "
-                         f"{r['plain']['setup_rss_mb']:.0f} |")
+                  f"`{cmeta['command']}`). Memory: the peak resident set size of the process (sampled every 0.5 ms; "
+                  "model and features included) and what the steps add to it, each case in a fresh process. "
+                  + ("Private steps: **fast** clipping (ghost norms + book-keeping, `taft.privacy.ghost`, the "
+                     "default; micro-batches of up to 256) and the **per-example** reference (per-example gradients "
+                     "materialized, micro-batches of 32). " if fast else "")
+                  + "The machine's 2 cores may have been shared with other jobs: times are noisy.", ""]
+        if fast:
+            lines += ["| scope | method | plain step (s) | fast private (s) | time × | per-example private (s) | "
+                      "time × | peak RSS plain (MB) | peak × fast | peak × per-example | step adds plain / fast / "
+                      "per-example (MB) |", "|---" * 11 + "|"]
+            for r in out["cost"]:
+                lines.append(
+                    f"| {r['scope']} | {METHODS[r['method']]} | {r['plain']['median_s']:.3f} | "
+                    f"{r['private']['median_s']:.3f} | **{r['time_ratio']:.2f}** | "
+                    f"{r['private_per_example']['median_s']:.3f} | {r['time_ratio_per_example']:.2f} | "
+                    f"{r['plain']['peak_rss_mb']:.0f} | **{r['peak_ratio']:.2f}** | "
+                    f"{r['peak_ratio_per_example']:.2f} | "
+                    f"{r['plain']['added_mb']:.0f} / {r['private']['added_mb']:.0f} / "
+                    f"{r['private_per_example']['added_mb']:.0f} |")
+        else:
+            lines += ["| scope | method | plain step (s) | private step (s) | time × | plain step adds (MB) | "
+                      "private step adds (MB) | memory × | set-up RSS (MB) |", "|---" * 9 + "|"]
+            for r in out["cost"]:
+                lines.append(f"| {r['scope']} | {METHODS[r['method']]} | {r['plain']['median_s']:.3f} | "
+                             f"{r['private']['median_s']:.3f} | {r['time_ratio']:.2f} | {r['plain']['added_mb']:.0f} | "
+                             f"{r['private']['added_mb']:.0f} | {r['added_ratio']:.2f} | "
+                             f"{r['plain']['setup_rss_mb']:.0f} |")
         lines.append("")
     return "\n".join(lines) + "\n"
 

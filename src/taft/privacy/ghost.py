@@ -5,7 +5,8 @@ For a Linear layer ``y = x Wᵀ + b`` in the trained scope, example i's gradient
 output rows. Its squared norm is ``‖G_iᵀA_i‖² = Σ_{t,s} (A_t·A_s)(G_t·G_s)`` (the ghost norm: T² numbers per example
 instead of d_in·d_out; the per-example matrix is formed instead when that is smaller), and the clipped sum
 ``Σ_i f_i G_iᵀ A_i`` is one GEMM over the batch with each example's rows scaled by its factor f_i — no second
-backward (book-keeping). LayerNorm: ``Σ_t G ⊙ x̂`` (weight) and ``Σ_t G`` (bias), d numbers per example.
+backward (book-keeping). The backward itself is asked for the gradients at the recorded layers' outputs only, so
+it skips the batch-summed weight gradients an ordinary step forms. LayerNorm: ``Σ_t G ⊙ x̂`` (weight) and ``Σ_t G`` (bias), d numbers per example.
 
 * **Tangent model**: ``∇_Δ ℓ_i = J_iᵀ c_i`` is the plain network's vector-Jacobian product at w0, which is the
   backward the ordinary training step already runs (straight-through ``w0 + Δ − sg(Δ)``,
@@ -59,11 +60,15 @@ class Recorder:
         for n in (w, b):
             if n is not None:
                 self.seen[n] = self.seen.get(n, 0) + 1
-        rec = {"kind": kind, "w": w, "b": b, "a": a, "g": None, "live": y.requires_grad, "shape": y.shape,
-               "dtype": y.dtype}
-        self.records.append(rec)
-        if y.requires_grad:
-            y.register_hook(lambda g, rec=rec: rec.__setitem__("g", g.detach()))
+        self.records.append({"kind": kind, "w": w, "b": b, "a": a, "g": None, "y": y, "live": y.requires_grad,
+                             "shape": y.shape, "dtype": y.dtype})
+
+    def backward(self, total: Tensor) -> None:
+        """The loss gradient at every recorded output: autograd asked for those tensors only, so it never forms
+        the (batch-summed) weight gradients the clipped sum replaces."""
+        grads = torch.autograd.grad(total, [r["y"] for r in self.records], allow_unused=True)
+        for r, g in zip(self.records, grads, strict=True):
+            r["g"], r["y"] = (None if g is None else g.detach()), None
 
     def linear(self, w: str | None, b: str | None, x: Tensor, y: Tensor) -> None:
         self._add("linear", w, b, x.detach() if w in self.names else None, y)
@@ -157,8 +162,7 @@ def clipped_sum(tm: TangentModel, state: State, labels: Tensor, loss: Loss, *, c
     with torch.enable_grad(), recording(rec), hooks:
         z = tm.suffix(state)  # (B, C); tangent: f(w0) + J·Δ with autograd through the plain network at w0
         if rec.covered():
-            total = loss(z, labels) * len(z)  # the losses are batch means of per-row terms
-            torch.autograd.grad(total, list(delta.values()), allow_unused=True)  # fills the records' gradients
+            rec.backward(loss(z, labels) * len(z))  # the losses are batch means of per-row terms
     if not rec.covered():
         grads = per_example_grads(tm, state, labels, loss, chunk=min(len(labels), 32), twin=twin)
         return clip_and_sum(grads, clip), per_example_norms(grads)
