@@ -169,7 +169,7 @@ def _cost_case(q, args, scope: str, method: str, private: str | None) -> None:
         lengths = cache.lengths
         order = sorted(idx, key=lambda i: lengths[i])
 
-        chunk = min(len(order), 256) if private == "fast" else 32
+        chunk = (args.cost_micro or min(len(order), 256)) if private == "fast" else 32
 
         def step():
             if private:
@@ -289,9 +289,9 @@ def report(out: dict) -> str:
                   f"median of {cmeta['cost_reps']} steps after a warm-up ({cmeta['date']}, {cmeta['device']}; "
                   f"`{cmeta['command']}`). Memory: the peak resident set size of the process (sampled every 0.5 ms; "
                   "model and features included) and what the steps add to it, each case in a fresh process. "
-                  + ("Private steps: **fast** clipping (ghost norms + book-keeping, `taft.privacy.ghost`, the "
-                     "default; micro-batches of up to 256) and the **per-example** reference (per-example gradients "
-                     "materialized, micro-batches of 32). " if fast else "")
+                  + (f"Private steps: **fast** clipping (ghost norms + book-keeping, `taft.privacy.ghost`, the "
+                     f"default; micro-batches of {cmeta.get('cost_micro') or 'up to 256'}) and the **per-example** "
+                     "reference (per-example gradients materialized, micro-batches of 32). " if fast else "")
                   + "The machine's 2 cores may have been shared with other jobs: times are noisy.", ""]
         if fast:
             lines += ["| scope | method | plain step (s) | fast private (s) | time × | per-example private (s) | "
@@ -372,6 +372,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--cost-scopes", default="Full,BitFit,LayerNorm,FC")
     ap.add_argument("--cost-batch", type=int, default=64)
     ap.add_argument("--cost-reps", type=int, default=5)
+    ap.add_argument("--cost-micro", type=int, default=None,
+                    help="micro-batch of the fast private step (default: fit_private's, the batch up to 256)")
     ap.add_argument("--skip-accuracy", action="store_true")
     ap.add_argument("--skip-cost", action="store_true")
     ap.add_argument("--force", action="store_true", help="discard saved results and start again")

@@ -228,3 +228,18 @@ def test_declared_classes_make_the_typo_an_error_naming_the_line(tmp_path, capsy
     folder = _label_task(tmp_path, [*BASE, ("one more", "postive")])
     run(["train", "--model", "tiny-bert", "--data", str(folder), "--num-classes", "2", "--head-init", "random"],
         capsys, "line 32")
+
+
+def test_cli_prints_a_label_warning_as_one_taft_warning_line(tmp_path):
+    import subprocess
+    import sys
+
+    folder = _label_task(tmp_path, [*BASE, ("one more", "postive")])
+    code = ("import sys; from taft.cli import main; sys.exit(main(['train', '--model', 'tiny-bert', '--data', "
+            f"{str(folder)!r}, '--head-init', 'random', '--epochs', '1', '--batch-size', '8', '--max-eval', '4', "
+            "'--threads', '1']))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = [ln for ln in proc.stderr.replace("\r", "\n").splitlines() if "postive" in ln]
+    assert len(lines) == 1 and lines[0].startswith("taft: warning: ") and "line 32" in lines[0], proc.stderr[-2000:]
+    assert "LabelWarning" not in proc.stderr and "warnings.warn" not in proc.stderr

@@ -521,6 +521,16 @@ def main(argv: list[str] | None = None) -> int:
     User errors (:class:`TaftError`, bad flags, files that cannot be read or written, running out of memory)
     print one ``taft: error: ...`` line and return 2; anything else is a bug and keeps its traceback."""
     cmd = typer.main.get_command(app)
+    import warnings
+
+    fmt = warnings.formatwarning
+
+    def taft_format(message, category, filename, lineno, line=None):
+        if category.__module__.startswith("taft."):  # our own warnings: one plain line, like our errors
+            return f"taft: warning: {message}\n"
+        return fmt(message, category, filename, lineno, line)
+
+    warnings.formatwarning = taft_format
     try:
         rv = cmd.main(args=argv if argv is not None else sys.argv[1:], prog_name="taft", standalone_mode=False)
     except typer.Exit as e:
@@ -546,6 +556,8 @@ def main(argv: list[str] | None = None) -> int:
         if type(e).__name__ == "OutOfMemoryError":  # torch's, without importing torch for `taft --help`
             return _error("out of memory; lower --batch-size / --eval-batch-size or --max-length")
         raise
+    finally:
+        warnings.formatwarning = fmt
     return rv if isinstance(rv, int) else 0
 
 

@@ -337,6 +337,12 @@ class TrainConfig:
     dp_accountant: str = field(default="rdp", metadata={"help": "DP accountant (Opacus): rdp | prv"})
     dp_full_batch: bool = field(default=False, metadata={
         "help": "DP-GD: one step per epoch on the whole training set instead of Poisson-sampled batches"})
+    dp_clipping: str = field(default="fast", metadata={
+        "help": "per-example clipping: fast (ghost norms + book-keeping, no per-example gradients) | per-example "
+                "(the reference: per-example gradients materialized); the same step either way"})
+    dp_micro_batch: int | None = field(default=None, metadata={
+        "help": "examples per micro-batch of a private step (memory bound; they add into one noisy step); default: "
+                "the batch size up to 256 (fast), 32 (per-example)"})
 
     def __post_init__(self) -> None:
         coerce_fields(self)
@@ -397,6 +403,9 @@ class TrainConfig:
 
     def _check_privacy(self) -> None:
         _check_choice("dp_accountant", self.dp_accountant, ("rdp", "prv"))
+        _check_choice("dp_clipping", self.dp_clipping, ("fast", "per-example"))
+        if self.dp_micro_batch is not None and self.dp_micro_batch < 1:
+            raise ConfigError(f"dp_micro_batch must be ≥ 1, got {self.dp_micro_batch}")
         if self.dp_epsilon is None:
             if self.dp_full_batch:
                 raise ConfigError("dp_full_batch is a private-training option; set --dp-epsilon too")

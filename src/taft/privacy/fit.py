@@ -82,20 +82,22 @@ CLIPPING = ("fast", "per-example")
 
 
 def fit_private(cfg: TrainConfig, plan: PrivacyPlan, tm, train_cache, train_labels, val_cache, val_ds, device,
-                progress: bool, result, out_dir, *, chunk: int | None = None, clipping: str = "fast") -> None:
+                progress: bool, result, out_dir, *, chunk: int | None = None, clipping: str | None = None) -> None:
     """Train ``tm``'s Δw with DP-SGD (Poisson batches) or DP-GD (``plan.full_batch``), as planned.
 
     Each sampled (logical) batch is processed in micro-batches of at most ``chunk`` examples (sorted by length, so
     a micro-batch pads little) whose clipped sums add into one noisy step, so any logical batch, the full data set
-    included, runs in bounded memory. ``clipping``: ``fast`` — per-example norms and the clipped sum without
-    per-example gradients (:mod:`taft.privacy.ghost`; default ``chunk`` = the batch size, at most 256) — or
-    ``per-example`` — the reference, per-example gradients materialized (default ``chunk`` 32). Both give the same
-    step (tests/privacy/test_ghost.py). Fills ``result.epochs`` and ``result.privacy``; writes ``metrics.jsonl``
-    when ``out_dir``."""
+    included, runs in bounded memory. ``clipping`` (default ``cfg.dp_clipping``; ``chunk``: ``cfg.dp_micro_batch``):
+    ``fast`` — per-example norms and the clipped sum without per-example gradients (:mod:`taft.privacy.ghost`;
+    default ``chunk`` = the batch size, at most 256) — or ``per-example`` — the reference, per-example gradients
+    materialized (default ``chunk`` 32). Both give the same step (tests/privacy/test_ghost.py). Fills
+    ``result.epochs`` and ``result.privacy``; writes ``metrics.jsonl`` when ``out_dir``."""
     from taft.train.fit import TrainingDiverged, end_epoch, lr_lambda, make_optimizer
 
     if len(train_cache) != plan.n:
         raise ConfigError(f"fit_private: planned for {plan.n} examples, the training features hold {len(train_cache)}")
+    clipping = clipping or cfg.dp_clipping
+    chunk = chunk or cfg.dp_micro_batch
     if clipping not in CLIPPING:
         raise ConfigError(f"fit_private(clipping={clipping!r}): use one of {CLIPPING}")
     if chunk is None:

@@ -6,7 +6,8 @@ output rows. Its squared norm is ``‖G_iᵀA_i‖² = Σ_{t,s} (A_t·A_s)(G_t·
 instead of d_in·d_out; the per-example matrix is formed instead when that is smaller), and the clipped sum
 ``Σ_i f_i G_iᵀ A_i`` is one GEMM over the batch with each example's rows scaled by its factor f_i — no second
 backward (book-keeping). The backward itself is asked for the gradients at the recorded layers' outputs only, so
-it skips the batch-summed weight gradients an ordinary step forms. LayerNorm: ``Σ_t G ⊙ x̂`` (weight) and ``Σ_t G`` (bias), d numbers per example.
+it skips the batch-summed weight gradients an ordinary step forms. LayerNorm:
+``Σ_t G ⊙ x̂`` (weight) and ``Σ_t G`` (bias), d numbers per example.
 
 * **Tangent model**: ``∇_Δ ℓ_i = J_iᵀ c_i`` is the plain network's vector-Jacobian product at w0, which is the
   backward the ordinary training step already runs (straight-through ``w0 + Δ − sg(Δ)``,
