@@ -45,6 +45,12 @@ SCOPES = {  # MiniLM-L6: the last block is backbone.encoder.layer.5
 METHODS = {"taft": "tangent", "nlft": "non-linear"}
 
 
+def _fast_micro_batch() -> int:
+    from taft.privacy.fit import FAST_MICRO_BATCH
+
+    return FAST_MICRO_BATCH
+
+
 def _device() -> str:
     return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} torch thread(s))"
 
@@ -150,10 +156,11 @@ def _cost_setup(cfg):
 
 def _cost_case(q, args, scope: str, method: str, private: str | None) -> None:
     """One case in a fresh process: set up, then time ``reps`` steps; the peak RSS the steps add. ``private``:
-    None (the ordinary step), ``fast`` (ghost norms + book-keeping, micro-batches of up to 256) or ``per-example``
+    None (the ordinary step), ``fast`` (ghost norms + book-keeping, micro-batches of up to 128) or ``per-example``
     (the reference: per-example gradients materialized, micro-batches of 32) — as ``fit_private`` runs them."""
     try:
         torch.set_num_threads(args.threads or 1)
+        from taft.privacy.fit import FAST_MICRO_BATCH
         from taft.privacy.ghost import clipped_sum
         from taft.privacy.grad_sample import nonlinear_twin, per_example_grads
         from taft.privacy.optimizer import DPOptimizer
@@ -169,7 +176,7 @@ def _cost_case(q, args, scope: str, method: str, private: str | None) -> None:
         lengths = cache.lengths
         order = sorted(idx, key=lambda i: lengths[i])
 
-        chunk = (args.cost_micro or min(len(order), 256)) if private == "fast" else 32
+        chunk = (args.cost_micro or min(len(order), FAST_MICRO_BATCH)) if private == "fast" else 32
 
         def step():
             if private:
@@ -284,13 +291,14 @@ def report(out: dict) -> str:
     if out.get("cost"):
         cmeta = out.get("cost_meta", meta)
         fast = "private_per_example" in out["cost"][0]
+        micro = cmeta.get("cost_micro") or f"up to {cmeta.get('fast_micro_batch', 256)}"
         lines += ["## Cost of privacy", "",
                   f"One training step on {out['cost'][0]['batch']} SST-2 examples (cached frozen-prefix features), "
                   f"median of {cmeta['cost_reps']} steps after a warm-up ({cmeta['date']}, {cmeta['device']}; "
                   f"`{cmeta['command']}`). Memory: the peak resident set size of the process (sampled every 0.5 ms; "
                   "model and features included) and what the steps add to it, each case in a fresh process. "
-                  + (f"Private steps: **fast** clipping (ghost norms + book-keeping, `taft.privacy.ghost`, the "
-                     f"default; micro-batches of {cmeta.get('cost_micro') or 'up to 256'}) and the **per-example** "
+                  + ("Private steps: **fast** clipping (ghost norms + book-keeping, `taft.privacy.ghost`, the "
+                     f"default; micro-batches of {micro}) and the **per-example** "
                      "reference (per-example gradients materialized, micro-batches of 32). " if fast else "")
                   + "The machine's 2 cores may have been shared with other jobs: times are noisy.", ""]
         if fast:
@@ -373,7 +381,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--cost-batch", type=int, default=64)
     ap.add_argument("--cost-reps", type=int, default=5)
     ap.add_argument("--cost-micro", type=int, default=None,
-                    help="micro-batch of the fast private step (default: fit_private's, the batch up to 256)")
+                    help="micro-batch of the fast private step (default: fit_private's, the batch up to 128)")
     ap.add_argument("--skip-accuracy", action="store_true")
     ap.add_argument("--skip-cost", action="store_true")
     ap.add_argument("--force", action="store_true", help="discard saved results and start again")
@@ -399,7 +407,7 @@ def main(argv: list[str] | None = None) -> None:
         run_meta = {"date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
                        "device": _device(), "torch": torch.__version__, "opacus": opacus.__version__,
                        "command": "python benchmarks/privacy.py " + " ".join(sys.argv[1:] if argv is None else argv),
-                       "tasks": args.tasks.split(","),
+                       "tasks": args.tasks.split(","), "fast_micro_batch": _fast_micro_batch(),
                        **{k: v for k, v in vars(args).items() if k not in ("tasks", "out", "force", "report")}}
         if not args.skip_accuracy or "meta" not in out:
             out["meta"] = run_meta

@@ -342,7 +342,7 @@ class TrainConfig:
                 "(the reference: per-example gradients materialized); the same step either way"})
     dp_micro_batch: int | None = field(default=None, metadata={
         "help": "examples per micro-batch of a private step (memory bound; they add into one noisy step); default: "
-                "the batch size up to 256 (fast), 32 (per-example)"})
+                "the batch size up to 128 (fast), 32 (per-example)"})
 
     def __post_init__(self) -> None:
         coerce_fields(self)

@@ -79,6 +79,10 @@ def poisson_sample(n: int, rate: float, generator: torch.Generator) -> list[int]
 
 
 CLIPPING = ("fast", "per-example")
+# Fast clipping's default micro-batch: a 256-row logical batch in two micro-batches holds half the activations and
+# records at a time (peak memory 0.87-0.89x the ordinary 256-row step; in one: 1.15-1.18x), and on this CPU
+# it is not slower (benchmarks/results/privacy.md).
+FAST_MICRO_BATCH = 128
 
 
 def fit_private(cfg: TrainConfig, plan: PrivacyPlan, tm, train_cache, train_labels, val_cache, val_ds, device,
@@ -89,7 +93,7 @@ def fit_private(cfg: TrainConfig, plan: PrivacyPlan, tm, train_cache, train_labe
     a micro-batch pads little) whose clipped sums add into one noisy step, so any logical batch, the full data set
     included, runs in bounded memory. ``clipping`` (default ``cfg.dp_clipping``; ``chunk``: ``cfg.dp_micro_batch``):
     ``fast`` — per-example norms and the clipped sum without per-example gradients (:mod:`taft.privacy.ghost`;
-    default ``chunk`` = the batch size, at most 256) — or ``per-example`` — the reference, per-example gradients
+    default ``chunk`` = the batch size, at most 128) — or ``per-example`` — the reference, per-example gradients
     materialized (default ``chunk`` 32). Both give the same step (tests/privacy/test_ghost.py). Fills
     ``result.epochs`` and ``result.privacy``; writes ``metrics.jsonl`` when ``out_dir``."""
     from taft.train.fit import TrainingDiverged, end_epoch, lr_lambda, make_optimizer
@@ -101,7 +105,7 @@ def fit_private(cfg: TrainConfig, plan: PrivacyPlan, tm, train_cache, train_labe
     if clipping not in CLIPPING:
         raise ConfigError(f"fit_private(clipping={clipping!r}): use one of {CLIPPING}")
     if chunk is None:
-        chunk = min(max(cfg.batch_size, 1), 256) if clipping == "fast" else 32
+        chunk = min(max(cfg.batch_size, 1), FAST_MICRO_BATCH) if clipping == "fast" else 32
     cfg = dataclasses.replace(cfg, epochs=plan.steps // plan.steps_per_epoch)  # min_steps: as planned
     delta = tm.delta_dict()
     g_sample = torch.Generator().manual_seed(cfg.seed)
