@@ -63,23 +63,31 @@ def test_the_fast_path_is_taken_where_it_applies():
         assert rec.covered() == expect, scope
 
 
+def _check_recorded_layer(layer: nn.Module, x: torch.Tensor, record) -> None:
+    """``record(rec, y)`` hands ``layer``'s output to a recorder; its per-example squared norms and weighted sum
+    must equal those of gradients taken one example at a time (float64)."""
+    torch.manual_seed(3)
+    target = torch.randn_like(layer(x))
+    rec = Recorder(["weight", "bias"])
+    y = layer(x)
+    record(rec, y)
+    params = [layer.weight, layer.bias]
+    per_example = [torch.autograd.grad(((layer(x[i]) - target[i]) ** 2).sum(), params) for i in range(len(x))]
+    rec.backward(((y - target) ** 2).sum())
+    want_sq = torch.stack([gw.pow(2).sum() + gb.pow(2).sum() for gw, gb in per_example])
+    assert torch.allclose(rec.sq_norms(), want_sq, rtol=1e-12)
+    f = torch.rand(len(x), dtype=torch.float64)
+    out = rec.clipped_sum(f)
+    for k, n in enumerate(("weight", "bias")):
+        assert torch.allclose(out[n], sum(f[i] * per_example[i][k] for i in range(len(x))), rtol=1e-12), n
+
+
 @pytest.mark.parametrize("rows", [3, 40])  # T² ≤ d_in·d_out: ghost norm; T² > d_in·d_out: per-example matrices
 def test_linear_rule_norms_and_sum(rows):
     torch.manual_seed(1)
     lin = nn.Linear(5, 4).double()
     x = torch.randn(6, rows, 5, dtype=torch.float64)
-    target = torch.randn(6, rows, 4, dtype=torch.float64)
-    rec = Recorder(["weight", "bias"])
-    y = lin(x)
-    rec.linear("weight", "bias", x, y)
-    per_example = [torch.autograd.grad(((lin(x[i]) - target[i]) ** 2).sum(), [lin.weight, lin.bias]) for i in range(6)]
-    rec.backward(((y - target) ** 2).sum())
-    want_sq = torch.stack([gw.pow(2).sum() + gb.pow(2).sum() for gw, gb in per_example])
-    assert torch.allclose(rec.sq_norms(), want_sq, rtol=1e-12)
-    f = torch.rand(6, dtype=torch.float64)
-    out = rec.clipped_sum(f)
-    assert torch.allclose(out["weight"], sum(f[i] * per_example[i][0] for i in range(6)), rtol=1e-12)
-    assert torch.allclose(out["bias"], sum(f[i] * per_example[i][1] for i in range(6)), rtol=1e-12)
+    _check_recorded_layer(lin, x, lambda rec, y: rec.linear("weight", "bias", x, y))
 
 
 def test_layer_norm_rule_norms_and_sum():
@@ -88,17 +96,7 @@ def test_layer_norm_rule_norms_and_sum():
     with torch.no_grad():
         ln.weight.add_(torch.randn(7, dtype=torch.float64))
     x = torch.randn(5, 3, 7, dtype=torch.float64)
-    target = torch.randn(5, 3, 7, dtype=torch.float64)
-    rec = Recorder(["weight", "bias"])
-    y = ln(x)
-    rec.layer_norm("weight", "bias", x, ln.eps, y)
-    per_example = [torch.autograd.grad(((ln(x[i]) - target[i]) ** 2).sum(), [ln.weight, ln.bias]) for i in range(5)]
-    rec.backward(((y - target) ** 2).sum())
-    want_sq = torch.stack([gw.pow(2).sum() + gb.pow(2).sum() for gw, gb in per_example])
-    assert torch.allclose(rec.sq_norms(), want_sq, rtol=1e-12)
-    f = torch.rand(5, dtype=torch.float64)
-    out = rec.clipped_sum(f)
-    assert torch.allclose(out["weight"], sum(f[i] * per_example[i][0] for i in range(5)), rtol=1e-12)
+    _check_recorded_layer(ln, x, lambda rec, y: rec.layer_norm("weight", "bias", x, ln.eps, y))
 
 
 @pytest.mark.parametrize("method", ["taft", "nlft"])

@@ -760,18 +760,30 @@ def _check_composed(store: ShardStore, composed: dict | None, want: list[int], l
     if composed["shards"] != want:
         return [f"composed/ holds shards {composed['shards']}, the live ones are {want}; run `taft shards compose`"]
     try:
-        manifest = verify_run(store.composed_dir)
-        delta, meta = read_delta(store.composed_dir / "delta.safetensors")
-    except (RunDirError, CheckpointError) as e:
-        return [f"composed/: {e}"]
-    if manifest["run_id"] != composed.get("run_id") or meta.get("run_id") != composed.get("run_id"):
-        return ["composed/ is not the composition the manifest recorded (run id differs)"]
+        delta = read_composed(store, composed)
+    except StoreError as e:
+        return [str(e)]
     if any(k not in loaded for k in want):
         return []  # a shard that failed its own check is reported already
     fresh = weighted_average([loaded[k] for k in want], _weights(store, want, composed["weights_rule"]))
     if set(fresh) != set(delta) or any(not torch.equal(fresh[n], delta[n]) for n in fresh):
         return ["composed/delta.safetensors differs from a fresh recomposition of the live shards"]
     return []
+
+
+def read_composed(store: ShardStore, composed: dict | None = None) -> dict[str, Tensor]:
+    """The composed Δw, after checking ``composed/`` against its run manifest (a withdrawn composition included)
+    and against the composition the store's manifest recorded (``composed``: that record, default the store's)."""
+    composed = composed if composed is not None else store.get_meta("composed") or {}
+    try:
+        manifest = verify_run(store.composed_dir)
+        delta, meta = read_delta(store.composed_dir / "delta.safetensors")
+    except (RunDirError, CheckpointError) as e:
+        raise StoreError(f"composed/: {e}") from e
+    if manifest["run_id"] != composed.get("run_id") or meta.get("run_id") != composed.get("run_id"):
+        raise StoreError("composed/ is not the composition the manifest recorded (run id differs); run `taft shards "
+                         "verify`")
+    return delta
 
 
 def _check_audit(store: ShardStore, audit: list[dict], forgotten: set[str]) -> list[str]:
@@ -836,15 +848,7 @@ def shard_logits(store_dir: str | Path, split: str = "test", *, which: str = "sh
         ds = ds.subset(range(min(len(ds), cfg.max_eval or len(ds))))
         cache = trainer.prep.cache_for(trainer.template, ds, split, False, None, "")
         if which == "composed":
-            try:
-                manifest = verify_run(store.composed_dir)
-                delta, meta = read_delta(store.composed_dir / "delta.safetensors")
-            except (RunDirError, CheckpointError) as e:
-                raise StoreError(f"composed/: {e}") from e
-            if manifest["run_id"] != (store.get_meta("composed") or {}).get("run_id") or \
-                    meta.get("run_id") != manifest["run_id"]:
-                raise StoreError("composed/ is not the composition the manifest recorded; run `taft shards verify`")
-            deltas, shards = [delta], [-1]
+            deltas, shards = [read_composed(store)], [-1]
         else:
             rows = [r for r in store.shard_rows() if r["status"] == "live"]
             deltas, shards = [load_shard(store, r)[0] for r in rows], [r["shard"] for r in rows]
