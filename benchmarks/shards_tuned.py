@@ -157,10 +157,16 @@ def run_task(task: str, args) -> None:
         for k in args.ks:
             for method in ("taft", "nlft"):
                 run_group(bench, regime, k, method, args.seeds, done, log)
-    meta = {"device": _device(), "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-            "torch": torch.__version__, "command": "python benchmarks/shards_tuned.py " + " ".join(sys.argv[1:]),
-            "epochs": args.epochs, "min_steps": args.min_steps, "seeds": args.seeds}
-    write_json(log.with_suffix(".meta.json"), meta)
+    # one meta file per task; each regime keeps the command, date and budget it ran with (regimes run separately)
+    path = log.with_suffix(".meta.json")
+    old = json.loads(path.read_text()) if path.is_file() and not args.force else {}
+    runs = old.get("regimes", {r: {k: old[k] for k in ("date", "command", "epochs", "min_steps")}
+                               for r in {row["regime"] for row in _lines(log)} - set(args.regimes)} if old else {})
+    now = {"date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+           "command": "python benchmarks/shards_tuned.py " + " ".join(sys.argv[1:]),
+           "epochs": args.epochs, "min_steps": args.min_steps}
+    runs.update({r: now for r in args.regimes})
+    write_json(path, {"device": _device(), "torch": torch.__version__, "seeds": args.seeds, **now, "regimes": runs})
 
 
 # -- report -----------------------------------------------------------------------------------------------------
@@ -199,11 +205,12 @@ def report(tasks: list[str], out_dir: Path, stem: str, seeds: list[int]) -> None
              "`python benchmarks/shards_tuned.py --report`.", ""]
     for t, r in per.items():
         m = r["meta"]
-        lines += [f"## {t}", "", f"`{m['command']}` ({m['date']}; {m['epochs']} epochs per shard, min_steps "
-                  f"{m['min_steps']}; seeds {m['seeds']})", ""]
+        lines += [f"## {t}", "", f"seeds {m['seeds']}", ""]
         for regime, by_k in r["summary"].items():
             ks = sorted(by_k, key=int)
-            lines += [f"**{REGIMES[regime][0]}** (lr grid {REGIMES[regime][2]})", "",
+            run = m.get("regimes", {}).get(regime, m)
+            lines += [f"**{REGIMES[regime][0]}** (lr grid {REGIMES[regime][2]}; `{run['command']}`, {run['date']}; "
+                      f"{run['epochs']} epochs per shard, min_steps {run['min_steps']})", "",
                       "| method | " + " | ".join(f"K = {k}" for k in ks) + " |", "|---|" + "---|" * len(ks)]
             for name in RULES:
                 cells = [by_k[k].get(name) for k in ks]
