@@ -58,10 +58,12 @@ def _device() -> str:
 def _config(args, data: str, scope: str, method: str, **kw):
     from taft.config import TrainConfig
 
+    private = kw.get("dp_epsilon") is not None
     return TrainConfig(model="minilm", data=data, data_root=args.data_root, method=method, scope=SCOPES[scope],
-                       head_init="zero-shot", max_train=args.max_train, max_eval=args.max_eval,
+                       head_init="zero-shot", max_train=args.max_train or None, max_eval=args.max_eval or None,
                        epochs=args.epochs, batch_size=args.batch_size, dp_delta=args.delta, dp_clip=args.clip,
-                       dp_accountant="rdp", threads=args.threads, **kw)
+                       dp_accountant="rdp", dp_full_batch=args.dp_gd and private, threads=args.threads,
+                       device=args.device, prediction=args.prediction if method == "taft" else "full", **kw)
 
 
 # -- accuracy ---------------------------------------------------------------------------------------------
@@ -85,8 +87,8 @@ def run_combo(args, data: str, scope: str, method: str, caches: dict) -> dict:
             if eps == args.select_epsilon and seed == seeds[0]:
                 r = candidates[best]["run"]  # that run is the selected candidate itself
             else:
-                r = train(_config(args, data, scope, method, lr=lr, seed=seed, dp_epsilon=eps), progress=False,
-                          caches=caches)
+                r = train(_config(args, data, scope, method, lr=lr, seed=seed,
+                                  dp_epsilon=None if eps == float("inf") else eps), progress=False, caches=caches)
             rows.append({"seed": seed, "val_acc": r.val_acc, "test_acc": r.test_acc, "privacy": r.privacy,
                          "train_s": round(r.train_s, 2)})
         accs = [x["test_acc"] for x in rows]
@@ -103,7 +105,8 @@ def zero_shot(args, data: str, caches: dict) -> float:
     from taft.train.loop import train
 
     cfg = TrainConfig(model="minilm", data=data, data_root=args.data_root, method="zero-shot", head_init="zero-shot",
-                      max_train=args.max_train, max_eval=args.max_eval, threads=args.threads)
+                      max_train=args.max_train or None, max_eval=args.max_eval or None, threads=args.threads,
+                      device=args.device)
     return train(cfg, progress=False, caches=caches).test_acc
 
 
@@ -248,16 +251,21 @@ def report(out: dict) -> str:
         "",
         f"Command: `{meta['command']}`",
         "",
-        f"MiniLM-L6 (real weights), zero-shot head (class descriptions), DP-SGD with Poisson sampling "
-        f"(expected batch {meta['batch_size']}), {meta['epochs']} epoch(s), RDP accountant, δ = {meta['delta']:g}, "
-        f"clip C = {meta['clip']:g}, Adam, RSL loss. "
-        f"**Cut to fit the CPU budget (the same for every method):** the first {meta['max_train']} training "
-        f"examples of each task, validation and test capped at {meta['max_eval']} examples. "
+        f"MiniLM-L6 (real weights), zero-shot head (class descriptions), "
+        + ("DP-GD (one full-batch step per epoch)" if meta.get("dp_gd") else
+           f"DP-SGD with Poisson sampling (expected batch {meta['batch_size']})")
+        + f", {meta['epochs']} epoch(s), RDP accountant, δ = {meta['delta']:g}, clip C = {meta['clip']:g}, Adam, "
+        f"RSL loss; tangent runs predict with "
+        + ("J·Δw alone (the linearized part). " if meta.get("prediction") == "linear-part" else
+           "f(x; w0) + J·Δw. ")
+        + (f"**Cut to fit the CPU budget (the same for every method):** the first {meta['max_train']} training "
+           f"examples of each task, validation and test capped at {meta['max_eval']} examples. "
+           if meta["max_train"] else "Whole training sets, validation and test splits. ") +
         f"Learning rate chosen from {{{', '.join(f'{x:g}' for x in meta['grid_lr'])}}} on the validation split at "
         f"ε = {meta['select_epsilon']:g}, seed {meta['seeds'][0]}, per (task, scope, method), then used at every ε. "
-        f"Test accuracy (%), mean ± std over seeds {meta['seeds']}. A first pass with lr ∈ {{1e-4, 1e-3, 1e-2}} "
-        "chose 1e-2, its largest value, on validation for all seven SST-2 combinations it finished; the grid was "
-        "moved up for this run.",
+        f"Test accuracy (%), mean ± std over seeds {meta['seeds']}."
+        + (" A first pass with lr ∈ {1e-4, 1e-3, 1e-2} chose 1e-2, its largest value, on validation for all seven "
+           "SST-2 combinations it finished; the grid was moved up for this run." if meta["max_train"] == 1000 else ""),
         "",
     ]
     combos = out["combos"]
@@ -265,7 +273,8 @@ def report(out: dict) -> str:
     for task in meta["tasks"]:
         zs = out.get("zero_shot", {}).get(task)
         lines += [f"## {task}" + (f" (zero-shot head, no training: {100 * zs:.1f})" if zs is not None else ""), "",
-                  "| scope | params | method | lr | " + " | ".join(f"ε = {float(e):g}" for e in eps) + " |",
+                  "| scope | params | method | lr | " + " | ".join(f"ε = {float(e):g}" if float(e) != float("inf")
+                                                                   else "no privacy" for e in eps) + " |",
                   "|---" * (4 + len(eps)) + "|"]
         for scope in SCOPES:
             for method in METHODS:
@@ -371,8 +380,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--clip", type=float, default=1.0)
     ap.add_argument("--grid-lr", default="1e-2,3e-2,1e-1")
     ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--max-train", type=int, default=1000)
-    ap.add_argument("--max-eval", type=int, default=500)
+    ap.add_argument("--max-train", type=int, default=1000, help="0: the whole training set")
+    ap.add_argument("--max-eval", type=int, default=500, help="0: the whole validation and test splits")
+    ap.add_argument("--dp-gd", action="store_true",
+                    help="the paper's DP-GD: one full-batch step per epoch (use with --epochs 50)")
+    ap.add_argument("--prediction", default="full", choices=["full", "linear-part"],
+                    help="tangent runs predict with f(x; w0) + J·Δw or J·Δw alone (the paper's private runs)")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--methods", default="taft,nlft", help="taft (tangent), nlft (non-linear)")
+    ap.add_argument("--stem", default="privacy", help="results file names (e.g. privacy-full for a full-scale run)")
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--batch-size", type=int, default=50, help="expected batch size q·N")
     ap.add_argument("--data-root", default=None)
@@ -399,7 +415,7 @@ def main(argv: list[str] | None = None) -> None:
 
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "privacy.json"
+    path = out_dir / f"{args.stem}.json"
     out = json.loads(path.read_text()) if path.is_file() and not args.force else {"combos": {}}
     if not args.report:
         import opacus
@@ -417,7 +433,7 @@ def main(argv: list[str] | None = None) -> None:
                 break
             out.setdefault("zero_shot", {})[task] = zero_shot(args, task, caches)
             for scope in args.scopes.split(","):
-                for method in METHODS:
+                for method in args.methods.split(","):
                     key = f"{task}/{scope}/{method}"
                     if key in out["combos"]:
                         continue
@@ -431,9 +447,9 @@ def main(argv: list[str] | None = None) -> None:
             out["cost"] = run_cost(args)
             out["cost_meta"] = run_meta
         write_json(path, out)
-    (out_dir / "privacy.md").write_text(report(out))
+    (out_dir / f"{args.stem}.md").write_text(report(out))
     if out["combos"]:
-        plot(out, out_dir / "privacy.png")
+        plot(out, out_dir / f"{args.stem}.png")
     print(report(out))
 
 

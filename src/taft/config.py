@@ -294,6 +294,8 @@ class TrainConfig:
     probe_lr: float = field(default=1e-2, metadata={"help": "head_init=probe: learning rate of the linear probe"})
     reinit: bool = field(default=False, metadata={"help": "re-initialize the trained blocks first (PT=F)"})
     linearize_cls: bool = field(default=False, metadata={"help": "fresh linearized CLS token (CLS=T)"})
+    prediction: str = field(default="full", metadata={
+        "help": "method taft: full (f(x; w0) + J·Δw) | linear-part (J·Δw alone, the paper's private-run output)"})
     loss: str = field(default="rsl", metadata={"help": "rsl (rescaled square) | ce | mse"})
     kappa: float = field(default=1.0, metadata={"help": "RSL weight on the true class"})
     rsl_m: float = field(default=15.0, metadata={"help": "RSL target scale M for the true class"})
@@ -354,6 +356,10 @@ class TrainConfig:
         _check_choice("schedule", self.schedule, SCHEDULES)
         _check_choice("optimizer", self.optimizer, OPTIMIZERS)
         _check_choice("head_init", self.head_init, HEAD_INITS)
+        _check_choice("prediction", self.prediction, ("full", "linear-part"))
+        if self.prediction != "full" and self.method != "taft":
+            raise ConfigError(f"prediction={self.prediction}: only a tangent model (method taft) has a linearized "
+                              f"part; method {self.method} predicts with its own output (drop --prediction)")
         _check_choice("cache", self.cache, ("memory", "disk", "none"))
         _check_choice("dtype", self.dtype, DTYPES)
         for name in ("epochs", "min_steps", "batch_size", "eval_batch_size", "max_length", "probe_epochs",

@@ -48,6 +48,9 @@ class TangentModel(nn.Module):
             bfloat16 / float16: each forward uses Δw rounded to the model's dtype, gradients reach the master copy
             through that cast, and optimizer steps too small for the low precision still accumulate. ``.to()``
             moves the master copy between devices but never changes its dtype. ``None``: Δw follows the model.
+        output: ``"full"`` returns f(x; w0) + J·Δw; ``"linear-part"`` returns J(x; w0)·Δw alone (the paper's
+            "predictions from the linearized part only", used for its private runs): still linear in Δw, with
+            the pretrained model's own output dropped. Tangent models only.
 
     Cost: one forward of the suffix that starts at the first linearized stage, about 2-3x a plain forward of
     that suffix; stages before it run as the plain model under ``no_grad``.
@@ -69,8 +72,14 @@ class TangentModel(nn.Module):
         linear: bool = True,
         seed: int = 0,
         master_dtype: torch.dtype | None = None,
+        output: str = "full",
     ) -> None:
         super().__init__()
+        if output not in ("full", "linear-part"):
+            raise ValueError(f"TangentModel(output={output!r}): expected 'full' or 'linear-part'")
+        if output == "linear-part" and not linear:
+            raise ValueError("TangentModel(output='linear-part'): only a tangent model (linear=True) has a linearized "
+                             "part J·Δw; a non-linear model's output is f(x; w0 + Δw)")
         if backward not in ("vjp", "tangent"):
             raise ValueError(f"TangentModel(backward={backward!r}): expected 'vjp' or 'tangent'")
         if master_dtype is not None and not master_dtype.is_floating_point:
@@ -87,6 +96,7 @@ class TangentModel(nn.Module):
         self.backward = backward
         self.force_fallback = force_fallback
         self.linear = linear
+        self.output = output
         self.seed = seed
         self.fallback_modules: list[str] = []
 
@@ -255,7 +265,12 @@ class TangentModel(nn.Module):
         return Dual(p, t)
 
     def suffix(self, state: State) -> Tensor:
+        """The model's output from a prefix state: f(x; w0) + J·Δw, or J·Δw alone (``output="linear-part"``)."""
         f0, t = self.suffix_parts(state)
+        if self.output == "linear-part":
+            # f0 − sg(f0) is exactly 0 in value; in the vjp backward it carries the gradient (J·Δw is computed
+            # under no_grad and autograd sees the plain network at w0 through f0), so ∂/∂Δw is still Jᵀg
+            return t + (f0 - f0.detach())
         return f0 + t
 
     def forward_parts(self, *args, **kwargs) -> tuple[Tensor, Tensor]:
@@ -263,8 +278,7 @@ class TangentModel(nn.Module):
         return self.suffix_parts(self.prefix(*args, **kwargs))
 
     def forward(self, *args, **kwargs) -> Tensor:
-        f0, t = self.forward_parts(*args, **kwargs)
-        return f0 + t
+        return self.suffix(self.prefix(*args, **kwargs))
 
     def _apply(self, fn, recurse=True):
         self.base._apply(fn, recurse)
@@ -287,4 +301,5 @@ class TangentModel(nn.Module):
         return (
             f"arch={self.family.arch}, scope={self.scope}, linearized={len(self.linearized)} tensors, "
             f"start_stage={self._stages[self.start].name}, backward={self.backward}, linear={self.linear}"
+            + (f", output={self.output}" if self.output != "full" else "")
         )

@@ -44,7 +44,8 @@ def make_tangent_model(cfg: TrainConfig, clf: Classifier) -> TangentModel:
     master = None if cfg.dtype == "float32" else torch.float32
     common = dict(reinit=cfg.reinit, linearize_cls=cfg.linearize_cls, seed=cfg.seed, master_dtype=master)
     if cfg.method in ("taft", "nlft"):
-        return TangentModel(clf, cfg.scope, linear=cfg.method == "taft", **common)
+        return TangentModel(clf, cfg.scope, linear=cfg.method == "taft", **common,
+                            output=cfg.prediction if cfg.method == "taft" else "full")
     if cfg.method in ("fc", "zero-shot"):
         return TangentModel(clf, "head", linear=False, seed=cfg.seed, master_dtype=master)
     # LoRA / (IA)³ adapters via peft, injected into a copy of the classifier's last blocks.
