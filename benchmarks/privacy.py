@@ -386,7 +386,7 @@ def main(argv: list[str] | None = None) -> None:
                     help="the paper's DP-GD: one full-batch step per epoch (use with --epochs 50)")
     ap.add_argument("--prediction", default="full", choices=["full", "linear-part"],
                     help="tangent runs predict with f(x; w0) + J·Δw or J·Δw alone (the paper's private runs)")
-    ap.add_argument("--device", default="auto")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
     ap.add_argument("--methods", default="taft,nlft", help="taft (tangent), nlft (non-linear)")
     ap.add_argument("--stem", default="privacy", help="results file names (e.g. privacy-full for a full-scale run)")
     ap.add_argument("--epochs", type=int, default=1)

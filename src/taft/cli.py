@@ -19,8 +19,17 @@ warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.* is deprecated
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Tangent fine-tuning of pretrained transformers.")
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from taft._version import __version__
+
+        typer.echo(f"taft {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _root() -> None:
+def _root(version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                       help="print taft's version and exit")) -> None:
     """taft: tangent fine-tuning, exact one-pass JVP engine."""
 
 

@@ -23,6 +23,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -137,7 +138,7 @@ class MultiTaskSuite:
         splits: ``{task: DatasetSplits}``; ``descriptions``: ``{task: one phrase per class}`` (the zero-shot heads).
     """
 
-    def __init__(self, backbone: nn.Module, tokenizer, splits: dict[str, DatasetSplits],
+    def __init__(self, backbone: nn.Module, tokenizer: Any, splits: dict[str, DatasetSplits],
                  descriptions: dict[str, Sequence[str]], *, max_length: int = 64, max_train: int | None = None,
                  max_eval: int | None = None, max_test: int | None = None, batch_size: int = 32,
                  eval_batch_size: int = 128, seed: int = 0, device: torch.device | str = "cpu") -> None:

@@ -162,7 +162,9 @@ class TangentContext:
             return Dual(self._plain(module, name, entry, args, kwargs), None)
         if entry is None or self.force_fallback:
             self.fallback_modules.append(name or "<root>")
-            return jvp_fallback(self, module, name, entry, args, kwargs)
+            strip = len(name) + 1 if name else 0
+            params = {full[strip:]: self.param(full) for full in self.names_under(name)}
+            return jvp_fallback(params, self.vjp, module, entry, args, kwargs)
         return entry.fn(self, module, name, *args, **kwargs)
 
     def _plain(self, module, name, entry, args, kwargs, grad: bool = False) -> Tensor:

@@ -7,17 +7,13 @@ the fallback runs attention through the math paths (same values up to rounding, 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Iterator, Mapping
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from taft.engine.dual import Dual
 from taft.engine.registry import primary_output
-
-if TYPE_CHECKING:
-    from taft.engine.context import TangentContext
 
 
 @contextlib.contextmanager
@@ -34,15 +30,17 @@ def forward_ad_safe_attention() -> Iterator[None]:
         torch.backends.mha.set_fastpath_enabled(fast)
 
 
-def jvp_fallback(ctx: TangentContext, module, name: str, entry, args, kwargs) -> Dual:
-    strip = len(name) + 1 if name else 0
+def jvp_fallback(params: Mapping[str, Dual], vjp: bool, module, entry, args, kwargs) -> Dual:
+    """The tangent of ``module(*args, **kwargs)`` by ``torch.func.jvp``. ``params``: every parameter and buffer
+    the module reads, by its own (module-local) name, as (value at w0, tangent or ``None``); ``vjp``: the tangent
+    is returned detached (the vjp backward differentiates the primal only). Costs about a forward and a JVP of
+    the module through the math attention kernels."""
     fixed, lin_p, lin_t = {}, {}, {}
-    for full in ctx.names_under(name):
-        d = ctx.param(full)
+    for local, d in params.items():
         if d.tangent is None:
-            fixed[full[strip:]] = d.primal
+            fixed[local] = d.primal
         else:
-            lin_p[full[strip:]], lin_t[full[strip:]] = d.primal, d.tangent
+            lin_p[local], lin_t[local] = d.primal, d.tangent
 
     slots = [(i, a) for i, a in enumerate(args) if isinstance(a, Dual) and a.tangent is not None]
     kslots = [(k, v) for k, v in kwargs.items() if isinstance(v, Dual) and v.tangent is not None]
@@ -62,6 +60,6 @@ def jvp_fallback(ctx: TangentContext, module, name: str, entry, args, kwargs) ->
     tangents = (lin_t, *(d.tangent for _, d in slots), *(d.tangent for _, d in kslots))
     with forward_ad_safe_attention():
         y, ty = torch.func.jvp(f, primals, tangents)
-    if ctx.vjp:
+    if vjp:
         ty = ty.detach()
     return Dual(y, ty)
