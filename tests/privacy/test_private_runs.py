@@ -94,3 +94,19 @@ def test_cli_trains_privately_and_refuses_bad_settings(data, tmp_path, capsys):
     assert "taft: error: dp_epsilon must be > 0" in capsys.readouterr().err
     assert main([*argv, "--dp-epsilon", "1", "--dp-delta", "0.5"]) == 2
     assert "larger than 1/N" in capsys.readouterr().err
+
+
+def test_a_private_search_states_what_the_whole_search_spends(data, tmp_path):
+    """Two candidates and one more seed, all trained on the same data: the search spends the sum of their ε."""
+    from taft.train.search import search
+
+    res = search(_cfg(data, epochs=1, output_dir=str(tmp_path / "s")), {"lr": [1e-2, 3e-2]}, [0, 1], progress=False)
+    p = res.privacy
+    assert p["runs"] == 3 and len(p["per_run_epsilon"]) == 3
+    assert all(0 < e <= 8.0 for e in p["per_run_epsilon"])
+    assert p["epsilon"] == pytest.approx(sum(p["per_run_epsilon"])) and p["epsilon"] > 8.0
+    assert p["delta"] == pytest.approx(3e-3)
+    assert json.loads((tmp_path / "s" / "search.json").read_text())["privacy"]["epsilon"] == pytest.approx(
+        p["epsilon"])
+    mixed = search(_cfg(data, epochs=1), {"dp_epsilon": [8.0, None]}, [0], progress=False).privacy
+    assert mixed["epsilon"] == float("inf")  # a non-private candidate: no guarantee for the search

@@ -45,3 +45,8 @@ def print_search(res) -> None:
     seeds = ", ".join(f"seed {s}: {_pct(a)}" for s, a in zip(res.seeds, res.test_accs, strict=True))
     console().print(f"test accuracy of the chosen setting: {100 * res.test_mean:.2f} ± {100 * res.test_std:.2f} "
                     f"({seeds})")
+    if res.privacy:
+        p = res.privacy
+        console().print(f"privacy of the search as a whole: ε ≤ {p['epsilon']:.3g}, δ ≤ {p['delta']:.3g} over "
+                        f"{p['runs']} runs on the same training data (basic composition; each run alone: its own "
+                        f"ε); the validation split is not protected")

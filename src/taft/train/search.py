@@ -55,6 +55,7 @@ class SearchResult:
     val_accs: list[float]
     config: dict = field(default_factory=dict)  # the chosen full config at the selection seed
     runs: list[RunResult] = field(default_factory=list, repr=False)
+    privacy: dict | None = None  # private searches: what the whole search spends (tuning_privacy)
 
     @property
     def test_mean(self) -> float:
@@ -68,7 +69,30 @@ class SearchResult:
         return {"method": self.method, "grid": self.grid, "chosen": self.chosen, "seeds": self.seeds,
                 "val_accs": self.val_accs, "test_accs": self.test_accs, "test_mean": self.test_mean,
                 "test_std": self.test_std, "selected_on": "val", "config": self.config,
-                "candidates": [dataclasses.asdict(c) for c in self.candidates]}
+                "candidates": [dataclasses.asdict(c) for c in self.candidates], "privacy": self.privacy}
+
+
+def tuning_privacy(runs: list[RunResult]) -> dict | None:
+    """What a search over private runs spends on the training data, by basic composition.
+
+    Each run's (ε, δ) covers that run with its hyperparameters fixed in advance. The choice is made from the
+    candidates' validation accuracy, a function of every candidate model, and the chosen model and its seed reruns
+    are released with it: the released output is post-processing of all the runs trained on the same data, so
+    its guarantee is Σε, Σδ over them (basic composition; private selection schemes such as Papernot & Steinke
+    2022 do better, taft does not implement them). The validation split is read without privacy: it is not
+    protected. ``None`` when no run was private; a mix of private and non-private runs has no guarantee."""
+    private = [r.privacy for r in runs if r.privacy]
+    if not private:
+        return None
+    n = len(runs)
+    if len(private) < n:
+        return {"runs": n, "private_runs": len(private), "epsilon": float("inf"), "delta": 1.0,
+                "note": "some candidates were trained without privacy: the search has no privacy guarantee"}
+    return {"runs": n, "per_run_epsilon": [p["epsilon"] for p in private],
+            "epsilon": sum(p["epsilon"] for p in private), "delta": min(1.0, sum(p["delta"] for p in private)),
+            "composition": "basic (sum over every run trained on the training data)",
+            "note": "each run's ε covers that run alone; the chosen setting and model are released after looking "
+                    "at all of them, so the search as a whole spends the sum; the validation split is not protected"}
 
 
 def parse_grid(specs: list[str] | None) -> dict[str, list]:
@@ -166,8 +190,9 @@ def search(cfg: TrainConfig, grid: dict[str, list] | None = None, seeds: list[in
             test_accs.append(r.test_acc)
             val_accs.append(r.val_acc)
             seed_runs.append(r)
+        trained = [*runs.values(), *(r for seed, r in zip(seeds, seed_runs, strict=True) if seed != cfg.seed)]
         result = SearchResult(cfg.method, grid, candidates, chosen, seeds, test_accs, val_accs,
-                              config=runs[best].config, runs=seed_runs)
+                              config=runs[best].config, runs=seed_runs, privacy=tuning_privacy(trained))
         if out is None:
             for c in result.candidates:
                 c.output_dir = None
