@@ -23,6 +23,7 @@ def test_shards_benchmark_small(tmp_path):
         assert all(0.0 <= row[m] <= 1.0 for m in ("TAFT (composed)", "Model Soup", "SISA (vote)"))
     f = task["forget"]
     assert f["verify_ok"] and f["cli_rc"] == 0 and f["forget_session_median_s"] > 0 and f["forget_oneshot_s"] > 0
+    assert f["retrain_store_s"] > 0 and f["speedup_session_vs_store"] > 0
     assert task["timing"]["batched_s"] > 0 and set(task["conditions"]) and task["drop_curve"]["dropped"][0] == 0
     assert (tmp_path / "shards-small.png").stat().st_size > 0 and (tmp_path / "shards-small.md").is_file()
 
