@@ -152,6 +152,17 @@ def joined(device: str) -> Iterator[tuple[Ranks, str]]:
         dist.destroy_process_group()
 
 
+@contextlib.contextmanager
+def _collective(what: str) -> Iterator[None]:
+    """A collective whose failure (a rank that died or stopped, a timeout) becomes one clear error."""
+    try:
+        yield
+    except RuntimeError as e:  # torch.distributed.DistBackendError and the store's errors are RuntimeErrors
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise DistributedError(f"{what} failed: another rank stopped, or could not be reached within the timeout "
+                               f"({first}); nothing was written by this run") from e
+
+
 # -- agreement ---------------------------------------------------------------------------------------------------
 def on_rank0(fn: Callable[[], T], ranks: Ranks) -> T | None:
     """``fn()`` on rank 0 only (the others get ``None``). If it fails, rank 0 raises its error and every other rank a
@@ -165,7 +176,8 @@ def on_rank0(fn: Callable[[], T], ranks: Ranks) -> T | None:
             result = fn()
         except Exception as e:  # re-raised below, after the others heard of it
             error, failure = e, [f"{e}"]
-    dist.broadcast_object_list(failure, src=0)
+    with _collective("waiting for rank 0"):
+        dist.broadcast_object_list(failure, src=0)
     if error is not None:
         raise error
     if failure[0] is not None:
@@ -194,7 +206,8 @@ def check_same(parts: dict[str, str], ranks: Ranks) -> None:
     if not ranks.many:
         return
     everyone: list[dict[str, str] | None] = [None] * ranks.world
-    dist.all_gather_object(everyone, parts)
+    with _collective("comparing the ranks' config, data and weights"):
+        dist.all_gather_object(everyone, parts)
     for r, other in enumerate(everyone):
         differ = [k for k in everyone[0] if other.get(k) != everyone[0].get(k)]
         if differ:
@@ -245,7 +258,8 @@ def shard_view(cache: FeatureCache, n: int, ranks: Ranks) -> FeatureCache | Rank
     if not ranks.many:
         return cache
     everyone: list[list[int] | None] = [None] * ranks.world
-    dist.all_gather_object(everyone, cache.lengths)
+    with _collective("exchanging example lengths"):
+        dist.all_gather_object(everyone, cache.lengths)
     lengths = [0] * n
     for r, part in enumerate(everyone):
         for i, length in zip(range(r, n, ranks.world), part, strict=True):
@@ -269,7 +283,8 @@ def all_reduce_sum(tensors: Sequence[Tensor], extra: Sequence[float] = ()) -> tu
     device = tensors[0].device
     flat = torch.cat([*(t.detach().reshape(-1).to(dtype) for t in tensors),
                       torch.tensor(list(extra), dtype=dtype, device=device)])
-    dist.all_reduce(flat)
+    with _collective("the all-reduce of a training step"):
+        dist.all_reduce(flat)
     out, s = [], 0
     for t in tensors:
         out.append(flat[s : s + t.numel()].view(t.shape).to(t.dtype))
@@ -295,5 +310,6 @@ def sum_counts(*counts: float) -> list[float]:
     buf = torch.tensor(counts, dtype=torch.float64)
     if dist.get_backend() == "nccl":
         buf = buf.cuda()
-    dist.all_reduce(buf)
+    with _collective("summing accuracy counts"):
+        dist.all_reduce(buf)
     return buf.tolist()
