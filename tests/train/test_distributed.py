@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -32,6 +33,7 @@ from taft.train.distributed import (
 )
 from taft.train.loop import train
 from taft.train.rundir import verify_run
+from tests.train.test_images import _draw as draw_images
 
 # float32 (the engine's training precision; TrainConfig has no float64): max |Δw₂ − Δw₁| over all of Δw, relative to
 # the largest entry (tests/helpers.py's convention). Per-entry tolerances would fail on tensors whose gradient is
@@ -58,19 +60,27 @@ RUNS = {
     "taft-probe-all": {"head_init": "probe", "probe_epochs": 2, "scope": "all", "lr": 1e-3},
     "dp-taft": {**PRIVATE},
     "dp-nlft-per-example": {**PRIVATE, "method": "nlft", "dp_clipping": "per-example"},
+    "vit-images": {"model": "tiny-vit", "data": "IMAGES", "test_file": None, "max_eval": None},
 }
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> tuple[Path, Path]:
+def data(tmp_path_factory) -> tuple[Path, Path, Path]:
+    """A text file, its test file, and an image folder (2 classes, 12 train and 3 test images each)."""
     root = tmp_path_factory.mktemp("ddp-data")
     (root / "d.txt").write_text("\n".join(LINES) + "\n")
     (root / "t.txt").write_text("\n".join(LINES[:10]) + "\n")
-    return root / "d.txt", root / "t.txt"
+    rng = random.Random(0)
+    draw_images(root / "images" / "train", 12, rng)
+    draw_images(root / "images" / "test", 3, rng)
+    return root / "d.txt", root / "t.txt", root / "images"
 
 
 def _cfg(data, **kw) -> dict:
-    return {**BASE, "data": str(data[0]), "test_file": str(data[1]), **kw}
+    cfg = {**BASE, "data": str(data[0]), "test_file": str(data[1]), **kw}
+    if cfg["data"] == "IMAGES":
+        cfg["data"] = f"imagefolder:{data[2]}"
+    return cfg
 
 
 def _torchrun(*args: str, restarts: int = 0, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -126,7 +136,7 @@ def test_the_comparison_sees_a_different_run(data, two_process_runs, tmp_path):
 
 
 def _cli_args(data, out: Path) -> list[str]:
-    d, t = data
+    d, t, _ = data
     return ["train", "--model", "tiny-bert", "--data", str(d), "--test-file", str(t), "--head-init", "random",
             "--epochs", "1", "--max-train", "40", "--batch-size", "8", "--threads", "1", "--output-dir", str(out)]
 

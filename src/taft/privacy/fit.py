@@ -9,6 +9,11 @@ separate from training examples; choosing hyperparameters on them is not account
 
 Planning happens before any feature is computed (:func:`plan_private_run`): N, the sampling rate, the number of
 steps and the calibrated σ, refusing settings that cannot meet the target.
+
+Under torchrun (:mod:`taft.train.distributed`) the plan is the global one (N, q, steps, σ: the same ε), every rank
+draws the same global Poisson sample, clips the examples of it it holds, and the clipped sums are all-reduced before
+the noise, drawn once per step from the same seeded generator on every rank, is added
+(:func:`taft.privacy.optimizer.sum_over_ranks`): the step of one process, whatever the number of ranks.
 """
 
 from __future__ import annotations

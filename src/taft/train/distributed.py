@@ -147,7 +147,7 @@ def joined(device: str) -> Iterator[tuple[Ranks, str]]:
     try:
         yield ranks, device
     finally:
-        if main_thread:
+        if main_thread and previous is not None:
             signal.signal(signal.SIGTERM, previous)
         dist.destroy_process_group()
 
