@@ -76,10 +76,10 @@ def data(tmp_path_factory) -> tuple[Path, Path, Path]:
     return root / "d.txt", root / "t.txt", root / "images"
 
 
-def _cfg(data, **kw) -> dict:
-    cfg = {**BASE, "data": str(data[0]), "test_file": str(data[1]), **kw}
+def _cfg(paths: tuple[Path, Path, Path], **kw) -> dict:
+    cfg = {**BASE, "data": str(paths[0]), "test_file": str(paths[1]), **kw}
     if cfg["data"] == "IMAGES":
-        cfg["data"] = f"imagefolder:{data[2]}"
+        cfg["data"] = f"imagefolder:{paths[2]}"
     return cfg
 
 

@@ -112,6 +112,20 @@ def _terminate(signum, frame) -> None:  # noqa: ARG001
     raise SystemExit(128 + signum)  # unwinds: the staging folder is deleted on the way out
 
 
+def _attempt_store(ranks: Ranks) -> dist.Store | None:
+    """torchrun's own store, its keys prefixed by the restart attempt; ``None`` outside torchrun's agent store.
+
+    torchrun keeps one store for all attempts of a job, and process groups find each other by fixed keys in it: after
+    ``--max-restarts`` restarted the workers, a rank could read the address the previous attempt's rank 0 left there
+    and fail to connect (pytorch/pytorch#135712). ``TORCHELASTIC_RESTART_COUNT`` counts the attempts on each node;
+    the nodes agree on it when a failure restarts them all, which is the restart this handles."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    base = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), ranks.world, is_master=False,
+                         timeout=_timeout())
+    return dist.PrefixStore(f"taft/attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", base)
+
+
 @contextlib.contextmanager
 def joined(device: str) -> Iterator[tuple[Ranks, str]]:
     """Join the ``torchrun`` job this process belongs to, for the duration of one run: yields ``(ranks, device)``.
@@ -137,8 +151,13 @@ def joined(device: str) -> Iterator[tuple[Ranks, str]]:
                                    f"{torch.cuda.device_count() if torch.cuda.is_available() else 0}; start at most "
                                    f"that many processes per node (--nproc-per-node)")
         torch.cuda.set_device(ranks.local_rank)
+    backend = "nccl" if device.startswith("cuda") else "gloo"
     try:
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", timeout=_timeout())
+        store = _attempt_store(ranks)
+        if store is None:
+            dist.init_process_group(backend, timeout=_timeout())
+        else:
+            dist.init_process_group(backend, store=store, rank=ranks.rank, world_size=ranks.world, timeout=_timeout())
     except (RuntimeError, ValueError) as e:
         raise DistributedError(f"rank {ranks.rank} could not join the other {ranks.world - 1} process(es) ({e}); "
                                f"check the torchrun --rdzv-endpoint / MASTER_ADDR and that every node started") from e
