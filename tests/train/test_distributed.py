@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -170,6 +171,24 @@ def test_ranks_that_differ_are_refused(mode, what, data, tmp_path):
     assert proc.returncode != 0 and not out.exists()
     assert f"taft: error: rank 1 runs with another {what} than rank 0" in proc.stderr
     assert "/taft/" not in proc.stderr  # no traceback through taft (torchrun's launcher prints its own)
+
+
+def test_two_nodes_meeting_at_a_rendezvous_endpoint_train_what_one_process_does(data, tmp_path):
+    """The several-machines command, as two "nodes" of one process each on this machine (c10d rendezvous)."""
+    with socket.socket() as sock:
+        sock.bind(("localhost", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TAFT_DIST_TIMEOUT_S": "120"}
+    args = [*_cli_args(data, tmp_path / "nodes"), "--optimizer", "sgd", "--lr", "1e-2"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend",
+           "c10d", "--rdzv-endpoint", f"localhost:{port}", "--rdzv-id", "taft-test", "-m", "taft", *args]
+    nodes = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for _ in range(2)]
+    outputs = [node.communicate(timeout=300) for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs[0][1][-2000:] + outputs[1][1][-2000:]
+    assert main([*_cli_args(data, tmp_path / "one"), "--optimizer", "sgd", "--lr", "1e-2"]) == 0
+    assert json.loads((tmp_path / "nodes" / "results.json").read_text())["world_size"] == 2
+    assert max_rel_err(_flat(_delta(tmp_path / "nodes")), _flat(_delta(tmp_path / "one"))) <= TOL
 
 
 # -- without processes ----------------------------------------------------------------------------------------------
