@@ -112,7 +112,7 @@ def _terminate(signum, frame) -> None:  # noqa: ARG001
     raise SystemExit(128 + signum)  # unwinds: the staging folder is deleted on the way out
 
 
-def _attempt_store(ranks: Ranks) -> dist.Store | None:
+def _attempt_store(ranks: Ranks, timeout: datetime.timedelta) -> dist.Store | None:
     """torchrun's own store, its keys prefixed by the restart attempt; ``None`` outside torchrun's agent store.
 
     torchrun keeps one store for all attempts of a job, and process groups find each other by fixed keys in it: after
@@ -122,7 +122,7 @@ def _attempt_store(ranks: Ranks) -> dist.Store | None:
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
         return None
     base = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), ranks.world, is_master=False,
-                         timeout=_timeout())
+                         timeout=timeout)
     return dist.PrefixStore(f"taft/attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", base)
 
 
@@ -151,13 +151,13 @@ def joined(device: str) -> Iterator[tuple[Ranks, str]]:
                                    f"{torch.cuda.device_count() if torch.cuda.is_available() else 0}; start at most "
                                    f"that many processes per node (--nproc-per-node)")
         torch.cuda.set_device(ranks.local_rank)
-    backend = "nccl" if device.startswith("cuda") else "gloo"
+    backend, timeout = "nccl" if device.startswith("cuda") else "gloo", _timeout()
     try:
-        store = _attempt_store(ranks)
+        store = _attempt_store(ranks, timeout)
         if store is None:
-            dist.init_process_group(backend, timeout=_timeout())
+            dist.init_process_group(backend, timeout=timeout)
         else:
-            dist.init_process_group(backend, store=store, rank=ranks.rank, world_size=ranks.world, timeout=_timeout())
+            dist.init_process_group(backend, store=store, rank=ranks.rank, world_size=ranks.world, timeout=timeout)
     except (RuntimeError, ValueError) as e:
         raise DistributedError(f"rank {ranks.rank} could not join the other {ranks.world - 1} process(es) ({e}); "
                                f"check the torchrun --rdzv-endpoint / MASTER_ADDR and that every node started") from e
