@@ -218,3 +218,13 @@ def test_other_commands_are_refused_under_torchrun(monkeypatch, capsys):
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert main(["search", "--model", "tiny-bert"]) == 2
     assert "torchrun runs `taft train` only" in capsys.readouterr().err
+
+
+def test_a_bad_timeout_is_refused_before_joining(monkeypatch):
+    from taft.train.distributed import joined
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("TAFT_DIST_TIMEOUT_S", "soon")
+    with pytest.raises(DistributedError, match="TAFT_DIST_TIMEOUT_S='soon'"), joined("cpu"):
+        pass
