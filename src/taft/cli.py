@@ -121,10 +121,13 @@ def _config_command(name: str, cls, run, help: str, extra: list | None = None, o
 
 
 def _run_train(cfg) -> None:
+    from taft.train.distributed import from_env
     from taft.train.loop import train
     from taft.train.report import print_results
 
-    print_results([train(cfg)])
+    result = train(cfg)
+    if from_env().main:  # under torchrun: one table, from rank 0
+        print_results([result])
 
 
 _config_command("train", __import__("taft.config", fromlist=["TrainConfig"]).TrainConfig, _run_train,
@@ -530,7 +533,13 @@ def main(argv: list[str] | None = None) -> int:
     User errors (:class:`TaftError`, bad flags, files that cannot be read or written, running out of memory)
     print one ``taft: error: ...`` line and return 2; anything else is a bug and keeps its traceback."""
     cmd = typer.main.get_command(app)
+    import os
     import warnings
+
+    args = argv if argv is not None else sys.argv[1:]
+    if os.environ.get("WORLD_SIZE", "1") not in ("", "1") and args[:1] != ["train"] and "--help" not in args:
+        return _error(f"torchrun runs `taft train` only, not `taft {' '.join(args[:2])}`: run it as one process "
+                      f"(shard stores train many shards in parallel with --backend ray)")
 
     fmt = warnings.formatwarning
 
@@ -541,7 +550,7 @@ def main(argv: list[str] | None = None) -> int:
 
     warnings.formatwarning = taft_format
     try:
-        rv = cmd.main(args=argv if argv is not None else sys.argv[1:], prog_name="taft", standalone_mode=False)
+        rv = cmd.main(args=args, prog_name="taft", standalone_mode=False)
     except typer.Exit as e:
         return e.exit_code
     except (typer.Abort, KeyboardInterrupt):

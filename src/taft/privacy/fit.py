@@ -9,6 +9,11 @@ separate from training examples; choosing hyperparameters on them is not account
 
 Planning happens before any feature is computed (:func:`plan_private_run`): N, the sampling rate, the number of
 steps and the calibrated σ, refusing settings that cannot meet the target.
+
+Under torchrun (:mod:`taft.train.distributed`) the plan is the global one (N, q, steps, σ: the same ε), every rank
+draws the same global Poisson sample, clips the examples of it it holds, and the clipped sums are all-reduced before
+the noise, drawn once per step from the same seeded generator on every rank, is added
+(:func:`taft.privacy.optimizer.sum_over_ranks`): the step of one process, whatever the number of ranks.
 """
 
 from __future__ import annotations
@@ -25,7 +30,8 @@ from taft.config import ConfigError, TrainConfig
 from taft.privacy.accounting import calibrate_noise, check_budget, epsilon_spent
 from taft.privacy.ghost import clipped_sum
 from taft.privacy.grad_sample import nonlinear_twin, per_example_grads
-from taft.privacy.optimizer import DPOptimizer
+from taft.privacy.optimizer import DPOptimizer, sum_over_ranks
+from taft.train.distributed import RankShard, held
 from taft.train.losses import make_loss, project_to_ball, squared_norm
 
 
@@ -110,9 +116,11 @@ def fit_private(cfg: TrainConfig, plan: PrivacyPlan, tm, train_cache, train_labe
     delta = tm.delta_dict()
     g_sample = torch.Generator().manual_seed(cfg.seed)
     g_noise = torch.Generator().manual_seed(cfg.seed + 1)
+    # Under torchrun every rank draws the same global Poisson sample and the same noise (same seeds); each clips
+    # the examples of the sample it holds, and the clipped sums are added over the ranks before the noise.
     opt = DPOptimizer(make_optimizer(cfg, list(delta.values())), delta, clip=plan.clip,
                       noise_multiplier=plan.noise_multiplier, expected_batch_size=plan.expected_batch_size,
-                      generator=g_noise)
+                      generator=g_noise, reduce=sum_over_ranks if isinstance(train_cache, RankShard) else None)
     sched = torch.optim.lr_scheduler.LambdaLR(opt.optimizer, lr_lambda(cfg, plan.steps_per_epoch))
     loss_fn = make_loss(cfg.loss, kappa=cfg.kappa, m=cfg.rsl_m)
     twin = nonlinear_twin(tm) if tm.linear else None
@@ -124,7 +132,8 @@ def fit_private(cfg: TrainConfig, plan: PrivacyPlan, tm, train_cache, train_labe
         t = time.perf_counter()
         for _ in tqdm(range(plan.steps_per_epoch), desc=f"private epoch {epoch + 1}/{cfg.epochs}",
                       disable=not progress, leave=False):
-            idx = sorted(poisson_sample(plan.n, plan.sample_rate, g_sample), key=lambda i: lengths[i])
+            idx = sorted(held(train_cache, poisson_sample(plan.n, plan.sample_rate, g_sample)),
+                         key=lambda i: lengths[i])
             for s in range(0, len(idx), chunk):
                 part = idx[s : s + chunk]
                 state = train_cache.collate(part, device)

@@ -16,10 +16,12 @@ learning-rate schedule, a projection onto a ball) is post-processing and costs n
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import Tensor
+
+Reduce = Callable[[dict[str, Tensor]], dict[str, Tensor]]
 
 
 def per_example_norms(grads: Mapping[str, Tensor]) -> Tensor:
@@ -50,11 +52,14 @@ class DPOptimizer:
         expected_batch_size: q·N (N for full-batch DP-GD), the divisor of the noisy sum.
         generator: source of the noise (seeded for reproducibility; like Opacus without ``secure_mode``, it is not
             a cryptographically secure generator).
+        reduce: data-parallel runs (:func:`sum_over_ranks`): the clipped sum of this process's examples becomes the
+            sum over all ranks' before the noise is added, so a step is the single-process step — each rank
+            clips its own examples, and the noise (the same seeded draw on every rank) enters the global sum once.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, params: Mapping[str, Tensor], *, clip: float,
                  noise_multiplier: float, expected_batch_size: float,
-                 generator: torch.Generator | None = None) -> None:
+                 generator: torch.Generator | None = None, reduce: Reduce | None = None) -> None:
         if clip <= 0:
             raise ValueError(f"DPOptimizer(clip={clip}): the clipping norm must be > 0")
         if noise_multiplier < 0:
@@ -67,6 +72,7 @@ class DPOptimizer:
         self.noise_multiplier = float(noise_multiplier)
         self.expected_batch_size = float(expected_batch_size)
         self.generator = generator
+        self.reduce = reduce
         self._sum: dict[str, Tensor] | None = None
 
     def accumulate(self, per_example: Mapping[str, Tensor]) -> None:
@@ -84,6 +90,8 @@ class DPOptimizer:
         """(clipped sum + N(0, σ²C²)) / B_expected, and the accumulated sum is reset."""
         total = self._sum if self._sum is not None else {n: torch.zeros_like(p) for n, p in self.params.items()}
         self._sum = None
+        if self.reduce is not None:
+            total = self.reduce(total)
         noise = gaussian_noise(total, self.noise_multiplier * self.clip, self.generator)
         return {n: (total[n].detach() + noise[n]) / self.expected_batch_size for n in total}
 
@@ -100,3 +108,13 @@ class DPOptimizer:
     def zero_grad(self) -> None:
         self._sum = None
         self.optimizer.zero_grad(set_to_none=True)
+
+
+def sum_over_ranks(total: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The clipped sums of every rank added up (:class:`DPOptimizer`'s ``reduce`` under torchrun, as Opacus's
+    DPDDP sums clipped gradients across workers). Cost: one all-reduce of the trained parameters' size."""
+    from taft.train.distributed import all_reduce_sum
+
+    names = sorted(total)  # one order on every rank, whichever path built its sum
+    summed = dict(zip(names, all_reduce_sum([total[n] for n in names])[0], strict=True))
+    return {n: summed[n] for n in total}  # the caller's order: the noise is drawn tensor by tensor in it

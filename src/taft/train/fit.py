@@ -20,6 +20,7 @@ from taft.config import TrainConfig
 from taft.errors import TaftError
 from taft.tangent_model import TangentModel
 from taft.train.cache import FeatureCache
+from taft.train.distributed import Ranks, RankShard, current, held, sum_counts, sum_gradients
 from taft.train.losses import make_loss, project_to_ball, squared_norm
 from taft.train.rundir import finite_json
 from taft.train.text import bucketed_batches
@@ -46,21 +47,28 @@ class RunResult:
     num_classes: int = 0
     privacy: dict | None = None  # private runs: ε spent, δ, σ, C, accountant, steps, sampling rate (taft.privacy)
     data_digest: dict | None = None  # content hash of each split (taft.data.examples.split_digests), checked on reuse
+    world_size: int = 1  # processes that trained it together (torchrun; taft.train.distributed)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
 @torch.no_grad()
-def evaluate(tm: TangentModel, cache: FeatureCache, labels: torch.Tensor, batch_size: int, device) -> float:
-    """Accuracy of ``tm`` on cached features."""
+def evaluate(tm: TangentModel, cache: FeatureCache | RankShard, labels: torch.Tensor, batch_size: int,
+             device) -> float:
+    """Accuracy of ``tm`` on cached features (of a whole split; a rank's part of one under torchrun, its correct
+    counts summed over the ranks)."""
     correct = 0
-    lengths = cache.lengths
-    order = sorted(range(len(cache)), key=lambda i: lengths[i])
+    local = cache.cache if isinstance(cache, RankShard) else cache
+    rows = cache.owned if isinstance(cache, RankShard) else range(len(cache))  # global index of each local row
+    lengths = local.lengths
+    order = sorted(range(len(local)), key=lambda i: lengths[i])
     for s in range(0, len(order), batch_size):
         idx = order[s : s + batch_size]
-        logits = tm.suffix(cache.collate(idx, device))
-        correct += int((logits.argmax(-1).cpu() == labels[idx]).sum())
+        logits = tm.suffix(local.collate(idx, device))
+        correct += int((logits.argmax(-1).cpu() == labels[[rows[i] for i in idx]]).sum())
+    if isinstance(cache, RankShard):
+        correct = int(sum_counts(correct)[0])
     return correct / max(len(cache), 1)
 
 
@@ -99,26 +107,24 @@ def fit(cfg, tm, train_cache, train_labels, val_cache, val_ds, device, progress,
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, steps))
     loss_fn = make_loss(cfg.loss, kappa=cfg.kappa, m=cfg.rsl_m)
     log = (out_dir / "metrics.jsonl").open("w") if out_dir else None
+    ranks = current() if isinstance(train_cache, RankShard) else Ranks()  # a rank's part: reduce over the ranks
     for epoch in range(cfg.epochs):
         t = time.perf_counter()
         total, n = 0.0, 0
         bar = tqdm(bucketed_batches(lengths, cfg.batch_size, g), desc=f"epoch {epoch + 1}/{cfg.epochs}",
                    disable=not progress, leave=False)
         for step, idx in enumerate(bar, 1):
-            state = train_cache.collate(idx, device)
-            logits = tm.suffix(state)
-            if logits.dtype in (torch.bfloat16, torch.float16):  # the loss in float32 (float64 stays float64)
-                logits = logits.float()
-            loss = loss_fn(logits, train_labels[idx].to(device))
-            objective = loss + cfg.penalty * squared_norm(delta) if cfg.penalty else loss
-            value = float(loss.detach())  # one sync per step, as for the running mean below
+            objective, value = _objective(cfg, tm, train_cache, train_labels, idx, loss_fn, delta, device, ranks)
+            opt.zero_grad(set_to_none=True)
+            if objective is not None:
+                objective.backward()
+            if ranks.many:  # the gradient of the global batch's objective, and its loss, on every rank
+                value = sum_gradients(list(delta.values()), value)
             if not math.isfinite(value):
                 hint = ", or use --optimizer adam" if cfg.optimizer == "sgd" else ""
                 raise TrainingDiverged(
                     f"{what} diverged: the loss is {value} at epoch {epoch + 1}, step {step}; nothing was written. "
                     f"Lower the learning rate (now {lr_flag} {cfg.lr:g}){hint}")
-            opt.zero_grad(set_to_none=True)
-            objective.backward()
             opt.step()
             sched.step()
             if cfg.radius is not None:
@@ -134,6 +140,27 @@ def fit(cfg, tm, train_cache, train_labels, val_cache, val_ds, device, progress,
         end_epoch(row, tm, val_cache, val_ds, cfg, device, result, log, progress)
     if log:
         log.close()
+
+
+def _objective(cfg, tm, cache, labels, idx, loss_fn, delta, device, ranks) -> tuple[torch.Tensor | None, float]:
+    """This rank's share of a global batch's objective, and of its loss: the mean loss over the batch restricted to
+    the examples this rank holds (``held / batch`` of their mean: the shares add up to the batch mean), and
+    λ‖Δw‖² on rank 0 alone. In one process: the objective of the whole batch. ``None``: nothing to differentiate
+    here (no example of this batch, and no penalty on this rank)."""
+    mine = held(cache, idx)
+    objective, value = None, 0.0
+    if mine:
+        logits = tm.suffix(cache.collate(mine, device))
+        if logits.dtype in (torch.bfloat16, torch.float16):  # the loss in float32 (float64 stays float64)
+            logits = logits.float()
+        objective = loss_fn(logits, labels[mine].to(device))
+        if len(mine) != len(idx):
+            objective = objective * (len(mine) / len(idx))
+        value = float(objective.detach())  # one sync per step, as for the running mean
+    if cfg.penalty and ranks.main:
+        penalty = cfg.penalty * squared_norm(delta)
+        objective = penalty if objective is None else objective + penalty
+    return objective, value
 
 
 def end_epoch(row: dict, tm, val_cache, val_ds, cfg, device, result: RunResult, log, progress: bool) -> None:

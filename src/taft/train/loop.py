@@ -13,7 +13,9 @@ the step loop (:mod:`taft.train.fit`). This module only puts them in order.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import json
 import time
 from pathlib import Path
 
@@ -24,7 +26,8 @@ from taft.checkpoint import save_delta
 from taft.config import ConfigError, TrainConfig, parse_device, save_config
 from taft.data.examples import check_label_space, split_digests
 from taft.train.baselines import make_tangent_model, probe_head
-from taft.train.cache import cache_info, cache_key
+from taft.train.cache import FeatureCache, cache_info, cache_key
+from taft.train.distributed import Ranks, check_same, config_digest, joined, on_rank0, owned, shard_view, weights_digest
 from taft.train.fit import RunResult, TrainingDiverged, evaluate, fit
 from taft.train.pipeline import Prepared, pin_paths
 from taft.train.rundir import RunFolder, ensure_writable_folder, write_json
@@ -70,24 +73,34 @@ def train(cfg: TrainConfig, *, progress: bool = True, caches: dict | None = None
     With ``cfg.output_dir`` the folder is checked first (before features are computed) and written only when the
     run is complete: any error, a diverged loss included, leaves it as it was."""
     cfg = pin_paths(cfg)  # the data a run records is the data it read, from any folder
-    device = resolve_device(cfg.device)
-    if cfg.cache == "disk":
-        cache_dir = Path(cfg.cache_dir).expanduser()
-        ensure_writable_folder(cache_dir, f"--cache-dir {cache_dir}", ConfigError)
-    if not cfg.output_dir:
-        return _run(cfg, device, progress, caches, None, None, evaluate_test)
-    with RunFolder(cfg.output_dir, overwrite=cfg.overwrite) as folder:
-        result = _run(cfg, device, progress, caches, folder.path, folder.run_id, evaluate_test)
-        result.output_dir = str(folder.target)
-        write_json(folder.path / "results.json", result.to_dict())
-        folder.commit(num_classes=result.num_classes, method=cfg.method, model=cfg.model, data=cfg.data,
-                      data_digest=result.data_digest)
-    return result
+    with joined(cfg.device) as (ranks, device_name):  # under torchrun: this process's rank and its device
+        device = resolve_device(device_name)
+        if cfg.cache == "disk":
+            cache_dir = Path(cfg.cache_dir).expanduser()
+            ensure_writable_folder(cache_dir, f"--cache-dir {cache_dir}", ConfigError)
+        if not cfg.output_dir:
+            return _run(cfg, device, progress, caches, None, None, evaluate_test, ranks)
+        # rank 0 alone writes the run; a folder it refuses stops every rank
+        folder = on_rank0(lambda: RunFolder(cfg.output_dir, overwrite=cfg.overwrite), ranks)
+        with folder if folder is not None else contextlib.nullcontext():
+            result = _run(cfg, device, progress, caches, folder and folder.path, folder and folder.run_id,
+                          evaluate_test, ranks)
+            result.output_dir = str(Path(cfg.output_dir).expanduser().absolute())
+
+            def commit() -> None:
+                result.output_dir = str(folder.target)
+                write_json(folder.path / "results.json", result.to_dict())
+                folder.commit(num_classes=result.num_classes, method=cfg.method, model=cfg.model, data=cfg.data,
+                              data_digest=result.data_digest)
+
+            on_rank0(commit, ranks)
+        return result
 
 
 def _run(cfg: TrainConfig, device: torch.device, progress: bool, caches: dict | None, out_dir: Path | None,
-         run_id: str | None, evaluate_test: bool = True) -> RunResult:
+         run_id: str | None, evaluate_test: bool = True, ranks: Ranks = Ranks()) -> RunResult:
     t_start = time.perf_counter()
+    progress = progress and ranks.main
     caches = {} if caches is None else caches
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -99,6 +112,14 @@ def _run(cfg: TrainConfig, device: torch.device, progress: bool, caches: dict | 
     evals = {"val": splits.val, "test": splits.test if evaluate_test else None}
     evals = {k: (v.subset(range(min(len(v), cfg.max_eval or len(v)))) if v is not None else None)
              for k, v in evals.items()}
+    digests = split_digests(splits if evaluate_test else dataclasses.replace(splits, test=None), prep.data_fingerprint)
+    if ranks.many:  # every rank trains the same thing, or none does
+        check_same({"config": config_digest(cfg), "data": json.dumps(digests, sort_keys=True),
+                    "model weights": weights_digest(clf)}, ranks)
+
+    def mine(ds):  # the examples of a split this rank holds (all of them in one process)
+        return ds.subset(owned(len(ds), ranks)) if ranks.many else ds
+
     plan = None
     if cfg.dp_epsilon is not None:  # private run: planned (σ calibrated, bad targets refused) before any features
         from taft.privacy.fit import plan_private_run
@@ -109,19 +130,19 @@ def _run(cfg: TrainConfig, device: torch.device, progress: bool, caches: dict | 
         t_probe = time.perf_counter()
         probe_tm = make_tangent_model(dataclasses.replace(cfg, method="fc"), clf).to(device).eval()
         # same key as an FC run's training features: the probe *is* that run (shared across runs of a task)
-        ck = (cache_key(probe_tm, cfg, train_ds, prep.data_fingerprint), "train")
+        ck = (cache_key(probe_tm, cfg, mine(train_ds), prep.data_fingerprint), "train")
         if ck not in caches:
             # The training set goes through the encoder once: its features at the run's own start (cached under the
             # key the run looks up below; the head the probe changes comes after them), advanced through the
             # frozen stages that remain before the head.
             pre_tm = make_tangent_model(cfg, clf).to(device).eval()
-            key = cache_key(pre_tm, cfg, train_ds, prep.data_fingerprint)
+            key = cache_key(pre_tm, cfg, mine(train_ds), prep.data_fingerprint)
             if (key, "train") not in caches:
-                caches[(key, "train")] = prep.cache_for(pre_tm, train_ds, "train", progress, cache_dir, key)
+                caches[(key, "train")] = _features(prep, pre_tm, mine(train_ds), "train", progress, cache_dir, key)
             caches[ck] = caches[(key, "train")].advance(probe_tm, pre_tm.start, batch_size=cfg.eval_batch_size,
                                                         device=device, progress=progress,
                                                         info=cache_info(probe_tm, cfg))
-        probe_head(cfg, clf, caches[ck], train_ds.labels, device)
+        probe_head(cfg, clf, shard_view(caches[ck], len(train_ds), ranks), train_ds.labels, device)
         probe_s = time.perf_counter() - t_probe
     else:
         probe_s = 0.0
@@ -132,11 +153,11 @@ def _run(cfg: TrainConfig, device: torch.device, progress: bool, caches: dict | 
     for name, ds in (("train", train_ds), *evals.items()):
         if ds is None:
             continue
-        key = cache_key(tm, cfg, ds, prep.data_fingerprint)
+        key = cache_key(tm, cfg, mine(ds), prep.data_fingerprint)
         ck = (key, name)
         if ck not in caches:
-            caches[ck] = prep.cache_for(tm, ds, name, progress, cache_dir, key)
-        feats[name] = caches[ck]
+            caches[ck] = _features(prep, tm, mine(ds), name, progress, cache_dir, key)
+        feats[name] = shard_view(caches[ck], len(ds), ranks)
     cache_s = time.perf_counter() - t0 + probe_s
     if cfg.cache == "none":
         caches.clear()
@@ -144,8 +165,7 @@ def _run(cfg: TrainConfig, device: torch.device, progress: bool, caches: dict | 
     result = RunResult(config=dataclasses.asdict(cfg), val_acc=float("nan"), test_acc=None,
                        device=str(device), cache_s=cache_s, num_classes=int(clf.head.out_features),
                        trainable_params=sum(d.numel() for d in tm.delta_dict().values()),
-                       data_digest=split_digests(splits if evaluate_test else dataclasses.replace(splits, test=None),
-                                                 prep.data_fingerprint))  # (a search candidate never reads test)
+                       data_digest=digests, world_size=ranks.world)  # (a search candidate never reads test)
     if out_dir:
         save_config(cfg, out_dir / "config.yaml")
         if cfg.head_init == "probe":  # part of w0 that cannot be rebuilt from the config alone
@@ -173,3 +193,8 @@ def _run(cfg: TrainConfig, device: torch.device, progress: bool, caches: dict | 
     return result
 
 
+def _features(prep: Prepared, tm, ds, name: str, progress: bool, cache_dir: Path | None, key: str) -> FeatureCache:
+    """Prefix features of ``ds`` (a rank may hold no example of a small split: an empty cache)."""
+    if len(ds) == 0:
+        return FeatureCache([], ids=[])
+    return prep.cache_for(tm, ds, name, progress, cache_dir, key)
