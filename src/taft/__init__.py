@@ -14,6 +14,7 @@ from taft.checkpoint import load_delta, save_delta
 from taft.config import TrainConfig
 from taft.errors import TaftError, UnsupportedError
 from taft.models.classifier import Classifier
+from taft.privacy import fit as _private_training  # noqa: F401 (registers private training with the loop)
 from taft.scope import Scope
 from taft.tangent_model import TangentModel
 from taft.train.evaluate import evaluate_run

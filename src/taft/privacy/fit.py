@@ -32,6 +32,7 @@ from taft.privacy.ghost import clipped_sum
 from taft.privacy.grad_sample import nonlinear_twin, per_example_grads
 from taft.privacy.optimizer import DPOptimizer, sum_over_ranks
 from taft.train.distributed import RankShard, held
+from taft.train.loop import register_private_training
 from taft.train.losses import make_loss, project_to_ball, squared_norm
 
 
@@ -161,3 +162,6 @@ def fit_private(cfg: TrainConfig, plan: PrivacyPlan, tm, train_cache, train_labe
     result.privacy = {**plan.to_dict(), "epsilon": epsilon_spent(
         plan.noise_multiplier, plan.delta, sample_rate=plan.sample_rate, steps=done, accountant=plan.accountant),
         "steps_taken": done}
+
+
+register_private_training(plan=plan_private_run, fit=fit_private)

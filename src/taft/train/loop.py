@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -97,6 +98,23 @@ def train(cfg: TrainConfig, *, progress: bool = True, caches: dict | None = None
         return result
 
 
+# Private training lives a layer above this one (taft.privacy); it registers its planner and its step loop here
+# when it is imported, which ``import taft`` always does first. The loop never imports upward.
+_PRIVATE: dict[str, Callable] = {}
+
+
+def register_private_training(*, plan: Callable, fit: Callable) -> None:
+    """Install private training: ``plan(cfg, n) -> plan`` (σ calibrated before any feature is computed) and
+    ``fit(cfg, plan, tm, train_cache, train_labels, val_cache, val_ds, device, progress, result, out_dir)``."""
+    _PRIVATE.update(plan=plan, fit=fit)
+
+
+def _private(part: str) -> Callable:
+    if part not in _PRIVATE:
+        raise ConfigError("dp_epsilon: private training is not installed (import taft.privacy first)")
+    return _PRIVATE[part]
+
+
 def _run(cfg: TrainConfig, device: torch.device, progress: bool, caches: dict | None, out_dir: Path | None,
          run_id: str | None, evaluate_test: bool = True, ranks: Ranks = Ranks()) -> RunResult:
     t_start = time.perf_counter()
@@ -122,9 +140,7 @@ def _run(cfg: TrainConfig, device: torch.device, progress: bool, caches: dict | 
 
     plan = None
     if cfg.dp_epsilon is not None:  # private run: planned (σ calibrated, bad targets refused) before any features
-        from taft.privacy.fit import plan_private_run
-
-        plan = plan_private_run(cfg, len(train_ds))
+        plan = _private("plan")(cfg, len(train_ds))
     cache_dir = Path(cfg.cache_dir) if cfg.cache == "disk" else None
     if cfg.head_init == "probe" and cfg.method not in ("fc", "zero-shot"):
         t_probe = time.perf_counter()
@@ -174,10 +190,8 @@ def _run(cfg: TrainConfig, device: torch.device, progress: bool, caches: dict | 
 
     t1 = time.perf_counter()
     if plan is not None:
-        from taft.privacy.fit import fit_private
-
-        fit_private(cfg, plan, tm, feats["train"], train_ds.labels, feats.get("val"), evals["val"], device, progress,
-                    result, out_dir)
+        _private("fit")(cfg, plan, tm, feats["train"], train_ds.labels, feats.get("val"), evals["val"], device,
+                        progress, result, out_dir)
     elif cfg.method != "zero-shot":
         fit(cfg, tm, feats["train"], train_ds.labels, feats.get("val"), evals["val"], device, progress,
             result, out_dir)
