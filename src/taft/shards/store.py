@@ -307,6 +307,20 @@ class ShardStore:
         return [r[0] for r in self.db.execute(
             "SELECT id FROM examples WHERE forgotten_in IS NOT NULL ORDER BY position")]
 
+    def origins(self) -> dict[int, dict[str, Any]]:
+        """Shards that joined after the store's first training (meta ``origins``): ``{shard: {"kind": "added" |
+        "imported", "request": r, "ids": disclosed?, ...}}``; a shard not listed was trained by ``train``."""
+        return {int(k): v for k, v in (self.get_meta("origins") or {}).items()}
+
+    def imported(self) -> list[int]:
+        """Shards imported from another store's package (no training features here: they cannot be retrained)."""
+        return sorted(k for k, o in self.origins().items() if o.get("kind") == "imported")
+
+    def undisclosed(self) -> list[int]:
+        """Imported shards whose example ids were not disclosed: only their count and digest are known, so they can
+        only be dropped as a whole."""
+        return sorted(k for k, o in self.origins().items() if o.get("kind") == "imported" and not o.get("ids"))
+
     def audit_rows(self) -> list[dict[str, Any]]:
         cur = self.db.execute("SELECT * FROM audit ORDER BY seq")
         cols = [c[0] for c in cur.description]
