@@ -282,3 +282,27 @@ def test_private_store_restates_its_guarantee_and_a_plain_shard_makes_it_non_pri
     assert main(["shards", "status", "--store", str(root)]) == 0
     assert "NOT private" in capsys.readouterr().out
     assert verify(root)["ok"]
+
+
+# -- crash safety -----------------------------------------------------------------------------------------------------
+def test_kill_minus_nine_during_add_or_import_leaves_the_old_or_the_new_store(data, tmp_path):
+    """Fresh interpreters train a store, add data and import a package, killed with SIGKILL at random points: a
+    reader is served the old or the new composition or refused, verify passes, no addition is half committed, and
+    the resumed store's shard models are the uninterrupted run's, tensor for tensor."""
+    import dataclasses
+    import subprocess
+    import sys
+
+    new = _write(tmp_path / "new.txt", NEW[:30])
+    donor = tmp_path / "donor"
+    cfg = _cfg(data, epochs=1, max_train=45)
+    train_store(_cfg((_write(tmp_path / "other.txt", OTHER), data[1]), epochs=1, max_train=45), donor, 2,
+                progress=False)
+    export_shard(donor, 0, tmp_path / "pkg")
+    proc = subprocess.run([sys.executable, "-m", "taft.shards.chaos", str(tmp_path / "trials"),
+                           json.dumps(dataclasses.asdict(cfg)), "10", "1", str(new), str(tmp_path / "pkg")],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert res["killed"] >= 7, res
+    assert res["failures"] == [], res["failures"]
