@@ -140,6 +140,24 @@ def test_default_number_of_new_shards_keeps_the_shard_size(store, tmp_path):
     assert len(out["shards"]) == round(len(NEW) / (sum(sizes) / K))
 
 
+def test_cli_add_export_import(store, other, tmp_path, capsys):
+    assert main(["shards", "add", "--store", str(store), "--data", str(_write(tmp_path / "n.txt", NEW)),
+                 "--shards", "2"]) == 0
+    assert "as shard(s) [3, 4]" in capsys.readouterr().out
+    assert main(["shards", "export", "--store", str(store), "--shard", "4", "--out", str(tmp_path / "p")]) == 0
+    assert main(["shards", "import", str(tmp_path / "p"), "--store", str(other)]) == 0
+    assert "as shard 2" in capsys.readouterr().out
+    assert "exists" in _refused(["shards", "export", "--store", str(store), "--shard", "4", "--out",
+                                 str(tmp_path / "p")], capsys)
+    assert "no such shard" in _refused(["shards", "export", "--store", str(store), "--shard", "9", "--out",
+                                        str(tmp_path / "q")], capsys)
+    assert main(["shards", "verify", "--store", str(other)]) == 0 and main(["shards", "verify", "--store",
+                                                                           str(store)]) == 0
+    with ShardStore(store) as st:
+        actions = [a["action"] for a in st.audit_rows() if a["outcome"] == "ok"]
+    assert "add" in actions and "export" in actions
+
+
 # -- packages ---------------------------------------------------------------------------------------------------------
 @pytest.fixture()
 def other(data, tmp_path) -> Path:
@@ -306,3 +324,12 @@ def test_kill_minus_nine_during_add_or_import_leaves_the_old_or_the_new_store(da
     res = json.loads(proc.stdout.strip().splitlines()[-1])
     assert res["killed"] >= 7, res
     assert res["failures"] == [], res["failures"]
+
+
+def test_a_killed_safetensors_write_leaves_nothing_the_next_writer_keeps(store):
+    """safetensors writes through its own `.tmpXXXXXX` sibling; a kill in between left it as a stray file (found by
+    the kill -9 trials above). The next writer deletes it."""
+    (store / "shards" / ".tmpGebxuR").write_bytes(b"partial")
+    (store / "features" / ".tmpAb12Cd").write_bytes(b"partial")
+    assert verify(store)["ok"]
+    assert not (store / "shards" / ".tmpGebxuR").exists() and not (store / "features" / ".tmpAb12Cd").exists()

@@ -27,6 +27,7 @@ import hashlib
 import hmac
 import json
 import os
+import re
 import secrets
 import sqlite3
 import time
@@ -222,6 +223,13 @@ class ShardStore:
             if p.exists() or p.is_symlink():
                 remove_path(p)
                 removed.append(path)
+        # safetensors (0.8) writes a file through a `.tmpXXXXXX` sibling of its own (the Rust tempfile crate's name)
+        # before renaming it: a writer killed in between leaves it, never recorded as pending
+        for folder in (self.shards_dir, self.root / "features"):
+            for p in sorted(folder.glob(".tmp*")) if folder.is_dir() else []:
+                if _SAFETENSORS_TMP.fullmatch(p.name):
+                    remove_path(p)
+                    removed.append(self.rel(p))
         # a composition killed while its run folder was staged or swapped (its Δw is redone: meta.dirty)
         for p in sorted(self.root.glob(f".{self.composed_dir.name}.*")):
             if p.name.startswith((f".{self.composed_dir.name}.tmp-", f".{self.composed_dir.name}.old-")):
@@ -339,6 +347,7 @@ class ShardStore:
 
 
 _SQLITE_HEADER = b"SQLite format 3\x00"
+_SAFETENSORS_TMP = re.compile(r"\.tmp[A-Za-z0-9]{6}")
 
 
 def _check_manifest_file(root: Path, db: Path, create: bool) -> None:
