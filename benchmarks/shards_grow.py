@@ -1,7 +1,7 @@
 """Stores that grow: data arriving in chunks, composed TAFT grown by `taft shards add` vs retraining one model on
 everything so far vs Model Soup and SISA grown the same way.
 
-    python benchmarks/shards_grow.py --tasks trec                 # resumable (one JSONL per task; stores kept in --work)
+    python benchmarks/shards_grow.py --tasks trec              # resumable (a JSONL per task; stores in --work)
     python benchmarks/shards_grow.py --report --tasks trec        # markdown + JSON + plot from the JSONL
     python benchmarks/shards_grow.py --small                      # tiny random model on a toy task (smoke test)
 
@@ -176,7 +176,8 @@ def report(args, tasks: list[str]) -> None:
                  "rows": rows}
         summary[task] = table
         md += [f"### {task}: test accuracy (%) after each chunk", "",
-               "| chunk | examples | live shards | TAFT (composed) | Model Soup | SISA (vote) | retrain all (TAFT, K=1) |"
+               "| chunk | examples | live shards | TAFT (composed) | Model Soup | SISA (vote) "
+               "| retrain all (TAFT, K=1) |"
                " time: TAFT add | Soup/SISA add | retrain all | composed infer | ensemble infer |",
                "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for i, c in enumerate(chunks):
@@ -186,8 +187,8 @@ def report(args, tasks: list[str]) -> None:
                       f"{table['time_s']['taft'][i]:.1f} s | {table['time_s']['nlft'][i]:.1f} s | "
                       f"{table['time_s']['retrain'][i]:.1f} s | {table['composed_infer_s'][i]:.2f} s | "
                       f"{table['ensemble_infer_s'][i]:.2f} s |")
-        md += ["", f"verify after every step: {table['verify_ok']}; composed argmax = ensemble argmax after every step: "
-                   f"{table['composed_equals_ensemble']}", ""]
+        md += ["", f"verify after every step: {table['verify_ok']}; composed argmax = ensemble argmax after every "
+                   f"step: {table['composed_equals_ensemble']}", ""]
     meta = {"command": " ".join(sys.argv), "date": datetime.date.today().isoformat(), "model": args.model,
             "epochs": args.epochs, "min_steps": args.min_steps, "shards": args.shards, "chunks": args.chunks,
             "max_train": args.max_train, "threads": args.threads, "lr": args.lr}

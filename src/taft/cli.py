@@ -294,6 +294,13 @@ def shards_forget(
     console().print(f"forgot {len(out['forgotten'])} example(s); shard(s) {out['shards']} {what}"
                     + (f" ({len(out['already_forgotten'])} already forgotten)" if out["already_forgotten"] else "")
                     + (f"; now empty: {out['empty_shards']}" if out["empty_shards"] else ""))
+    if out.get("imported_dropped"):
+        console().print(f"imported shard(s) {out['imported_dropped']} were dropped, not retrained (trained elsewhere: "
+                        f"this store has no features of their examples)")
+    if out.get("may_remain_in"):
+        console().print(f"note: imported shard(s) {out['may_remain_in']} did not disclose their ids; if the "
+                        f"example(s) were also among them, drop those shards (`taft shards drop --store {store} "
+                        f"--shard K`)")
 
 
 @shards_app.command("verify")

@@ -254,7 +254,7 @@ def _train_new(store: ShardStore, trainer: ShardTrainer, jobs: list[tuple[int, l
     for model in models:
         out[model.shard] = (model, paths[model.shard], ops._write_shard(paths[model.shard], model, meta,
                                                                         ids_of[model.shard]))
-    for k, (_, p, sha) in out.items():
+    for _, p, sha in out.values():
         if sha256_file(p) != sha:
             raise StoreError(f"{p} changed while it was written (SHA-256 differs); run the request again")
     return out
