@@ -222,11 +222,7 @@ def _run_shards_train(cfg, store, shards, backend, ray_address, chunk, weights) 
     out = train_store(cfg, store, shards, backend=backend, ray_address=ray_address, chunk=chunk, weights=weights)
     console().print(f"trained {len(out['trained'])} shard(s) in {out['train_s']:.1f} s ({backend}); composed "
                     f"{len(out['shards'])} live shard(s) into {out['composed']}/ (`taft eval {out['composed']}`)")
-    if "privacy" in out:
-        p = out["privacy"]
-        console().print(f"privacy: composed model (ε = {p['composed']['epsilon']:.3g}, δ = {p['composed']['delta']:g}) "
-                        f"by parallel composition over disjoint shards; every release so far: ε ≤ "
-                        f"{p['all_releases_epsilon']:.3g}")
+    _print_privacy(out.get("privacy"))
 
 
 _config_command("train", __import__("taft.config", fromlist=["TrainConfig"]).TrainConfig, _run_shards_train,
@@ -310,6 +306,13 @@ def shards_forget(
     console().print(f"forgot {len(out['forgotten'])} example(s); shard(s) {out['shards']} {what}"
                     + (f" ({len(out['already_forgotten'])} already forgotten)" if out["already_forgotten"] else "")
                     + (f"; now empty: {out['empty_shards']}" if out["empty_shards"] else ""))
+    if out.get("imported_dropped"):
+        console().print(f"imported shard(s) {out['imported_dropped']} were dropped, not retrained (trained elsewhere: "
+                        f"this store has no features of their examples)")
+    if out.get("may_remain_in"):
+        console().print(f"note: imported shard(s) {out['may_remain_in']} did not disclose their ids; if the "
+                        f"example(s) were also among them, drop those shards (`taft shards drop --store {store} "
+                        f"--shard K`)")
 
 
 @shards_app.command("verify")
@@ -354,14 +357,21 @@ def shards_status(store: str = typer.Option(..., help="the store folder"),
         typer.echo(json.dumps(st, indent=2, default=str))
         return
     table = Table(title=f"taft shards: {st['store']} ({st['examples']} examples, {st['forgotten']} forgotten)")
-    for col in ("shard", "status", "examples", "generation", "val acc", "ε", "file"):
+    for col in ("shard", "status", "examples", "generation", "val acc", "ε", "origin", "file"):
         table.add_column(col, no_wrap=True)
+    origins = {int(k): v for k, v in st["origins"].items()}
     for r in st["shards"]:
         eps = json.loads(r["privacy"])["epsilon"] if r.get("privacy") else None
+        o = origins.get(r["shard"])
+        origin = "train" if o is None else o["kind"] + ("" if o["ids"] else " (ids undisclosed)")
         table.add_row(str(r["shard"]), r["status"], str(r["examples"]), str(r["generation"]),
                       "—" if r["val_acc"] is None else f"{100 * r['val_acc']:.2f}",
-                      "—" if eps is None else f"{eps:.3g}", r["file"] or "—")
+                      "—" if eps is None else f"{eps:.3g}", origin, r["file"] or "—")
     console().print(table)
+    if st["undisclosed"]:
+        console().print(f"imported shard(s) {st['undisclosed']} did not disclose their ids: an example in them can "
+                        f"only be forgotten by dropping the shard whole (`taft shards drop`)")
+    _print_privacy(st["privacy"])
     comp = st["composed"]
     if st["unfinished"]:
         console().print(f"[bold red]unfinished:[/] {st['unfinished']}; composed/ is not served until then")
@@ -386,6 +396,79 @@ def shards_eval(store: str = typer.Option(..., help="the store folder"),
     console().print(f"{split} accuracy over {res['examples']} examples, {len(res['shards'])} live shards: composed "
                     f"{100 * res['composed']:.2f}, ensemble (mean output) {100 * res['ensemble_mean']:.2f}, "
                     f"majority vote {100 * res['vote']:.2f}")
+
+
+@shards_app.command("add")
+def shards_add(
+    store: str = typer.Option(..., help="the store folder"),
+    data: str = typer.Option(..., help="a .txt/.csv/.jsonl file of new training examples"),
+    shards: int | None = typer.Option(None, help="number of new shards (default: the store's mean shard size)"),
+    backend: str = typer.Option("sequential", help="sequential | batched | ray"),
+    strict: bool = typer.Option(False, help="refuse (instead of skipping) examples already in the store, held "
+                                            "out or forgotten earlier"),
+) -> None:
+    """Train new shards on examples the store has not seen (its w0 and options) and recompose."""
+    from taft.shards.grow import _skip_text, add_data
+
+    out = add_data(store, data, num_shards=shards, backend=backend, strict=strict, progress=True)
+    console().print(f"added {out['added']} example(s) as shard(s) {out['shards']} in {out['train_s']:.1f} s"
+                    + (f"; skipped: {_skip_text(out['skipped'])}" if any(out["skipped"].values()) else "")
+                    + f"; composed {len(out['composed']['shards'])} live shard(s)")
+    _print_privacy(out["composed"].get("privacy"))
+
+
+@shards_app.command("export")
+def shards_export(
+    store: str = typer.Option(..., help="the store folder"),
+    shard: int = typer.Option(..., help="the live shard to export"),
+    out: str = typer.Option(..., help="the package folder to write (new)"),
+    ids: bool = typer.Option(True, "--ids/--no-ids", help="--no-ids: keep the example ids here (the package holds "
+                                                          "their count and SHA-256; importers can only drop it whole)"),
+) -> None:
+    """Write one shard as a self-contained, hashed package (safetensors + JSON manifest) another store can import."""
+    from taft.shards.grow import export_shard
+
+    res = export_shard(store, shard, out, ids=ids)
+    console().print(f"exported shard {shard} ({res['shard']['examples']} examples, ids {res['ids']}) to "
+                    f"{res['package']}/ (manifest SHA-256 {res['manifest_sha256']})")
+
+
+@shards_app.command("import")
+def shards_import(
+    package: str = typer.Argument(..., help="the package folder (`taft shards export`)"),
+    store: str = typer.Option(..., help="the store folder"),
+) -> None:
+    """Accept a shard package into this store if w0, options and classes match, and recompose."""
+    from taft.shards.grow import import_shard
+
+    out = import_shard(store, package)
+    console().print(f"imported {package} as shard {out['shard']} ({out['examples']} examples, ids {out['ids']}); "
+                    f"composed {len(out['composed']['shards'])} live shard(s)")
+    if out["ids"] == "undisclosed":
+        console().print(f"its ids were not disclosed: forgetting one of its examples means dropping it whole "
+                        f"(`taft shards drop --store {store} --shard {out['shard']}`)")
+    _print_privacy(out["composed"].get("privacy"))
+
+
+@shards_app.command("drop")
+def shards_drop(store: str = typer.Option(..., help="the store folder"),
+                shard: int = typer.Option(..., help="an imported shard whose ids were not disclosed")) -> None:
+    """Drop an imported shard whose ids were not disclosed (the only way to forget its examples) and recompose."""
+    from taft.shards.grow import drop_shard
+
+    out = drop_shard(store, shard)
+    console().print(f"dropped shard {out['dropped']} ({out['examples']} examples); its file is deleted")
+
+
+def _print_privacy(p: dict | None) -> None:
+    if not p:
+        return
+    if p["composed"] is None:
+        console().print(f"privacy: {p['note']}")
+        return
+    console().print(f"privacy: composed model (ε = {p['composed']['epsilon']:.3g}, δ = {p['composed']['delta']:g}) by "
+                    f"parallel composition over disjoint shards; every release so far: ε ≤ "
+                    f"{p['all_releases_epsilon']:.3g}" + (f" ({p['assumes']})" if p.get("assumes") else ""))
 
 
 # -- taft arithmetic (task vectors) ------------------------------------------------------------------------

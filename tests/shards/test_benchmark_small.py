@@ -43,3 +43,15 @@ def test_tuned_shards_benchmark_small(tmp_path):
     assert set(summary) == {"pt-t", "pt-f"}
     assert all(len(cell["test"]) == 3 for by_k in summary.values() for c in by_k.values() for cell in c.values())
     assert (tmp_path / "shards_tuned-small.png").stat().st_size > 0
+
+
+def test_grow_benchmark_small(tmp_path):
+    """Data in 5 chunks: after every chunk the grown stores verify and TAFT's composed model is its ensemble."""
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "shards_grow.py"), "--small", "--out",
+                           str(tmp_path)], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    task = json.loads((tmp_path / "shards_grow-small.json").read_text())["tasks"]["toy"]
+    assert task["chunks"] == [1, 2, 3, 4, 5] and task["verify_ok"] and task["composed_equals_ensemble"]
+    assert task["live_shards"] == sorted(task["live_shards"]) and task["live_shards"][-1] > task["live_shards"][0]
+    assert task["examples"] == sorted(task["examples"])
+    assert (tmp_path / "shards_grow-small.png").stat().st_size > 0 and (tmp_path / "shards_grow-small.md").is_file()

@@ -239,8 +239,9 @@ def _reclaim_lost(store: ShardStore) -> None:
     """Resuming: a live shard whose file is missing or does not match its SHA-256 (deleted, truncated, replaced)
     is trained again, like a shard that never finished (a damaged file is deleted: it is derived data)."""
     lost = []
+    imported = set(store.imported())  # (no training features here: verify reports a lost one, to import again)
     for r in store.shard_rows():
-        if r["status"] != "live":
+        if r["status"] != "live" or r["shard"] in imported:
             continue
         path = store.root / r["file"]
         if not path.is_file() or sha256_file(path) != r["sha256"]:
@@ -395,8 +396,9 @@ def _trainer_for(store: ShardStore, cfg: TrainConfig, progress: bool, features: 
 def _weights(store: ShardStore, shards: list[int], weights: str) -> list[float]:
     if weights == "uniform":
         return [1.0] * len(shards)
-    if weights == "size":
-        return [float(len(store.live_ids(k))) for k in shards]
+    if weights == "size":  # (an imported shard with undisclosed ids has no example rows: its recorded count)
+        hidden = {r["shard"]: r["examples"] for r in store.shard_rows() if r["shard"] in set(store.undisclosed())}
+        return [float(hidden[k] if k in hidden else len(store.live_ids(k))) for k in shards]
     path = Path(weights).expanduser()
     if not path.is_file():
         raise ConfigError(f"--weights {weights}: use size, uniform, or a JSON file {{\"shard\": weight}}")
@@ -474,7 +476,7 @@ def _compose(store: ShardStore, *, weights: str | None = None, exclude: Sequence
                     extra_metadata={"method": cfg.method, "model": cfg.model, "data": cfg.data,
                                     "composed_shards": json.dumps(shards)})
         info = {"shards": shards, "weights": ws, "weights_rule": weights, "exclude": exclude}
-        if cfg.dp_epsilon is not None:
+        if cfg.dp_epsilon is not None or any(r["privacy"] for r in rows):
             info["privacy"] = privacy_guarantee(store, rows)
         write_json(folder.path / "results.json", info)
         folder.commit(num_classes=int(store.db.execute("SELECT MAX(label) + 1 FROM examples").fetchone()[0]),
@@ -496,17 +498,25 @@ def privacy_guarantee(store: ShardStore, rows: list[dict[str, Any]]) -> dict[str
     from taft.privacy.compose import parallel_guarantee, sequential_epsilon
 
     live = [json.loads(r["privacy"]) for r in rows if r["privacy"]]
-    if len(live) != len(rows):
-        raise StoreError("a private store holds a shard without a privacy record; retrain it")
+    bare = [r["shard"] for r in rows if not r["privacy"]]
     history: dict[int, list[dict]] = {}
     for a in store.audit_rows():
         d = json.loads(a["detail"]) if a["outcome"] == "shard" else {}
         if d.get("privacy"):
             history.setdefault(d["shard"], []).append(d["privacy"])
     total = max((sequential_epsilon(h) for h in history.values()), default=0.0)
-    return {"composed": parallel_guarantee(live), "all_releases_epsilon": total,
-            "note": "ε of the composed model (parallel over disjoint shards) and, over every model this store has "
-                    "released, the largest per-shard sequential composition across retrains"}
+    if bare:  # one shard trained without DP-SGD: the average is not private at all
+        return {"composed": None, "non_private_shards": bare, "all_releases_epsilon": None,
+                "note": f"the composed model is NOT private: shard(s) {bare} have no privacy record (trained without "
+                        f"DP-SGD); exclude them (`taft shards compose --exclude`) for a private composition"}
+    out = {"composed": parallel_guarantee(live), "all_releases_epsilon": total,
+           "note": "ε of the composed model (parallel over disjoint shards) and, over every model this store has "
+                   "released, the largest per-shard sequential composition across retrains"}
+    hidden = sorted(set(store.undisclosed()) & {r["shard"] for r in rows})
+    if hidden:
+        out["assumes"] = (f"imported shard(s) {hidden} did not disclose their ids: parallel composition assumes they "
+                          f"hold none of the other shards' examples")
+    return out
 
 
 def _remove_composed(store: ShardStore) -> None:
@@ -608,9 +618,14 @@ def forget(store_dir: str | Path, ids: Sequence[str], *, retrain: bool = False, 
             if t in stones:
                 known[stones[t]] = f
         unknown = [i for i in ids if i not in known]
+        hidden = [r["shard"] for r in store.shard_rows() if r["status"] == "live" and r["shard"] in
+                  set(store.undisclosed())]
         if unknown:
+            maybe = (f" They may be in imported shard(s) {hidden}, whose ids were not disclosed: such a shard can only "
+                     f"be dropped as a whole (`taft shards drop --store {store.root} --shard K`)" if hidden else "")
             raise StoreError(f"{len(unknown)} id(s) are not training examples of this store (e.g. {unknown[:3]}); "
-                             f"nothing was forgotten. `taft shards status --ids` lists the store's ids and shards")
+                             f"nothing was forgotten. `taft shards status --ids` lists the store's ids and shards."
+                             + maybe)
         already = [i for i in ids if known[i] is not None]
         todo = [i for i in ids if known[i] is None]
         if not todo:
@@ -623,16 +638,20 @@ def forget(store_dir: str | Path, ids: Sequence[str], *, retrain: bool = False, 
         gone = set(todo)
         affected = sorted({k for i, k, _ in rows if i in gone})
         remaining = {k: [i for i in store.live_ids(k) if i not in gone] for k in affected}
-        # 1. the affected shards' features without the forgotten rows, as new files
+        # 1. the affected shards' features without the forgotten rows, as new files (an imported shard has none:
+        # it was trained elsewhere, so it is dropped, never retrained)
+        imported = set(store.imported())
+        own = [k for k in affected if k not in imported]
         t_start = time.perf_counter()
-        old_feats = {k: r for k, r in store.feature_rows().items() if k in affected}
-        feats = _read_features(store, affected, loaded)
-        written = _write_shard_features(store, feats, {k: remaining[k] for k in affected if remaining[k]}, old_feats)
+        old_feats = {k: r for k, r in store.feature_rows().items() if k in own}
+        feats = _read_features(store, own, loaded)
+        written = _write_shard_features(store, feats, {k: remaining[k] for k in own if remaining[k]}, old_feats)
         # 2. one transaction: forgotten, shards emptied/dropped/awaiting retrain, old files to delete
         rows = {r["shard"]: r for r in store.shard_rows()}
         old_files = [store.root / rows[k]["file"] for k in affected if rows[k]["file"]]
         old_files += [store.root / r["file"] for r in old_feats.values()]
-        status = {k: "empty" if not remaining[k] else ("untrained" if retrain else "dropped") for k in affected}
+        status = {k: "empty" if not remaining[k] else ("untrained" if retrain and k not in imported else "dropped")
+                  for k in affected}
         _withdraw_composed(store)  # from here until the new composition, readers of composed/ are refused
         with store.transaction() as db:
             stone = {i: store.tombstone(i) for i in todo}  # the id and label go; a keyed digest stays
@@ -647,13 +666,13 @@ def forget(store_dir: str | Path, ids: Sequence[str], *, retrain: bool = False, 
             store.set_meta(db, "dirty", True)
             store.record(db, "forgotten", {"ids": [stone[i] for i in todo], "shards": affected})
         store.delete_files(old_files)
-        kept = feats.subset([i for k in affected for i in remaining[k]])
+        kept = feats.subset([i for k in own for i in remaining[k]])
         if loaded is not None:
             loaded.keep_features(store, {k: feats.subset(remaining[k]) for k in written})
         features_s = time.perf_counter() - t_start
         # 3. retrain the affected shards on what they have left
         t0 = time.perf_counter()
-        jobs = [(k, remaining[k]) for k in affected if remaining[k]] if retrain else []
+        jobs = [(k, remaining[k]) for k in own if remaining[k]] if retrain else []
         if jobs:
             trainer = _trainer_for(store, _store_config(store), progress, features=kept, loaded=loaded)
             _train_jobs(store, trainer, jobs, backend, progress=progress, loaded=loaded)
@@ -665,6 +684,8 @@ def forget(store_dir: str | Path, ids: Sequence[str], *, retrain: bool = False, 
                "action": "retrained" if retrain else "dropped", "empty_shards": [k for k in affected
                                                                                  if not remaining[k]],
                "retrain_s": retrain_s, "composed": composed,
+               "imported_dropped": [k for k in affected if k in imported and remaining[k]],
+               "may_remain_in": hidden,
                "timing_s": {"features": features_s, "retrain": retrain_s,
                             "compose": time.perf_counter() - t0 - retrain_s}}
         with store.transaction() as db:  # counts only: the log keeps no forgotten id
@@ -696,6 +717,7 @@ def verify(store_dir: str | Path) -> dict[str, Any]:
         shard_rows_logged = {(json.loads(a["detail"]).get("file"), json.loads(a["detail"]).get("sha256"))
                              for a in audit if a["outcome"] == "shard"}
         loaded = {}
+        hidden = set(store.undisclosed())
         for r in rows:
             k = r["shard"]
             if r["status"] != "live":
@@ -711,7 +733,10 @@ def verify(store_dir: str | Path) -> dict[str, Any]:
             ids = store.live_ids(k)
             if forgotten & {store.tombstone(i) for i in ids}:
                 problems.append(f"shard {k}: forgotten examples are listed as live again")
-            if meta.get("user.train_ids_sha256") != ids_digest(ids) or r["ids_sha256"] != ids_digest(ids):
+            if k in hidden:  # ids not disclosed: the file must be the model of the set its package described
+                if meta.get("user.train_ids_sha256") != r["ids_sha256"] or ids:
+                    problems.append(f"shard {k}: its model does not match the training set its package recorded")
+            elif meta.get("user.train_ids_sha256") != ids_digest(ids) or r["ids_sha256"] != ids_digest(ids):
                 problems.append(f"shard {k}: its model was trained on another set of examples than its live ones "
                                 f"(a forgotten example, or a changed manifest); retrain it")
             if (r["file"], r["sha256"]) not in shard_rows_logged:
@@ -740,8 +765,9 @@ def _check_features(store: ShardStore, rows: list[dict[str, Any]]) -> list[str]:
     examples; no other shard has one."""
     problems = []
     feats = store.feature_rows()
+    imported = set(store.imported())  # trained elsewhere: no features here
     for r in rows:
-        k, has = r["shard"], bool(store.live_ids(r["shard"]))
+        k, has = r["shard"], bool(store.live_ids(r["shard"])) and r["shard"] not in imported
         if has and k not in feats:
             problems.append(f"shard {k}: no features file is listed for its live examples")
         elif not has and k in feats:
@@ -819,10 +845,23 @@ def status(store_dir: str | Path) -> dict[str, Any]:
                 "examples": store.db.execute("SELECT COUNT(*) FROM examples").fetchone()[0],
                 "forgotten": len(store.forgotten_ids()), "composed": store.get_meta("composed"),
                 "dirty": store.get_meta("dirty", False), "unfinished": unfinished(store),
+                "origins": store.origins(), "undisclosed": store.undisclosed(),
+                "data_sources": store.get_meta("data_sources"), "privacy": _privacy_state(store),
                 "ids": [{"id": i, "shard": k, "forgotten_in": f} for i, k, f in store.db.execute(
                     "SELECT id, shard, forgotten_in FROM examples ORDER BY position")],
                 "history": [{k: a[k] for k in ("seq", "request", "time", "action", "outcome")} for a in
                             store.audit_rows()]}
+
+
+def _privacy_state(store: ShardStore) -> dict[str, Any] | None:
+    """The live shards' privacy: None when none is private, else the guarantee of their composition (or why it
+    has none: a shard without a privacy record)."""
+    rows = [r for r in store.shard_rows() if r["status"] == "live"]
+    if store.get_meta("config") is None or not rows:
+        return None
+    if not any(r["privacy"] for r in rows) and _store_config(store).dp_epsilon is None:
+        return None
+    return privacy_guarantee(store, rows)
 
 
 @torch.no_grad()

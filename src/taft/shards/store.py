@@ -27,6 +27,7 @@ import hashlib
 import hmac
 import json
 import os
+import re
 import secrets
 import sqlite3
 import time
@@ -222,6 +223,13 @@ class ShardStore:
             if p.exists() or p.is_symlink():
                 remove_path(p)
                 removed.append(path)
+        # safetensors (0.8) writes a file through a `.tmpXXXXXX` sibling of its own (the Rust tempfile crate's name)
+        # before renaming it: a writer killed in between leaves it, never recorded as pending
+        for folder in (self.shards_dir, self.root / "features"):
+            for p in sorted(folder.glob(".tmp*")) if folder.is_dir() else []:
+                if _SAFETENSORS_TMP.fullmatch(p.name):
+                    remove_path(p)
+                    removed.append(self.rel(p))
         # a composition killed while its run folder was staged or swapped (its Δw is redone: meta.dirty)
         for p in sorted(self.root.glob(f".{self.composed_dir.name}.*")):
             if p.name.startswith((f".{self.composed_dir.name}.tmp-", f".{self.composed_dir.name}.old-")):
@@ -307,6 +315,20 @@ class ShardStore:
         return [r[0] for r in self.db.execute(
             "SELECT id FROM examples WHERE forgotten_in IS NOT NULL ORDER BY position")]
 
+    def origins(self) -> dict[int, dict[str, Any]]:
+        """Shards that joined after the store's first training (meta ``origins``): ``{shard: {"kind": "added" |
+        "imported", "request": r, "ids": disclosed?, ...}}``; a shard not listed was trained by ``train``."""
+        return {int(k): v for k, v in (self.get_meta("origins") or {}).items()}
+
+    def imported(self) -> list[int]:
+        """Shards imported from another store's package (no training features here: they cannot be retrained)."""
+        return sorted(k for k, o in self.origins().items() if o.get("kind") == "imported")
+
+    def undisclosed(self) -> list[int]:
+        """Imported shards whose example ids were not disclosed: only their count and digest are known, so they can
+        only be dropped as a whole."""
+        return sorted(k for k, o in self.origins().items() if o.get("kind") == "imported" and not o.get("ids"))
+
     def audit_rows(self) -> list[dict[str, Any]]:
         cur = self.db.execute("SELECT * FROM audit ORDER BY seq")
         cols = [c[0] for c in cur.description]
@@ -325,6 +347,7 @@ class ShardStore:
 
 
 _SQLITE_HEADER = b"SQLite format 3\x00"
+_SAFETENSORS_TMP = re.compile(r"\.tmp[A-Za-z0-9]{6}")
 
 
 def _check_manifest_file(root: Path, db: Path, create: bool) -> None:

@@ -37,11 +37,18 @@ def padded_batch(ids: Sequence[Sequence[int]], pad_id: int = 0, device="cpu") ->
 
 def prefix_batches(ids: Sequence[Sequence[int]], batch_size: int, pad_id: int = 0,
                    device="cpu") -> Iterator[tuple[list[int], tuple, dict]]:
-    """``(indices, args, kwargs)`` batches in length order (little padding), for ``FeatureCache.build``."""
+    """``(indices, args, kwargs)`` batches in length order for ``FeatureCache.build``, each of sentences of one
+    length (no padding). A row's features then do not depend on the other examples of the split (bitwise on CPU;
+    padding to a batch-mate's length changes the last bits): a shard store that grows computes its new examples'
+    features alone and must get those of a store built at once (``tests/shards/test_grow.py``)."""
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-    for s in range(0, len(order), batch_size):
-        idx = order[s : s + batch_size]
-        yield idx, (), padded_batch([ids[i] for i in idx], pad_id, device)
+    groups: dict[int, list[int]] = {}
+    for i in order:
+        groups.setdefault(len(ids[i]), []).append(i)
+    for group in groups.values():
+        for s in range(0, len(group), batch_size):
+            idx = group[s : s + batch_size]
+            yield idx, (), padded_batch([ids[i] for i in idx], pad_id, device)
 
 
 def bucketed_batches(lengths: Sequence[int], batch_size: int, generator: torch.Generator,
