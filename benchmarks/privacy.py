@@ -63,7 +63,7 @@ def _config(args, data: str, scope: str, method: str, **kw):
                        head_init="zero-shot", max_train=args.max_train or None, max_eval=args.max_eval or None,
                        epochs=args.epochs, batch_size=args.batch_size, dp_delta=args.delta, dp_clip=args.clip,
                        dp_accountant="rdp", dp_full_batch=args.dp_gd and private, threads=args.threads,
-                       device=args.device, prediction=args.prediction if method == "taft" else "full", **kw)
+                       device=args.train_device, prediction=args.prediction if method == "taft" else "full", **kw)
 
 
 # -- accuracy ---------------------------------------------------------------------------------------------
@@ -106,7 +106,7 @@ def zero_shot(args, data: str, caches: dict) -> float:
 
     cfg = TrainConfig(model="minilm", data=data, data_root=args.data_root, method="zero-shot", head_init="zero-shot",
                       max_train=args.max_train or None, max_eval=args.max_eval or None, threads=args.threads,
-                      device=args.device)
+                      device=args.train_device)
     return train(cfg, progress=False, caches=caches).test_acc
 
 
@@ -251,7 +251,7 @@ def report(out: dict) -> str:
         "",
         f"Command: `{meta['command']}`",
         "",
-        f"MiniLM-L6 (real weights), zero-shot head (class descriptions), "
+        "MiniLM-L6 (real weights), zero-shot head (class descriptions), "
         + ("DP-GD (one full-batch step per epoch)" if meta.get("dp_gd") else
            f"DP-SGD with Poisson sampling (expected batch {meta['batch_size']})")
         + f", {meta['epochs']} epoch(s), RDP accountant, δ = {meta['delta']:g}, clip C = {meta['clip']:g}, Adam, "
@@ -386,7 +386,7 @@ def main(argv: list[str] | None = None) -> None:
                     help="the paper's DP-GD: one full-batch step per epoch (use with --epochs 50)")
     ap.add_argument("--prediction", default="full", choices=["full", "linear-part"],
                     help="tangent runs predict with f(x; w0) + J·Δw or J·Δw alone (the paper's private runs)")
-    ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
+    ap.add_argument("--device", dest="train_device", default="cpu", help="cpu, cuda, cuda:N")
     ap.add_argument("--methods", default="taft,nlft", help="taft (tangent), nlft (non-linear)")
     ap.add_argument("--stem", default="privacy", help="results file names (e.g. privacy-full for a full-scale run)")
     ap.add_argument("--epochs", type=int, default=1)

@@ -135,6 +135,19 @@ def run_group(bench: Bench, regime: str, k: int, method: str, seeds: list[int], 
             done.add(key)
 
 
+def _write_meta(log: Path, args) -> None:
+    # one meta file per task; each regime keeps the command, date and budget it ran with (regimes run separately)
+    path = log.with_suffix(".meta.json")
+    old = json.loads(path.read_text()) if path.is_file() and not args.force else {}
+    runs = old.get("regimes", {r: {k: old[k] for k in ("date", "command", "epochs", "min_steps")}
+                               for r in {row["regime"] for row in _lines(log)} - set(args.regimes)} if old else {})
+    now = {"date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+           "command": "python benchmarks/shards_tuned.py " + " ".join(sys.argv[1:]),
+           "epochs": args.epochs, "min_steps": args.min_steps}
+    runs.update({r: now for r in args.regimes})
+    write_json(path, {"device": _device(), "torch": torch.__version__, "seeds": args.seeds, **now, "regimes": runs})
+
+
 def _append(path: Path, row: dict) -> None:
     with path.open("a") as f:
         f.write(json.dumps(row) + "\n")
@@ -152,21 +165,13 @@ def run_task(task: str, args) -> None:
     if args.force and log.exists():
         log.unlink()
     done = {(r["regime"], r["K"], r["method"], r["step"]) for r in _lines(log)}
+    _write_meta(log, args)  # now and at the end: an interrupted run's rows still name their command
     bench = Bench(args, task)
     for regime in args.regimes:
         for k in args.ks:
             for method in ("taft", "nlft"):
                 run_group(bench, regime, k, method, args.seeds, done, log)
-    # one meta file per task; each regime keeps the command, date and budget it ran with (regimes run separately)
-    path = log.with_suffix(".meta.json")
-    old = json.loads(path.read_text()) if path.is_file() and not args.force else {}
-    runs = old.get("regimes", {r: {k: old[k] for k in ("date", "command", "epochs", "min_steps")}
-                               for r in {row["regime"] for row in _lines(log)} - set(args.regimes)} if old else {})
-    now = {"date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-           "command": "python benchmarks/shards_tuned.py " + " ".join(sys.argv[1:]),
-           "epochs": args.epochs, "min_steps": args.min_steps}
-    runs.update({r: now for r in args.regimes})
-    write_json(path, {"device": _device(), "torch": torch.__version__, "seeds": args.seeds, **now, "regimes": runs})
+    _write_meta(log, args)
 
 
 # -- report -----------------------------------------------------------------------------------------------------
