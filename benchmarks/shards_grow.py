@@ -39,7 +39,7 @@ import torch
 from taft.config import TrainConfig
 from taft.shards import ShardStore, train_store
 from taft.shards.grow import add_data
-from taft.shards.ops import shard_logits
+from taft.shards.report import shard_logits
 from taft.train.rundir import write_json
 
 RESULTS = Path(__file__).parent / "results"

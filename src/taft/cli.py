@@ -217,7 +217,7 @@ def _shards_train_options() -> list:
 
 
 def _run_shards_train(cfg, store, shards, backend, ray_address, chunk, weights) -> None:
-    from taft.shards.ops import train_store
+    from taft.shards.create import train_store
 
     out = train_store(cfg, store, shards, backend=backend, ray_address=ray_address, chunk=chunk, weights=weights)
     console().print(f"trained {len(out['trained'])} shard(s) in {out['train_s']:.1f} s ({backend}); composed "
@@ -272,7 +272,7 @@ def shards_compose(
     exclude: list[int] | None = typer.Option(None, help="shard to leave out (repeatable)"),
 ) -> None:
     """Write the weighted average of the live shards' Δw (weights normalized to sum 1) as STORE/composed."""
-    from taft.shards.ops import compose
+    from taft.shards.compose import compose
 
     out = compose(store, weights=weights, exclude=exclude or [])
     console().print(f"composed shards {out['shards']} (weights {out['weights_rule']}) into {out['composed']}/")
@@ -293,7 +293,7 @@ def shards_forget(
     from pathlib import Path
 
     from taft.config import ConfigError
-    from taft.shards.ops import forget
+    from taft.shards.forget import forget
 
     wanted = [*(ids or []), *(more_ids or [])]
     if ids_file:
@@ -319,7 +319,7 @@ def shards_forget(
 def shards_verify(store: str = typer.Option(..., help="the store folder"),
                   as_json: bool = typer.Option(False, "--json")) -> None:
     """Prove the store's state: hashes, no forgotten example in any live shard, composition, audit log."""
-    from taft.shards.ops import verify
+    from taft.shards.verify import verify
 
     report = verify(store)
     if as_json:
@@ -344,7 +344,7 @@ def shards_status(store: str = typer.Option(..., help="the store folder"),
     """The shards (status, examples, generation, validation accuracy), the composition and the history."""
     from rich.table import Table
 
-    from taft.shards.ops import status
+    from taft.shards.report import status
 
     st = status(store)
     if not ids:
@@ -387,7 +387,7 @@ def shards_eval(store: str = typer.Option(..., help="the store folder"),
                 split: str = typer.Option("test", help="val | test"),
                 as_json: bool = typer.Option(False, "--json")) -> None:
     """Accuracy of the composed model, the shard ensemble (mean output) and the majority vote (SISA)."""
-    from taft.shards.ops import evaluate_store
+    from taft.shards.report import evaluate_store
 
     res = evaluate_store(store, split)
     if as_json:

@@ -16,7 +16,7 @@ from taft.data.formats import read_text_file
 from taft.delta import weighted_average
 from taft.shards import ShardStore, ShardTrainer, StoreError, evaluate_store, forget, status, train_store, verify
 from taft.shards.grow import add_data, drop_shard, export_shard, import_shard
-from taft.shards.ops import shard_logits
+from taft.shards.report import shard_logits
 
 from .helpers import LINES, K, _cfg
 
@@ -124,7 +124,7 @@ def test_forget_and_retrain_treat_added_shards_like_the_first(grown, data):
     cfg = _cfg(data)
     with ShardStore(grown) as st:
         assert st.live_ids(4) == ids[1:] and st.shard_row(4)["generation"] == 2
-    from taft.shards.ops import _read_features, _trainer_for
+    from taft.shards.common import _read_features, _trainer_for
 
     with ShardStore(grown) as st:
         trainer = _trainer_for(st, cfg, False, features=_read_features(st))

@@ -4,6 +4,7 @@ splits are refused before any work, a lost shard file is trained again by `taft 
 
 from __future__ import annotations
 
+import importlib
 import sqlite3
 from pathlib import Path
 
@@ -13,9 +14,12 @@ import torch
 from taft.checkpoint import read_delta
 from taft.cli import main
 from taft.config import ConfigError
-from taft.shards import ShardStore, StoreError, evaluate_store, forget, ops, train_store, verify
+from taft.shards import ShardStore, StoreError, evaluate_store, forget, train_store, verify
 
 from .helpers import LINES, K, _cfg
+
+# where forget looks up _compose (the module: ``taft.shards.forget`` as a package attribute is the function)
+forget_module = importlib.import_module("taft.shards.forget")
 
 
 class Killed(BaseException):
@@ -39,11 +43,11 @@ def _one_error(capsys) -> str:
 @pytest.mark.parametrize("retrain", [False, True])
 def test_forget_killed_after_its_commit_serves_no_composition(store, monkeypatch, capsys, retrain):
     victim = _ids(store, 0)[0]
-    real = ops._compose
-    monkeypatch.setattr(ops, "_compose", lambda *a, **k: (_ for _ in ()).throw(Killed()))
+    real = forget_module._compose
+    monkeypatch.setattr(forget_module, "_compose", lambda *a, **k: (_ for _ in ()).throw(Killed()))
     with pytest.raises(Killed):
         forget(store, [victim], retrain=retrain)
-    monkeypatch.setattr(ops, "_compose", real)
+    monkeypatch.setattr(forget_module, "_compose", real)
     with ShardStore(store) as st:  # the manifest says forgotten ...
         assert st.tombstone(victim) in st.forgotten_ids()
     # ... so nobody may read the old composition (built with the victim's shard)
@@ -63,7 +67,7 @@ def test_forget_killed_after_its_commit_serves_no_composition(store, monkeypatch
 
 
 def test_withdrawn_composition_message_names_the_fix(store, monkeypatch, capsys):
-    monkeypatch.setattr(ops, "_compose", lambda *a, **k: (_ for _ in ()).throw(Killed()))
+    monkeypatch.setattr(forget_module, "_compose", lambda *a, **k: (_ for _ in ()).throw(Killed()))
     with pytest.raises(Killed):
         forget(store, [_ids(store, 1)[0]])
     assert main(["eval", str(store / "composed")]) == 2

@@ -4,6 +4,7 @@ are split per shard by their next request."""
 
 from __future__ import annotations
 
+import importlib
 import shutil
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import torch
 
 from taft.checkpoint import read_delta
 from taft.shards import ShardSession, ShardStore, ShardTrainer, forget, verify
-from taft.shards.ops import _read_features
+from taft.shards.common import _read_features
 from taft.train.cache import FeatureCache
 
 from .test_shards import _bitwise, _ids
@@ -53,15 +54,18 @@ def test_session_forget_equals_one_shot_forget_bitwise(store, tmp_path):
 
 def test_session_does_not_rebuild_w0_or_reread_shards(store, monkeypatch):
     session = ShardSession(store)
-    import taft.shards.ops as ops
+    # the modules that look up read_delta (a package attribute ``taft.shards.compose`` is the function, not the module)
+    readers = [importlib.import_module(f"taft.shards.{m}") for m in ("common", "compose", "create")]
 
     def refuse(*a, **k):
         raise AssertionError("rebuilt w0 / re-read a shard file inside a warm session")
 
     monkeypatch.setattr(ShardTrainer, "from_config", classmethod(lambda cls, *a, **k: refuse()))
-    real_read = ops.read_delta
+    real_read = readers[0].read_delta
     reads = []
-    monkeypatch.setattr(ops, "read_delta", lambda p, *a, **k: (reads.append(Path(p).name), real_read(p, *a, **k))[1])
+    for module in readers:
+        monkeypatch.setattr(module, "read_delta",
+                            lambda p, *a, **k: (reads.append(Path(p).name), real_read(p, *a, **k))[1])
     session.forget([_ids(store, 2)[0]], retrain=True)
     # only the retrained shard's new file is read (once, for its metadata), and the composed folder's check in verify
     assert reads == ["shard-0002-g2.safetensors"], reads

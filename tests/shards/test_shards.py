@@ -18,7 +18,7 @@ from taft.config import ConfigError
 from taft.delta import weighted_average
 from taft.models.classifier import Classifier
 from taft.shards import ShardStore, ShardTrainer, StoreError, compose, evaluate_store, forget, train_store, verify
-from taft.shards.ops import shard_logits
+from taft.shards.report import shard_logits
 from taft.tangent_model import TangentModel
 from taft.zoo import tiny_bert
 

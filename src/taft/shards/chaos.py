@@ -4,7 +4,7 @@ the new state, or refused), that the store reopens consistent, and that no finis
 
 One trial: a child process (a fresh interpreter, not a fork) creates a store and trains it, composes it with other
 weights, forgets one example with ``--retrain`` and another by dropping its shard; the parent kills the child after
-a random delay (uniform over the length of an uninterrupted run), then :func:`taft.shards.ops.verify` must pass,
+a random delay (uniform over the length of an uninterrupted run), then :func:`taft.shards.verify.verify` must pass,
 every shard that was live just before the kill must still be live with the same file unless a recorded forget
 request superseded it, and resuming (``train_store`` again) must complete the store and verify again. A trial also
 fails if a killed composition left its staging folders (``.composed.tmp-*`` / ``.composed.old-*``) behind after
@@ -33,24 +33,29 @@ from pathlib import Path
 import torch
 
 from taft.config import TrainConfig
-from taft.shards import ops
+from taft.shards.common import ids_digest
+from taft.shards.compose import compose
+from taft.shards.create import train_store
+from taft.shards.forget import forget
+from taft.shards.store import ShardStore
+from taft.shards.verify import verify
 
 
 def _requests(cfg: TrainConfig, store: Path, num_shards: int, rng_seed: int,
               grow: tuple[str, str] | None = None) -> None:
     if grow:
-        ops.train_store(cfg, store, num_shards, progress=False)
+        train_store(cfg, store, num_shards, progress=False)
         _grow(store)(*grow)
         return
     rng = random.Random(rng_seed)
-    ops.train_store(cfg, store, num_shards, progress=False)
-    ops.compose(store, weights="uniform")
-    st = ops.ShardStore(store)
+    train_store(cfg, store, num_shards, progress=False)
+    compose(store, weights="uniform")
+    st = ShardStore(store)
     live = st.all_live_ids()
     st.close()
     a, b = rng.sample(live, 2)
-    ops.forget(store, [a], retrain=True)
-    ops.forget(store, [b])
+    forget(store, [a], retrain=True)
+    forget(store, [b])
 
 
 def _grow(store: Path):
@@ -58,7 +63,7 @@ def _grow(store: Path):
     from taft.shards.grow import add_data, import_shard
 
     def run(new: str, package: str) -> None:
-        with ops.ShardStore(store) as st:
+        with ShardStore(store) as st:
             kinds = [s["kind"] for s in st.get_meta("data_sources") or []]
         if "add" not in kinds:
             add_data(store, new)
@@ -70,7 +75,7 @@ def _grow(store: Path):
 
 def _grow_problem(store: Path, num_shards: int) -> str | None:
     """A grown store holds a whole addition or none of it: every shard beyond the first K is live."""
-    with ops.ShardStore(store) as st:
+    with ShardStore(store) as st:
         extra = [r for r in st.shard_rows() if r["shard"] >= num_shards]
         sources = st.get_meta("data_sources") or []
         imported = set(st.imported())
@@ -87,7 +92,7 @@ def _same_models(a: Path, b: Path) -> bool:
     """The live shards of two stores are the same models, tensor for tensor (bitwise)."""
     from taft.checkpoint import read_delta
 
-    with ops.ShardStore(a) as sa, ops.ShardStore(b) as sb:
+    with ShardStore(a) as sa, ShardStore(b) as sb:
         ra = {r["shard"]: a / r["file"] for r in sa.shard_rows() if r["status"] == "live"}
         rb = {r["shard"]: b / r["file"] for r in sb.shard_rows() if r["status"] == "live"}
     if set(ra) != set(rb):
@@ -114,7 +119,7 @@ def _live(store: Path) -> dict[int, str]:
 
 def _superseded(store: Path) -> set[int]:
     """Shards touched by a forget request (their old model may rightly be gone)."""
-    st = ops.ShardStore(store)
+    st = ShardStore(store)
     try:
         out: set[int] = set()
         for a in st.audit_rows():
@@ -140,13 +145,13 @@ def _served_problem(store: Path) -> str | None:
         manifest = verify_run(store / "composed")
     except RunDirError:
         return None  # refused
-    st = ops.ShardStore(store)
+    st = ShardStore(store)
     try:
         info = manifest.get("composed") or {}
         deltas = []
         for k in info.get("shards", []):
             row = st.shard_row(k)
-            if row is None or row["status"] != "live" or row["ids_sha256"] != ops.ids_digest(st.live_ids(k)):
+            if row is None or row["status"] != "live" or row["ids_sha256"] != ids_digest(st.live_ids(k)):
                 return f"composed/ is served with shard {k}, which is no longer a live model of its live examples"
             deltas.append(read_delta(store / row["file"])[0])
         composed = read_delta(store / "composed" / "delta.safetensors")[0]
@@ -205,7 +210,7 @@ def run_trials(work: str | Path, cfg: TrainConfig, *, num_shards: int = 3, trial
             if served:
                 failures.append({"trial": t, "delay_s": delay, "served": served})
                 continue
-            report = ops.verify(store) if (store / "manifest.sqlite").is_file() else {"incomplete": True}
+            report = verify(store) if (store / "manifest.sqlite").is_file() else {"incomplete": True}
             if report.get("incomplete"):  # killed before the store was created: the old state is "no store"
                 report = {"ok": not before, "problems": [] if not before else ["live shards but no config"]}
             after = _live(store)
@@ -218,10 +223,10 @@ def run_trials(work: str | Path, cfg: TrainConfig, *, num_shards: int = 3, trial
                                  "leftovers": leftovers, "partial": partial})
                 continue
             if resume:
-                ops.train_store(cfg, store, num_shards, progress=False)
+                train_store(cfg, store, num_shards, progress=False)
                 if grow:
                     _grow(store)(*grow)
-                again = ops.verify(store)
+                again = verify(store)
                 if not again["ok"]:
                     failures.append({"trial": t, "delay_s": delay, "after_resume": again["problems"]})
                 elif grow and not _same_models(store, work / "reference-0"):

@@ -35,9 +35,20 @@ from taft.checkpoint import CheckpointError, delta_metadata, fingerprints, fsync
 from taft.config import ConfigError, TrainConfig
 from taft.data.examples import split_digests
 from taft.data.shards import shard_jobs
-from taft.shards import ops
+from taft.shards.common import (
+    _RUN_ONLY,
+    _register_features,
+    _store_config,
+    _withdraw_composed,
+    _write_shard_features,
+    check_data,
+    ids_digest,
+    load_shard,
+)
+from taft.shards.compose import _begin, _compose, _remove_composed
+from taft.shards.create import BACKENDS, _train_ray, _write_shard, check_num_shards
 from taft.shards.store import ShardStore, StoreError, atomic_tmp, publish
-from taft.shards.training import ShardTrainer
+from taft.shards.training import ShardTrainer, check_backend
 from taft.train.cache import FeatureCache
 from taft.train.rundir import sha256_file
 
@@ -51,7 +62,7 @@ def setting(cfg: TrainConfig) -> dict[str, Any]:
     """What a shard's model depends on besides its examples: the store's options without where the data is, the
     run-only options and the privacy options (a shard's own privacy record travels with it)."""
     return {k: v for k, v in dataclasses.asdict(cfg).items()
-            if k not in ops._RUN_ONLY and k not in _DATA_FIELDS and not k.startswith("dp_")}
+            if k not in _RUN_ONLY and k not in _DATA_FIELDS and not k.startswith("dp_")}
 
 
 def _classes(store: ShardStore, splits=None) -> dict[str, Any]:
@@ -60,7 +71,7 @@ def _classes(store: ShardStore, splits=None) -> dict[str, Any]:
     known = store.get_meta("classes")
     if known is not None:
         return known
-    cfg = ops._store_config(store)
+    cfg = _store_config(store)
     if splits is None:
         from taft.data.text import load_text_dataset
 
@@ -84,7 +95,7 @@ def _sources(store: ShardStore) -> list[dict[str, Any]]:
     first = [r["shard"] for r in store.shard_rows() if r["shard"] not in store.origins()]
     n = store.db.execute(f"SELECT COUNT(*) FROM examples WHERE shard IN ({','.join('?' * len(first))})",
                          first).fetchone()[0]
-    return [{"kind": "train", "data": ops._store_config(store).data,
+    return [{"kind": "train", "data": _store_config(store).data,
              "train": (store.get_meta("data_digest") or {}).get("train"), "examples": n, "shards": first}]
 
 
@@ -115,8 +126,8 @@ def add_data(store_dir: str | Path, data: str | Path, *, num_shards: int | None 
     ``num_shards``: how many new shards (default: as many as keep the store's mean live shard size). Examples
     already in the store, in its validation or test split, or forgotten earlier are skipped and counted
     (``strict``: refused instead)."""
-    if backend not in ops.BACKENDS:
-        raise ConfigError(f"--backend {backend}: use one of {', '.join(ops.BACKENDS)}")
+    if backend not in BACKENDS:
+        raise ConfigError(f"--backend {backend}: use one of {', '.join(BACKENDS)}")
     path = Path(data).expanduser().absolute()
     if not path.is_file():
         raise ConfigError(f"--data {data}: not a file; `taft shards add` takes a .txt, .csv or .jsonl file whose "
@@ -126,11 +137,11 @@ def add_data(store_dir: str | Path, data: str | Path, *, num_shards: int | None 
         if store.get_meta("config") is None:
             raise StoreError(f"the store {store.root} was never completely created; run `taft shards train` again "
                              f"with the same options first")
-        ops._begin(store)
-        cfg = ops._store_config(store)
-        ops.check_backend(cfg, backend)
+        _begin(store)
+        cfg = _store_config(store)
+        check_backend(cfg, backend)
         base = ShardTrainer.from_config(cfg, progress=progress, features=FeatureCache([], ids=[]), labels={})
-        ops.check_data(store, base, ["val"])
+        check_data(store, base, ["val"])
         if fingerprints(base.template)["all"] != store.get_meta("base_fingerprint"):
             raise StoreError(f"the model {cfg.model!r} loaded here differs from the one the store {store.root} was "
                              f"trained from (w0 fingerprint); load the same weights")
@@ -142,7 +153,7 @@ def add_data(store_dir: str | Path, data: str | Path, *, num_shards: int | None 
         if not new:
             raise StoreError(f"--data {path} holds no new training example ({_skip_text(skipped)}); nothing to add")
         n_new = _default_shards(store, len(new)) if num_shards is None else num_shards
-        ops.check_num_shards(n_new, len(new))
+        check_num_shards(n_new, len(new))
         if cfg.dp_epsilon is not None:  # δ is over the whole training set, which grows
             from taft.privacy.accounting import check_budget
 
@@ -154,7 +165,7 @@ def add_data(store_dir: str | Path, data: str | Path, *, num_shards: int | None 
         first = _next_shard(store)
         groups = dict(shard_jobs(new.ids, n_new, cfg.seed))
         jobs = [(first + j, groups[j]) for j in sorted(groups)]
-        written = ops._write_shard_features(store, feats, dict(jobs), {})
+        written = _write_shard_features(store, feats, dict(jobs), {})
         models = _train_new(store, trainer, jobs, backend, progress=progress, ray_address=ray_address, chunk=chunk)
         train_s = time.perf_counter() - t0
         ids_of = dict(jobs)
@@ -167,11 +178,11 @@ def add_data(store_dir: str | Path, data: str | Path, *, num_shards: int | None 
                            [(i, shard_of[i], position + p, y) for p, (i, y) in
                             enumerate(zip(new.ids, new.labels.tolist(), strict=True))])
             for k, (model, shard_path, sha) in models.items():
-                _shard_record(store, db, k, shard_path, sha, len(ids_of[k]), ops.ids_digest(ids_of[k]),
+                _shard_record(store, db, k, shard_path, sha, len(ids_of[k]), ids_digest(ids_of[k]),
                               model.privacy, model.val_acc, model.train_s)
             db.executemany("INSERT INTO shards (shard, status, examples, generation) VALUES (?, 'empty', 0, 0)",
                            [(first + j,) for j in range(n_new) if j not in groups])
-            ops._register_features(store, db, written)
+            _register_features(store, db, written)
             origins = {str(k): v for k, v in store.origins().items()}
             origins.update({str(k): {"kind": "added", "request": store.request, "ids": True} for k, _ in jobs})
             store.set_meta(db, "origins", origins)
@@ -179,7 +190,7 @@ def add_data(store_dir: str | Path, data: str | Path, *, num_shards: int | None 
             store.set_meta(db, "classes", classes)
             store.set_meta(db, "dirty", True)
             store.record(db, "added", {"examples": len(new), "shards": [k for k, _ in jobs], "skipped": skipped})
-        composed = ops._compose(store)
+        composed = _compose(store)
         out = {"added": len(new), "skipped": skipped, "shards": [k for k, _ in jobs],
                "empty_shards": [first + j for j in range(n_new) if j not in groups], "train_s": train_s,
                "composed": composed}
@@ -242,7 +253,7 @@ def _train_new(store: ShardStore, trainer: ShardTrainer, jobs: list[tuple[int, l
     store.add_pending(*paths.values(), *(atomic_tmp(p) for p in paths.values()))
     out = {}
     if backend == "ray":
-        for model, sha in ops._train_ray(trainer, jobs, paths, meta, ray_address):
+        for model, sha in _train_ray(trainer, jobs, paths, meta, ray_address):
             out[model.shard] = (model, paths[model.shard], sha)
         return out
     if backend == "batched":
@@ -252,7 +263,7 @@ def _train_new(store: ShardStore, trainer: ShardTrainer, jobs: list[tuple[int, l
 
         models = (trainer.train_one(k, ids) for k, ids in tqdm(jobs, desc="new shards", disable=not progress))
     for model in models:
-        out[model.shard] = (model, paths[model.shard], ops._write_shard(paths[model.shard], model, meta,
+        out[model.shard] = (model, paths[model.shard], _write_shard(paths[model.shard], model, meta,
                                                                         ids_of[model.shard]))
     for _, p, sha in out.values():
         if sha256_file(p) != sha:
@@ -269,19 +280,19 @@ def export_shard(store_dir: str | Path, shard: int, out: str | Path, *, ids: boo
     if dst.exists():
         raise ConfigError(f"--out {dst} exists; choose a new folder for the package")
     with ShardStore(store_dir) as store, store.writing("export", {"shard": shard, "ids": ids}):
-        ops._begin(store)
+        _begin(store)
         row = store.shard_row(shard)
         if row is None or row["status"] != "live":
             live = [r["shard"] for r in store.shard_rows() if r["status"] == "live"]
             raise StoreError(f"--shard {shard}: " + ("no such shard" if row is None else f"it is {row['status']}")
                              + f"; the live shards are {live}")
-        _, meta = ops.load_shard(store, row)  # its SHA-256 and w0 checked
+        _, meta = load_shard(store, row)  # its SHA-256 and w0 checked
         if meta.get("user.train_ids_sha256") != row["ids_sha256"]:
             raise StoreError(f"shard {shard}: its file records another training set than the manifest; run `taft "
                              f"shards verify --store {store.root}`")
         hidden = shard in store.undisclosed()
         train_ids = [] if hidden else store.live_ids(shard)
-        if not hidden and ops.ids_digest(train_ids) != row["ids_sha256"]:
+        if not hidden and ids_digest(train_ids) != row["ids_sha256"]:
             raise StoreError(f"shard {shard}: its model was not trained on its live examples; run `taft shards "
                              f"verify --store {store.root}`")
         disclose = ids and not hidden
@@ -291,7 +302,7 @@ def export_shard(store_dir: str | Path, shard: int, out: str | Path, *, ids: boo
                               "val_acc": row["val_acc"]},
                     "ids": "disclosed" if disclose else "undisclosed",
                     "base_fingerprint": store.get_meta("base_fingerprint"),
-                    "setting": setting(ops._store_config(store)), "classes": _classes(store), "files": {}}
+                    "setting": setting(_store_config(store)), "classes": _classes(store), "files": {}}
         tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
         if tmp.exists():
             shutil.rmtree(tmp)
@@ -353,7 +364,7 @@ def read_package(package: str | Path) -> tuple[dict[str, Any], list[str] | None,
     ids = None
     if manifest.get("ids") == "disclosed":
         ids = json.loads((pkg / "ids.json").read_text()).get("ids")
-        if not isinstance(ids, list) or ops.ids_digest(ids) != shard.get("ids_sha256") or len(set(ids)) != len(ids):
+        if not isinstance(ids, list) or ids_digest(ids) != shard.get("ids_sha256") or len(set(ids)) != len(ids):
             raise StoreError(f"{pkg}/ids.json does not match the shard's training set (digest or count); {fix}")
     return manifest, ids, pkg
 
@@ -367,7 +378,7 @@ def import_shard(store_dir: str | Path, package: str | Path) -> dict[str, Any]:
     with ShardStore(store_dir) as store, store.writing("import", {"package": str(pkg), "ids": manifest["ids"]}):
         if store.get_meta("config") is None:
             raise StoreError(f"the store {store.root} was never completely created; run `taft shards train` first")
-        ops._begin(store)
+        _begin(store)
         _check_compatible(store, manifest, pkg)
         delta_sha = manifest["files"]["delta.safetensors"]
         dup = [r["shard"] for r in store.shard_rows() if r["sha256"] == delta_sha]
@@ -410,7 +421,7 @@ def import_shard(store_dir: str | Path, package: str | Path) -> dict[str, Any]:
             store.set_meta(db, "data_sources", [*_sources(store), source])
             store.set_meta(db, "dirty", True)
             store.record(db, "imported", {"shard": k, "examples": shard["examples"], "ids": manifest["ids"]})
-        composed = ops._compose(store)
+        composed = _compose(store)
         out = {"shard": k, "examples": shard["examples"], "ids": manifest["ids"], "privacy": shard["privacy"],
                "composed": composed}
         with store.transaction() as db:
@@ -430,7 +441,7 @@ def _check_compatible(store: ShardStore, manifest: dict[str, Any], pkg: Path) ->
                          f"{str(manifest.get('base_fingerprint'))[:12]}…, this store's "
                          f"{store.get_meta('base_fingerprint')[:12]}…); Δw only composes over the same w0: import it "
                          f"into a store made from the same model, head and seed")
-    ours = setting(ops._store_config(store))
+    ours = setting(_store_config(store))
     theirs_setting = manifest.get("setting") or {}
     diff = sorted(k for k in set(ours) | set(theirs_setting) if ours.get(k) != theirs_setting.get(k))
     if diff:
@@ -445,7 +456,7 @@ def drop_shard(store_dir: str | Path, shard: int) -> dict[str, Any]:
     """Drop an imported shard whose ids were not disclosed (the only way to forget its examples): its file is
     deleted and the store recomposed. Shards with known ids are forgotten by id (:func:`taft.shards.forget`)."""
     with ShardStore(store_dir) as store, store.writing("drop", {"shard": shard}):
-        ops._begin(store)
+        _begin(store)
         row = store.shard_row(shard)
         if shard not in store.undisclosed():
             raise StoreError(f"--shard {shard}: only an imported shard whose ids were not disclosed is dropped as a "
@@ -454,7 +465,7 @@ def drop_shard(store_dir: str | Path, shard: int) -> dict[str, Any]:
         if row["status"] != "live":
             raise StoreError(f"--shard {shard} is {row['status']} already; nothing to drop")
         old = store.root / row["file"]
-        ops._withdraw_composed(store)
+        _withdraw_composed(store)
         with store.transaction() as db:
             db.execute("UPDATE shards SET status = 'dropped', file = NULL, sha256 = NULL WHERE shard = ?", (shard,))
             db.execute("INSERT OR IGNORE INTO pending (path) VALUES (?)", (store.rel(old),))
@@ -462,7 +473,7 @@ def drop_shard(store_dir: str | Path, shard: int) -> dict[str, Any]:
             store.record(db, "dropped", {"shard": shard, "examples": row["examples"]})
         store.delete_files([old])
         live = [r for r in store.shard_rows() if r["status"] == "live"]
-        composed = ops._compose(store) if live else ops._remove_composed(store)
+        composed = _compose(store) if live else _remove_composed(store)
         out = {"dropped": shard, "examples": row["examples"], "composed": composed}
         with store.transaction() as db:
             store.finish(db, out)

@@ -24,7 +24,7 @@ import torch
 from taft.config import ConfigError, TrainConfig
 from taft.data.shards import shard_jobs
 from taft.delta import weighted_average
-from taft.shards.ops import train_store
+from taft.shards.create import train_store
 from taft.shards.training import ShardTrainer, TrainingDiverged, check_shard_config
 from taft.train.rundir import write_json
 from taft.train.search import grid_points

@@ -16,7 +16,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from taft.shards.ops import Loaded, _store_config, _trainer_for, compose, forget, load_shard
+from taft.shards.common import Loaded, _store_config, _trainer_for, load_shard
+from taft.shards.compose import compose
+from taft.shards.forget import forget
 from taft.shards.store import ShardStore
 
 

@@ -1,0 +1,143 @@
+"""``taft shards verify``: prove a store's state (shard files, features, composition, audit log) after finishing
+what an interrupted writer left."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from taft.delta import weighted_average
+from taft.shards.common import _read_features, _stray_files, ids_digest, load_shard
+from taft.shards.compose import _begin, _weights, read_composed
+from taft.shards.store import TOMBSTONE, ShardStore, StoreError
+
+
+def verify(store_dir: str | Path) -> dict[str, Any]:
+    """Prove the store's state (after finishing what an interrupted writer left): every shard file matches its
+    SHA-256 and the store's w0; no file outside the manifest; no forgotten example in any live shard's training
+    set or in the features; the composed Δw equals a fresh recomposition of the live shards; the audit log agrees
+    with the manifest. Returns ``{"ok": bool, "problems": [...], "checked": {...}}``."""
+    with ShardStore(store_dir) as store, store.writing("verify", {}):
+        if store.get_meta("config") is None:
+            report = {"ok": False, "problems": ["the store was never completely created (its first `taft shards "
+                                                "train` was interrupted); run it again with the same options"],
+                      "checked": {"shards": 0, "live": 0, "forgotten": 0, "audit_rows": 0, "composed": []},
+                      "incomplete": True}
+            with store.transaction() as db:
+                store.finish(db, report, "failed")
+            return report
+        _begin(store)
+        problems: list[str] = []
+        rows = store.shard_rows()
+        live = [r for r in rows if r["status"] == "live"]
+        forgotten = set(store.forgotten_ids())
+        audit = store.audit_rows()
+        shard_rows_logged = {(json.loads(a["detail"]).get("file"), json.loads(a["detail"]).get("sha256"))
+                             for a in audit if a["outcome"] == "shard"}
+        loaded = {}
+        hidden = set(store.undisclosed())
+        for r in rows:
+            k = r["shard"]
+            if r["status"] != "live":
+                if r["file"]:
+                    problems.append(f"shard {k} is {r['status']} but lists a file {r['file']}")
+                continue
+            try:
+                delta, meta = load_shard(store, r)
+            except StoreError as e:
+                problems.append(str(e))
+                continue
+            loaded[k] = delta
+            ids = store.live_ids(k)
+            if forgotten & {store.tombstone(i) for i in ids}:
+                problems.append(f"shard {k}: forgotten examples are listed as live again")
+            if k in hidden:  # ids not disclosed: the file must be the model of the set its package described
+                if meta.get("user.train_ids_sha256") != r["ids_sha256"] or ids:
+                    problems.append(f"shard {k}: its model does not match the training set its package recorded")
+            elif meta.get("user.train_ids_sha256") != ids_digest(ids) or r["ids_sha256"] != ids_digest(ids):
+                problems.append(f"shard {k}: its model was trained on another set of examples than its live ones "
+                                f"(a forgotten example, or a changed manifest); retrain it")
+            if (r["file"], r["sha256"]) not in shard_rows_logged:
+                problems.append(f"shard {k}: {r['file']} has no training record in the audit log")
+        for f in _stray_files(store):
+            problems.append(f"{f} is in the store but not in the manifest (a foreign or leftover file)")
+        problems += _check_features(store, rows)
+        composed = store.get_meta("composed")
+        exclude = set(store.get_meta("exclude", []))
+        want = [r["shard"] for r in live if r["shard"] not in exclude]
+        if want:
+            problems += _check_composed(store, composed, want, loaded)
+        elif store.composed_dir.exists():
+            problems.append("composed/ exists although no shard is live")
+        problems += _check_audit(store, audit, forgotten)
+        report = {"ok": not problems, "problems": problems,
+                  "checked": {"shards": len(rows), "live": len(live), "forgotten": len(forgotten),
+                              "audit_rows": len(audit), "composed": want}}
+        with store.transaction() as db:
+            store.finish(db, report, "ok" if not problems else "failed")
+        return report
+
+
+def _check_features(store: ShardStore, rows: list[dict[str, Any]]) -> list[str]:
+    """Every shard with live examples has one features file, matching its SHA-256 and holding exactly its live
+    examples; no other shard has one."""
+    problems = []
+    feats = store.feature_rows()
+    imported = set(store.imported())  # trained elsewhere: no features here
+    for r in rows:
+        k, has = r["shard"], bool(store.live_ids(r["shard"])) and r["shard"] not in imported
+        if has and k not in feats:
+            problems.append(f"shard {k}: no features file is listed for its live examples")
+        elif not has and k in feats:
+            problems.append(f"shard {k} has no live example but lists a features file {feats[k]['file']}")
+        elif has:
+            try:
+                _read_features(store, [k])
+            except StoreError as e:
+                problems.append(str(e))
+    return problems
+
+
+def _check_composed(store: ShardStore, composed: dict | None, want: list[int], loaded: dict) -> list[str]:
+    if not composed:
+        return ["no composition is recorded although shards are live; run `taft shards compose`"]
+    if composed["shards"] != want:
+        return [f"composed/ holds shards {composed['shards']}, the live ones are {want}; run `taft shards compose`"]
+    try:
+        delta = read_composed(store, composed)
+    except StoreError as e:
+        return [str(e)]
+    if any(k not in loaded for k in want):
+        return []  # a shard that failed its own check is reported already
+    fresh = weighted_average([loaded[k] for k in want], _weights(store, want, composed["weights_rule"]))
+    if set(fresh) != set(delta) or any(not torch.equal(fresh[n], delta[n]) for n in fresh):
+        return ["composed/delta.safetensors differs from a fresh recomposition of the live shards"]
+    return []
+
+
+def _check_audit(store: ShardStore, audit: list[dict], forgotten: set[str]) -> list[str]:
+    problems = []
+    seqs = [a["seq"] for a in audit]
+    if seqs != sorted(seqs) or len(set(seqs)) != len(seqs):
+        problems.append("the audit log's sequence numbers are out of order")
+    by_request: dict[int, list[dict]] = {}
+    for a in audit:
+        by_request.setdefault(a["request"], []).append(a)
+    for req, entries in by_request.items():
+        if entries[0]["outcome"] != "started":
+            problems.append(f"audit request {req} has no 'started' row first")
+        finals = [e for e in entries if e["outcome"] in ("ok", "error", "failed")]
+        if len(finals) > 1:
+            problems.append(f"audit request {req} ended more than once")
+    logged = set()
+    for a in audit:  # (a store made by an older taft logged the ids themselves)
+        if a["outcome"] == "forgotten":
+            logged.update(i if i.startswith(TOMBSTONE) else store.tombstone(i) for i in json.loads(a["detail"])["ids"])
+    if forgotten - logged:
+        problems.append(f"{len(forgotten - logged)} forgotten id(s) have no forget request in the audit log")
+    if logged - forgotten:
+        problems.append(f"{len(logged - forgotten)} id(s) logged as forgotten are live in the manifest")
+    return problems
