@@ -272,7 +272,7 @@ def shards_compose(
     exclude: list[int] | None = typer.Option(None, help="shard to leave out (repeatable)"),
 ) -> None:
     """Write the weighted average of the live shards' Δw (weights normalized to sum 1) as STORE/composed."""
-    from taft.shards.compose import compose
+    from taft.shards.composition import compose
 
     out = compose(store, weights=weights, exclude=exclude or [])
     console().print(f"composed shards {out['shards']} (weights {out['weights_rule']}) into {out['composed']}/")
@@ -293,7 +293,7 @@ def shards_forget(
     from pathlib import Path
 
     from taft.config import ConfigError
-    from taft.shards.forget import forget
+    from taft.shards.removal import forget
 
     wanted = [*(ids or []), *(more_ids or [])]
     if ids_file:
@@ -319,7 +319,7 @@ def shards_forget(
 def shards_verify(store: str = typer.Option(..., help="the store folder"),
                   as_json: bool = typer.Option(False, "--json")) -> None:
     """Prove the store's state: hashes, no forgotten example in any live shard, composition, audit log."""
-    from taft.shards.verify import verify
+    from taft.shards.verification import verify
 
     report = verify(store)
     if as_json:

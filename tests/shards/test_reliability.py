@@ -18,8 +18,8 @@ from taft.shards import ShardStore, StoreError, evaluate_store, forget, train_st
 
 from .helpers import LINES, K, _cfg
 
-# where forget looks up _compose (the module: ``taft.shards.forget`` as a package attribute is the function)
-forget_module = importlib.import_module("taft.shards.forget")
+# where forget looks up _compose (taft.shards.removal)
+forget_module = importlib.import_module("taft.shards.removal")
 
 
 class Killed(BaseException):

@@ -54,8 +54,8 @@ def test_session_forget_equals_one_shot_forget_bitwise(store, tmp_path):
 
 def test_session_does_not_rebuild_w0_or_reread_shards(store, monkeypatch):
     session = ShardSession(store)
-    # the modules that look up read_delta (a package attribute ``taft.shards.compose`` is the function, not the module)
-    readers = [importlib.import_module(f"taft.shards.{m}") for m in ("common", "compose", "create")]
+    # the modules that look up read_delta
+    readers = [importlib.import_module(f"taft.shards.{m}") for m in ("common", "composition", "create")]
 
     def refuse(*a, **k):
         raise AssertionError("rebuilt w0 / re-read a shard file inside a warm session")

@@ -4,7 +4,7 @@ the new state, or refused), that the store reopens consistent, and that no finis
 
 One trial: a child process (a fresh interpreter, not a fork) creates a store and trains it, composes it with other
 weights, forgets one example with ``--retrain`` and another by dropping its shard; the parent kills the child after
-a random delay (uniform over the length of an uninterrupted run), then :func:`taft.shards.verify.verify` must pass,
+a random delay (uniform over the length of an uninterrupted run), then :func:`taft.shards.verify` must pass,
 every shard that was live just before the kill must still be live with the same file unless a recorded forget
 request superseded it, and resuming (``train_store`` again) must complete the store and verify again. A trial also
 fails if a killed composition left its staging folders (``.composed.tmp-*`` / ``.composed.old-*``) behind after
@@ -34,11 +34,11 @@ import torch
 
 from taft.config import TrainConfig
 from taft.shards.common import ids_digest
-from taft.shards.compose import compose
+from taft.shards.composition import compose
 from taft.shards.create import train_store
-from taft.shards.forget import forget
+from taft.shards.removal import forget
 from taft.shards.store import ShardStore
-from taft.shards.verify import verify
+from taft.shards.verification import verify
 
 
 def _requests(cfg: TrainConfig, store: Path, num_shards: int, rng_seed: int,

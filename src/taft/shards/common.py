@@ -1,8 +1,8 @@
 """What several ``taft shards`` requests share: the store's settings and data check, the per-shard features files,
 reading a shard's Δw, the trainer over a store, and the checks a reader makes on an unfinished store.
 
-The requests themselves live in :mod:`taft.shards.compose` (compose), :mod:`taft.shards.create` (train),
-:mod:`taft.shards.forget`, :mod:`taft.shards.verify` and :mod:`taft.shards.report` (status, evaluate);
+The requests themselves live in :mod:`taft.shards.composition` (compose), :mod:`taft.shards.create` (train),
+:mod:`taft.shards.removal`, :mod:`taft.shards.verification` and :mod:`taft.shards.report` (status, evaluate);
 :mod:`taft.shards.ops` re-exports them.
 """
 

@@ -26,7 +26,7 @@ from taft.shards.common import (
     _write_shard_features,
     ids_digest,
 )
-from taft.shards.compose import _begin, _compose
+from taft.shards.composition import _begin, _compose
 from taft.shards.store import ShardStore, StoreError, atomic_tmp
 from taft.shards.training import ShardModel, ShardTrainer, check_backend, check_shard_config
 from taft.train.pipeline import pin_paths

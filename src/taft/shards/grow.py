@@ -45,7 +45,7 @@ from taft.shards.common import (
     ids_digest,
     load_shard,
 )
-from taft.shards.compose import _begin, _compose, _remove_composed
+from taft.shards.composition import _begin, _compose, _remove_composed
 from taft.shards.create import BACKENDS, _train_ray, _write_shard, check_num_shards
 from taft.shards.store import ShardStore, StoreError, atomic_tmp, publish
 from taft.shards.training import ShardTrainer, check_backend

@@ -7,17 +7,17 @@ Every request takes the store folder, holds the writer lock for the whole reques
 - :mod:`taft.shards.common` — what several requests share: :class:`Loaded`, :func:`ids_digest`,
   :func:`check_data`, the store's settings, the per-shard features files, :func:`load_shard`, the trainer over a
   store, and :func:`unfinished` / :func:`check_readable` (a reader refuses a store whose last change is unfinished);
-- :mod:`taft.shards.compose` — :func:`compose`, :func:`privacy_guarantee`, :func:`read_composed`, and ``_begin``
+- :mod:`taft.shards.composition` — :func:`compose`, :func:`privacy_guarantee`, :func:`read_composed`, and ``_begin``
   (what every writing request does first: finish an interrupted writer);
 - :mod:`taft.shards.create` — :func:`train_store`, :func:`check_num_shards` and the training backends
   (:data:`BACKENDS`: sequential, batched, Ray);
-- :mod:`taft.shards.forget` — :func:`forget`;
-- :mod:`taft.shards.verify` — :func:`verify`;
+- :mod:`taft.shards.removal` — :func:`forget`;
+- :mod:`taft.shards.verification` — :func:`verify`;
 - :mod:`taft.shards.report` — :func:`status`, :func:`shard_logits`, :func:`evaluate_store`.
 
-The modules import one way: common ← compose ← create ← forget, and verify and report over compose. Note that
-``taft.shards.compose``, ``taft.shards.forget`` and ``taft.shards.verify`` as attributes of the package are the
-functions (``from taft.shards import forget``); the modules are ``sys.modules["taft.shards.forget"]`` etc.
+The modules import one way: common ← composition ← create ← removal; verification and report over composition.
+The modules are named for their request (composition, removal, verification) so that none shadows the function
+of the same request (``from taft.shards import forget`` is the function).
 """
 
 from taft.shards.common import (
@@ -30,13 +30,13 @@ from taft.shards.common import (
     load_shard,
     unfinished,
 )
-from taft.shards.compose import WEIGHTS, compose, privacy_guarantee, read_composed
+from taft.shards.composition import WEIGHTS, compose, privacy_guarantee, read_composed
 from taft.shards.create import BACKENDS, MAX_SHARDS, check_num_shards, train_store
-from taft.shards.forget import forget
+from taft.shards.removal import forget
 from taft.shards.report import EVAL_SPLITS, evaluate_store, shard_logits, status
 from taft.shards.store import ShardStore, StoreError
 from taft.shards.training import check_backend
-from taft.shards.verify import verify
+from taft.shards.verification import verify
 
 __all__ = ["BACKENDS", "EVAL_SPLITS", "MAX_SHARDS", "WEIGHTS", "Loaded", "ShardStore", "StoreError", "_read_features",
            "_trainer_for", "check_backend", "check_data", "check_num_shards", "check_readable", "compose",

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from taft.config import ConfigError
 from taft.shards.common import _store_config, check_data, check_readable, load_shard, unfinished
-from taft.shards.compose import privacy_guarantee, read_composed
+from taft.shards.composition import privacy_guarantee, read_composed
 from taft.shards.store import ShardStore
 from taft.shards.training import ShardTrainer
 from taft.train.cache import FeatureCache

@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from taft.shards.common import Loaded, _store_config, _trainer_for, load_shard
-from taft.shards.compose import compose
-from taft.shards.forget import forget
+from taft.shards.composition import compose
+from taft.shards.removal import forget
 from taft.shards.store import ShardStore
 
 

@@ -17,7 +17,7 @@ from taft.shards.common import (
     _withdraw_composed,
     _write_shard_features,
 )
-from taft.shards.compose import _begin, _compose, _remove_composed
+from taft.shards.composition import _begin, _compose, _remove_composed
 from taft.shards.create import _train_jobs
 from taft.shards.store import ShardStore, StoreError
 

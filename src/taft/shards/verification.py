@@ -11,7 +11,7 @@ import torch
 
 from taft.delta import weighted_average
 from taft.shards.common import _read_features, _stray_files, ids_digest, load_shard
-from taft.shards.compose import _begin, _weights, read_composed
+from taft.shards.composition import _begin, _weights, read_composed
 from taft.shards.store import TOMBSTONE, ShardStore, StoreError
 
 
