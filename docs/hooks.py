@@ -105,10 +105,9 @@ def _command(path: list[str], cmd) -> list[str]:
     out = [f"## `{name}`", "", (cmd.help or "").strip().split("\n\n")[0], ""]
     if hasattr(cmd, "commands"):
         return out + ["Subcommands: " + ", ".join(f"`{n}`" for n in sorted(cmd.commands)), ""]
-    usage = [p.name.upper() if not getattr(p, "opts", None) or p.param_type_name == "argument" else None
-             for p in cmd.params]
-    out += ["```", f"{name} " + " ".join(u for u in usage if u) + (" [OPTIONS]" if any(
-        p.param_type_name == "option" for p in cmd.params) else ""), "```", ""]
+    arguments = [p.name.upper() for p in cmd.params if p.param_type_name == "argument"]
+    options = any(p.param_type_name == "option" for p in cmd.params)
+    out += ["```", " ".join([name, *arguments, *(["[OPTIONS]"] if options else [])]), "```", ""]
     rows = []
     for p in cmd.params:
         if p.param_type_name == "argument":
