@@ -24,11 +24,11 @@ import torch
 from taft.config import TrainConfig
 from taft.data.shards import shard_jobs
 from taft.delta import weighted_average
-from taft.shards.training import ShardTrainer
+from taft.shards.training import ShardTrainer, accuracy, vote_counts
 from taft.train.rundir import write_json
 
 sys.path.insert(0, str(Path(__file__).parent))
-from shards import _acc, _device, _logits, _vote  # noqa: E402
+from shards import _device  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -53,12 +53,13 @@ def run(args) -> dict:
                 t0 = time.perf_counter()
                 models = tr.train_batched(jobs)
                 secs = time.perf_counter() - t0
-                per = _logits(tr, [m.delta for m in models], tr.val_features)
-                comp = _logits(tr, [weighted_average([m.delta for m in models], sizes)], tr.val_features)[0]
+                per = tr.logits([m.delta for m in models], tr.val_features)
+                comp = tr.logits([weighted_average([m.delta for m in models], sizes)], tr.val_features)[0]
                 row = {"min_steps": min_steps, "method": method, "steps": c.epochs_for(int(min(sizes))) *
                        -(-int(min(sizes)) // c.batch_size), "train_s": secs,
-                       "val_shard_mean": sum(_acc(p, tr.val_labels) for p in per) / len(per),
-                       "val_composed": _acc(comp, tr.val_labels), "val_vote": _acc(_vote(per), tr.val_labels)}
+                       "val_shard_mean": sum(accuracy(p, tr.val_labels) for p in per) / len(per),
+                       "val_composed": accuracy(comp, tr.val_labels),
+                       "val_vote": accuracy(vote_counts(per), tr.val_labels)}
                 rows.append(row)
                 print(json.dumps({"task": task, **row}), flush=True)
         out["tasks"][task] = {"shard_sizes": sizes, "rows": rows}

@@ -26,6 +26,7 @@ import argparse
 import dataclasses
 import datetime
 import json
+import os
 import platform
 import random
 import shutil
@@ -40,7 +41,7 @@ import torch
 from taft.config import TrainConfig
 from taft.data.shards import shard_jobs
 from taft.delta import weighted_average
-from taft.shards.training import ShardTrainer
+from taft.shards.training import ShardTrainer, accuracy, vote_counts
 from taft.train.rundir import write_json
 
 RESULTS = Path(__file__).parent / "results"
@@ -50,27 +51,6 @@ def _device() -> str:
     if torch.cuda.is_available():
         return torch.cuda.get_device_name(0)
     return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-
-
-@torch.no_grad()
-def _logits(trainer: ShardTrainer, deltas: list[dict], cache) -> torch.Tensor:
-    """(M, N, C) logits of M Δw on a feature cache."""
-    out = []
-    bs = trainer.cfg.eval_batch_size
-    for d in deltas:
-        tm = trainer.load(d)
-        out.append(torch.cat([tm.suffix(cache.collate(list(range(s, min(s + bs, len(cache)))), trainer.device))
-                              for s in range(0, len(cache), bs)]).cpu())
-    return torch.stack(out)
-
-
-def _acc(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    return float((logits.argmax(-1) == labels).float().mean())
-
-
-def _vote(per_shard: torch.Tensor) -> torch.Tensor:
-    """Majority vote as (N, C) counts (ties: the lower class, as argmax does)."""
-    return torch.nn.functional.one_hot(per_shard.argmax(-1), per_shard.shape[-1]).sum(0).float()
 
 
 class Task:
@@ -106,12 +86,12 @@ class Task:
         test = self.test if trainer.cfg.scope == self.cfg.scope and not trainer.cfg.reinit else \
             trainer.prep.cache_for(trainer.template, trainer.prep.splits.test, "test", False, None, "")
         composed = weighted_average([m.delta for m in models], sizes)
-        out = {"composed": _acc(_logits(trainer, [composed], test)[0], self.test_labels),
+        out = {"composed": accuracy(trainer.logits([composed], test)[0], self.test_labels),
                "composed_val": trainer.validate(trainer.load(composed))}
         if with_vote:
-            per = _logits(trainer, [m.delta for m in models], test)
-            out["vote"] = _acc(_vote(per), self.test_labels)
-            out["ensemble_mean"] = _acc((torch.tensor(sizes)[:, None, None] * per).sum(0), self.test_labels)
+            per = trainer.logits([m.delta for m in models], test)
+            out["vote"] = accuracy(vote_counts(per), self.test_labels)
+            out["ensemble_mean"] = accuracy((torch.tensor(sizes)[:, None, None] * per).sum(0), self.test_labels)
             out["_per_shard"] = per
         return out
 
@@ -184,8 +164,8 @@ def _drop_curve(t: Task, keep: dict, args) -> dict:
         live = sorted(order[d:])
         composed = weighted_average([models[i].delta for i in live], [sizes[i] for i in live])
         curve["dropped"].append(d)
-        curve["TAFT (composed)"].append(_acc(_logits(t.base, [composed], t.test)[0], t.test_labels))
-        curve["SISA (vote)"].append(_acc(_vote(per_n[live]), t.test_labels))
+        curve["TAFT (composed)"].append(accuracy(t.base.logits([composed], t.test)[0], t.test_labels))
+        curve["SISA (vote)"].append(accuracy(vote_counts(per_n[live]), t.test_labels))
     return curve
 
 
@@ -202,9 +182,11 @@ def _forget_time(cfg: TrainConfig, task: str, k: int, args) -> dict:
     work = Path(tempfile.mkdtemp(prefix="taft-shards-bench-"))
     try:
         store = work / "store"
+        load = {}  # the 1-minute load average after each phase: the ratios below assume the CPU was equally free
         t0 = time.perf_counter()
         ops.train_store(cfg, store, k, backend="batched", chunk=args.chunk, progress=False)
         build_s = time.perf_counter() - t0
+        load["build"] = os.getloadavg()[0]
         st = ops.ShardStore(store)
         victims = st.all_live_ids()[: 2 + args.timing_repeats]
         st.close()
@@ -217,6 +199,7 @@ def _forget_time(cfg: TrainConfig, task: str, k: int, args) -> dict:
             res = session.forget([victim], retrain=True)
             session_s.append(time.perf_counter() - t0)
             phases.append(res["timing_s"])
+        load["session"] = os.getloadavg()[0]
         t0 = time.perf_counter()
         res = ops.forget(store, [victims[-2]], retrain=True)
         oneshot_s = time.perf_counter() - t0
@@ -239,6 +222,7 @@ def _forget_time(cfg: TrainConfig, task: str, k: int, args) -> dict:
             scratch.train_one(0, ids)
             scratch_runs.append(time.perf_counter() - t0)
         scratch_s = statistics.median(scratch_runs)
+        load["scratch"] = os.getloadavg()[0]
         # the same composed model without a store to forget through: every shard retrained (as the store trains
         # them: batched), from the same features in the same process
         store_trainer = ShardTrainer(t.cfg, t.clf, feats, labels, val_features=t.val_features,
@@ -246,6 +230,7 @@ def _forget_time(cfg: TrainConfig, task: str, k: int, args) -> dict:
         t0 = time.perf_counter()
         store_trainer.train_batched(jobs, chunk=args.chunk)
         store_s = time.perf_counter() - t0
+        load["store"] = os.getloadavg()[0]
         med = statistics.median(session_s)
         return {"K": k, "store_build_s": build_s, "session_warm_s": warm_s, "forget_session_s": session_s,
                 "forget_session_median_s": med, "session_phases_s": phases, "forget_oneshot_s": oneshot_s,
@@ -253,6 +238,7 @@ def _forget_time(cfg: TrainConfig, task: str, k: int, args) -> dict:
                 "retrain_from_scratch_median_s": scratch_s, "speedup_session": scratch_s / med,
                 "speedup_oneshot": scratch_s / oneshot_s, "speedup_cli": scratch_s / cli_s,
                 "retrain_store_s": store_s, "speedup_session_vs_store": store_s / med,
+                "speedup_session_vs_build": build_s / med, "load_1min": load, "threads": torch.get_num_threads(),
                 "test_after_forget": {"composed": ev["composed"], "vote": ev["vote"]}, "verify_ok": report["ok"]}
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -279,10 +265,10 @@ def _timing(t: Task, taft: ShardTrainer, k: int, args) -> dict:
     models = bat
     composed = weighted_average([m.delta for m in bat], sizes)
     t0 = time.perf_counter()
-    _logits(taft, [composed], t.test)
+    taft.logits([composed], t.test)
     comp_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    _logits(taft, [m.delta for m in models], t.test)
+    taft.logits([m.delta for m in models], t.test)
     ens_s = time.perf_counter() - t0
     return {"K": k, "sequential_s": seq_s, "batched_s": bat_s, "single_model_all_data_s": single_s,
             "batched_over_single": bat_s / single_s, "sequential_over_single": seq_s / single_s,
@@ -390,11 +376,18 @@ def _forget_lines(f: dict) -> list[str]:
             + (f"; retraining every shard of the same composed model (what exact removal costs without the "
                f"store) {f['retrain_store_s']:.1f} s: **{f['speedup_session_vs_store']:.1f}× faster**"
                if "retrain_store_s" in f else "")
+            + (f"; building the store again from scratch (`train_store`: features, every shard, composition) "
+               f"{f['store_build_s']:.1f} s: **{f['speedup_session_vs_build']:.1f}× faster**"
+               if "speedup_session_vs_build" in f else "")
             + f". As a one-shot API call (loads w0, the validation features "
             f"and the K shard files) {f['forget_oneshot_s']:.1f} s ({f['speedup_oneshot']:.1f}×); through the CLI "
             f"(a new interpreter) {f['forget_cli_s']:.1f} s ({f['speedup_cli']:.1f}×). Test accuracy after: "
             f"composed {100 * after['composed']:.2f}, vote {100 * after['vote']:.2f}; verify "
-            f"{'passed' if f['verify_ok'] else 'FAILED'}.", ""]
+            f"{'passed' if f['verify_ok'] else 'FAILED'}."
+            + (" CPU load (1-minute average) after building / the session forgets / the one-model retrains / the "
+               "store retrain: " + " / ".join(f"{v:.1f}" for v in f["load_1min"].values()) +
+               f" ({f['threads']} threads; ratios are fair only where these are alike)." if "load_1min" in f else ""),
+            ""]
     else:
         forget = [
             f"Forget one example (K = {f['K']}, retrain its shard through the store): {f['forget_retrain_s']:.1f} s "

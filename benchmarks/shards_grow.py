@@ -40,6 +40,7 @@ from taft.config import TrainConfig
 from taft.shards import ShardStore, train_store
 from taft.shards.grow import add_data
 from taft.shards.report import shard_logits
+from taft.shards.training import accuracy, vote_counts
 from taft.train.rundir import write_json
 
 RESULTS = Path(__file__).parent / "results"
@@ -86,10 +87,6 @@ def config(args, data: Path, method: str, task: str) -> TrainConfig:
                        min_steps=args.min_steps, lr=args.lr, seed=0, threads=args.threads)
 
 
-def _acc(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    return float((logits.argmax(-1) == labels).float().mean())
-
-
 def evaluate(store: Path) -> dict:
     t0 = time.perf_counter()
     composed, labels, _ = shard_logits(store, "test", which="composed")
@@ -101,8 +98,8 @@ def evaluate(store: Path) -> dict:
         info = st.get_meta("composed")
     w = torch.tensor(info["weights"])
     ensemble = (w[:, None, None] * per_shard).sum(0) / w.sum()
-    votes = torch.nn.functional.one_hot(per_shard.argmax(-1), per_shard.shape[-1]).sum(0)
-    return {"composed": _acc(composed[0], labels), "ensemble": _acc(ensemble, labels), "vote": _acc(votes, labels),
+    return {"composed": accuracy(composed[0], labels), "ensemble": accuracy(ensemble, labels),
+            "vote": accuracy(vote_counts(per_shard), labels),
             "live_shards": len(shards), "composed_infer_s": t_composed, "ensemble_infer_s": t_shards,
             "composed_equals_ensemble_argmax": bool((composed[0].argmax(-1) == ensemble.argmax(-1)).all())}
 

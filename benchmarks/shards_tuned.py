@@ -34,11 +34,11 @@ import torch
 from taft.config import TrainConfig
 from taft.data.shards import shard_jobs
 from taft.delta import weighted_average
-from taft.shards.training import ShardTrainer
+from taft.shards.training import ShardTrainer, accuracy, vote_counts
 from taft.train.rundir import write_json
 
 sys.path.insert(0, str(Path(__file__).parent))
-from shards import _acc, _device, _logits, _vote  # noqa: E402
+from shards import _device  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 REGIMES = {
@@ -81,9 +81,9 @@ class Bench:
 
 def _scores(tr: ShardTrainer, models, sizes, split: str) -> dict[str, float]:
     cache, labels = (tr.val_features, tr.val_labels) if split == "val" else (tr.test, tr.test_labels)
-    composed = _logits(tr, [weighted_average([m.delta for m in models], sizes)], cache)[0]
-    per = _logits(tr, [m.delta for m in models], cache)
-    return {"composed": _acc(composed, labels), "vote": _acc(_vote(per), labels)}
+    composed = tr.logits([weighted_average([m.delta for m in models], sizes)], cache)[0]
+    per = tr.logits([m.delta for m in models], cache)
+    return {"composed": accuracy(composed, labels), "vote": accuracy(vote_counts(per), labels)}
 
 
 def run_group(bench: Bench, regime: str, k: int, method: str, seeds: list[int], done: set, log: Path) -> None:

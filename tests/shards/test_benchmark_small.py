@@ -23,7 +23,8 @@ def test_shards_benchmark_small(tmp_path):
         assert all(0.0 <= row[m] <= 1.0 for m in ("TAFT (composed)", "Model Soup", "SISA (vote)"))
     f = task["forget"]
     assert f["verify_ok"] and f["cli_rc"] == 0 and f["forget_session_median_s"] > 0 and f["forget_oneshot_s"] > 0
-    assert f["retrain_store_s"] > 0 and f["speedup_session_vs_store"] > 0
+    assert f["retrain_store_s"] > 0 and f["speedup_session_vs_store"] > 0 and f["speedup_session_vs_build"] > 0
+    assert set(f["load_1min"]) == {"build", "session", "scratch", "store"}
     assert task["timing"]["batched_s"] > 0 and set(task["conditions"]) and task["drop_curve"]["dropped"][0] == 0
     assert (tmp_path / "shards-small.png").stat().st_size > 0 and (tmp_path / "shards-small.md").is_file()
 
@@ -55,3 +56,20 @@ def test_grow_benchmark_small(tmp_path):
     assert task["live_shards"] == sorted(task["live_shards"]) and task["live_shards"][-1] > task["live_shards"][0]
     assert task["examples"] == sorted(task["examples"])
     assert (tmp_path / "shards_grow-small.png").stat().st_size > 0 and (tmp_path / "shards_grow-small.md").is_file()
+
+
+def test_shard_defaults_benchmark_small(tmp_path):
+    """The default lr is each rule's argmax of mean validation accuracy over the cells, read from the rows; a second
+    run resumes (trains nothing)."""
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "shard_defaults.py"), "--small", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((tmp_path / "shard_defaults-small.json").read_text())
+    rows = res["rows"]
+    assert len(rows) == 2 * 2 * 2 and {r["shards_trained"] for r in rows} == {2}  # K = 6: a 2-shard proxy
+    for name, c in res["chosen"].items():
+        mine = [r for r in rows if r["method"] == c["method"]]
+        means = {lr: sum(r["val"][c["rule"]] for r in mine if r["lr"] == lr) / 2 for lr in (1e-3, 1e-2)}
+        assert c["chosen_lr"] == max(sorted(means), key=lambda lr: means[lr]), name
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0 and len((tmp_path / "shard_defaults-small" / "rows.jsonl").read_text().splitlines()) == 8

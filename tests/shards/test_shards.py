@@ -14,11 +14,12 @@ import torch
 
 from taft.checkpoint import read_delta, write_delta
 from taft.cli import main
-from taft.config import ConfigError
+from taft.config import ConfigError, TrainConfig, from_dict
 from taft.delta import weighted_average
 from taft.models.classifier import Classifier
 from taft.shards import ShardStore, ShardTrainer, StoreError, compose, evaluate_store, forget, train_store, verify
 from taft.shards.report import shard_logits
+from taft.shards.training import accuracy, vote_counts
 from taft.tangent_model import TangentModel
 from taft.zoo import tiny_bert
 
@@ -77,6 +78,32 @@ def test_composed_store_output_equals_weighted_mean_float32(store):
     assert (per_shard[0] - per_shard[1]).abs().max() > 1e-3 * mean.abs().max()
     res = evaluate_store(store)
     assert res["composed"] == res["ensemble_mean"]
+
+
+def test_vote_counts_and_accuracy_against_counts_by_hand():
+    # shard predictions (K=3, N=4): [0,1,2,2], [1,1,2,0], [1,0,0,1] -> votes 1, 1, 2 and a three-way tie (class 0)
+    preds = torch.tensor([[0, 1, 2, 2], [1, 1, 2, 0], [1, 0, 0, 1]])
+    per = torch.nn.functional.one_hot(preds, 3).float() * 5 + torch.rand(3, 4, 3)  # argmax = preds
+    counts = vote_counts(per)
+    assert counts.tolist() == [[1, 2, 0], [1, 2, 0], [1, 0, 2], [1, 1, 1]]
+    assert counts.argmax(-1).tolist() == [1, 1, 2, 0]
+    assert accuracy(counts, torch.tensor([1, 1, 2, 2])) == 0.75
+
+
+def test_trainer_logits_do_not_depend_on_the_evaluation_batch(store):
+    with ShardStore(store) as st:
+        cfg = from_dict(TrainConfig, st.get_meta("config"))
+        deltas = [read_delta(store / r["file"])[0] for r in st.shard_rows()]
+    whole = ShardTrainer.from_config(cfg)
+    small = ShardTrainer.from_config(dataclasses.replace(cfg, eval_batch_size=5))
+    a, b = whole.logits(deltas, whole.val_features), small.logits(deltas, small.val_features)
+    assert a.shape == (K, len(whole.val_labels), 3)
+    assert (a - b).abs().max() <= 1e-5 * a.abs().max()
+    one = whole.load(deltas[1])
+    with torch.no_grad():
+        direct = one.suffix(whole.val_features.collate(list(range(len(whole.val_features))), whole.device))
+    assert (a[1] - direct).abs().max() <= 1e-5 * a.abs().max()
+    assert (a[0] - a[1]).abs().max() > 1e-3 * a.abs().max(), "shards agree: vacuous"
 
 
 def test_composing_one_shard_returns_it_and_weights_are_normalized(store, tmp_path):

@@ -14,7 +14,7 @@ from taft.config import ConfigError
 from taft.shards.common import _store_config, check_data, check_readable, load_shard, unfinished
 from taft.shards.composition import privacy_guarantee, read_composed
 from taft.shards.store import ShardStore
-from taft.shards.training import ShardTrainer
+from taft.shards.training import ShardTrainer, accuracy, vote_counts
 from taft.train.cache import FeatureCache
 
 EVAL_SPLITS = ("val", "test")  # held-out splits: a store's training split is never reported as accuracy
@@ -74,13 +74,7 @@ def shard_logits(store_dir: str | Path, split: str = "test", *, which: str = "sh
         else:
             rows = [r for r in store.shard_rows() if r["status"] == "live"]
             deltas, shards = [load_shard(store, r)[0] for r in rows], [r["shard"] for r in rows]
-        out = []
-        for d in deltas:
-            tm = trainer.load(d)
-            out.append(torch.cat([tm.suffix(cache.collate(list(range(s, min(s + cfg.eval_batch_size, len(cache)))),
-                                                          trainer.device)).cpu()
-                                  for s in range(0, len(cache), cfg.eval_batch_size)]))
-        return torch.stack(out), ds.labels, shards
+        return trainer.logits(deltas, cache), ds.labels, shards
 
 
 def evaluate_store(store_dir: str | Path, split: str = "test", *, max_eval: int | None = None) -> dict[str, Any]:
@@ -88,14 +82,11 @@ def evaluate_store(store_dir: str | Path, split: str = "test", *, max_eval: int 
     ensemble it equals for TAFT; excluded shards weigh 0), and of SISA's majority vote of the live shard models."""
     per_shard, labels, shards = shard_logits(store_dir, split, max_eval=max_eval)
     composed, _, _ = shard_logits(store_dir, split, which="composed", max_eval=max_eval)
-    votes = torch.nn.functional.one_hot(per_shard.argmax(-1), per_shard.shape[-1]).sum(0)  # (N, C)
     with ShardStore(store_dir) as store:
         info = store.get_meta("composed") or {}
     weight = dict(zip(info.get("shards", []), info.get("weights", []), strict=True))
     w = torch.tensor([weight.get(k, 0.0) for k in shards], dtype=per_shard.dtype)  # the composition's weights
     ensemble = (w[:, None, None] * per_shard).sum(0) if w.sum() > 0 else per_shard.mean(0)
-    return {"split": split, "examples": len(labels), "shards": shards,
-            "composed": float((composed[0].argmax(-1) == labels).float().mean()),
-            "ensemble_mean": float((ensemble.argmax(-1) == labels).float().mean()),
-            "vote": float((votes.argmax(-1) == labels).float().mean()),
-            "per_shard": [float((p.argmax(-1) == labels).float().mean()) for p in per_shard]}
+    return {"split": split, "examples": len(labels), "shards": shards, "composed": accuracy(composed[0], labels),
+            "ensemble_mean": accuracy(ensemble, labels), "vote": accuracy(vote_counts(per_shard), labels),
+            "per_shard": [accuracy(p, labels) for p in per_shard]}

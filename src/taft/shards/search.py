@@ -19,13 +19,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from taft.config import ConfigError, TrainConfig
 from taft.data.shards import shard_jobs
 from taft.delta import weighted_average
 from taft.shards.create import train_store
-from taft.shards.training import ShardTrainer, TrainingDiverged, check_shard_config
+from taft.shards.training import ShardTrainer, TrainingDiverged, accuracy, check_shard_config, vote_counts
 from taft.train.rundir import write_json
 from taft.train.search import grid_points
 
@@ -37,21 +35,12 @@ _TRAINING_ONLY = {"lr", "min_steps", "epochs", "optimizer", "schedule", "warmup"
                   "penalty", "radius", "loss", "kappa", "rsl_m", "batch_size", "eval_batch_size", "threads"}
 
 
-@torch.no_grad()
 def _val_scores(trainer: ShardTrainer, models, sizes: list[float]) -> dict[str, float]:
     """Validation accuracy of the composition and of the majority vote of the shard models."""
-    cache, labels, bs = trainer.val_features, trainer.val_labels, trainer.cfg.eval_batch_size
-
-    def logits(delta):
-        tm = trainer.load(delta)
-        return torch.cat([tm.suffix(cache.collate(list(range(s, min(s + bs, len(cache)))), trainer.device)).cpu()
-                          for s in range(0, len(cache), bs)])
-
-    composed = logits(weighted_average([m.delta for m in models], sizes))
-    per = torch.stack([logits(m.delta) for m in models])  # (K, N, C)
-    votes = torch.nn.functional.one_hot(per.argmax(-1), per.shape[-1]).sum(0)
-    return {"composed": float((composed.argmax(-1) == labels).float().mean()),
-            "vote": float((votes.argmax(-1) == labels).float().mean())}
+    cache, labels = trainer.val_features, trainer.val_labels
+    composed = trainer.logits([weighted_average([m.delta for m in models], sizes)], cache)[0]
+    per = trainer.logits([m.delta for m in models], cache)  # (K, N, C)
+    return {"composed": accuracy(composed, labels), "vote": accuracy(vote_counts(per), labels)}
 
 
 def search_store(cfg: TrainConfig, num_shards: int, grid: dict[str, list] | None = None, *,

@@ -160,6 +160,17 @@ class ShardTrainer:
         tm.load_delta({n: t.to(self.device) for n, t in delta.items()})
         return tm
 
+    @torch.no_grad()
+    def logits(self, deltas: Sequence[dict[str, Tensor]], cache: FeatureCache) -> Tensor:
+        """(M, N, C) logits, on the CPU, of the models w0 + Δw (one per ``deltas``) on the rows of ``cache`` — what
+        the composed model's accuracy, the shards' ensemble and SISA's vote are computed from."""
+        bs, out = self.cfg.eval_batch_size, []
+        for d in deltas:
+            tm = self.load(d)
+            out.append(torch.cat([tm.suffix(cache.collate(list(range(s, min(s + bs, len(cache)))), self.device)).cpu()
+                                  for s in range(0, len(cache), bs)]))
+        return torch.stack(out)
+
     # -- many shards at once --------------------------------------------------------------------------------
     def train_batched(self, jobs: Sequence[tuple[int, Sequence[str]]], chunk: int | None = None) -> list[ShardModel]:
         """Train every ``(shard, ids)`` job at once: one vmapped forward/backward per step over the shards that
@@ -249,6 +260,16 @@ class ShardTrainer:
                                        f"(--lr {cfg.lr:g})")
             out.append(ShardModel(shard, d, self.validate(self.load(d)) if self.validate_shards else None, elapsed))
         return out
+
+
+def vote_counts(per_shard: Tensor) -> Tensor:
+    """SISA's majority vote of (K, N, C) shard logits, as (N, C) vote counts (ties: the lower class, as argmax)."""
+    return nn.functional.one_hot(per_shard.argmax(-1), per_shard.shape[-1]).sum(0).float()
+
+
+def accuracy(logits: Tensor, labels: Tensor) -> float:
+    """Fraction of rows of (N, C) ``logits`` whose argmax is the label."""
+    return float((logits.argmax(-1) == labels).float().mean())
 
 
 def _cpu(delta: dict[str, Tensor]) -> dict[str, Tensor]:
