@@ -6,7 +6,6 @@ w0, compose them) or resume one; the shard-training backends (sequential, batche
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from collections.abc import Sequence
@@ -19,6 +18,7 @@ from taft.data.examples import split_digests
 from taft.data.shards import assign_shards, shard_jobs
 from taft.shards.common import (
     Loaded,
+    _live_shard,
     _register_features,
     _same_setting,
     _store_config,
@@ -46,19 +46,14 @@ def _write_shard(path: Path, model: ShardModel, meta: dict[str, str], ids: Seque
 
 def _register_shard(store: ShardStore, model: ShardModel, path: Path, sha: str, ids: Sequence[str],
                     generation: int) -> None:
-    """The shard's file is in place: make it live in one transaction (with its audit row)."""
+    """The shard's file is in place: make it live in its own transaction (one per shard, so a long run keeps what
+    it trained), the composition marked out of date."""
     if sha256_file(path) != sha:
         raise StoreError(f"{path} changed while it was registered (SHA-256 differs); run the request again")
     with store.transaction() as db:
-        privacy = json.dumps(model.privacy) if model.privacy else None
-        db.execute("UPDATE shards SET status = 'live', file = ?, sha256 = ?, examples = ?, generation = ?, "
-                   "val_acc = ?, train_s = ?, trained_in = ?, ids_sha256 = ?, privacy = ? WHERE shard = ?",
-                   (store.rel(path), sha, len(ids), generation, model.val_acc, model.train_s, store.request,
-                    ids_digest(ids), privacy, model.shard))
-        store.settle(db, path, atomic_tmp(path))
+        _live_shard(store, db, model.shard, path, sha, examples=len(ids), ids_sha256=ids_digest(ids),
+                    generation=generation, privacy=model.privacy, val_acc=model.val_acc, train_s=model.train_s)
         store.set_meta(db, "dirty", True)  # the composition no longer matches the live shards
-        store.record(db, "shard", {"shard": model.shard, "file": store.rel(path), "sha256": sha, "examples": len(ids),
-                                   "generation": generation, "privacy": model.privacy})
 
 
 def _train_jobs(store: ShardStore, trainer: ShardTrainer, jobs: list[tuple[int, list[str]]], backend: str,

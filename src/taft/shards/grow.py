@@ -37,6 +37,7 @@ from taft.data.examples import split_digests
 from taft.data.shards import shard_jobs
 from taft.shards.common import (
     _RUN_ONLY,
+    _live_shard,
     _register_features,
     _store_config,
     _withdraw_composed,
@@ -103,19 +104,6 @@ def _next_shard(store: ShardStore) -> int:
     return max((r["shard"] for r in store.shard_rows()), default=-1) + 1
 
 
-def _shard_record(store: ShardStore, db, k: int, path: Path, sha: str, examples: int, ids_sha: str,
-                  privacy: dict | None, val_acc: float | None, train_s: float | None) -> None:
-    """Inside the request's transaction: shard ``k`` is live with ``path``, and its ``shard`` audit row (the one
-    ``verify`` and the privacy history read)."""
-    db.execute("INSERT INTO shards (shard, status, file, sha256, examples, generation, val_acc, train_s, trained_in, "
-               "ids_sha256, privacy) VALUES (?, 'live', ?, ?, ?, 1, ?, ?, ?, ?, ?)",
-               (k, store.rel(path), sha, examples, val_acc, train_s, store.request, ids_sha,
-                json.dumps(privacy) if privacy else None))
-    store.settle(db, path, atomic_tmp(path))
-    store.record(db, "shard", {"shard": k, "file": store.rel(path), "sha256": sha, "examples": examples,
-                               "generation": 1, "privacy": privacy})
-
-
 # -- add ----------------------------------------------------------------------------------------------------------
 def add_data(store_dir: str | Path, data: str | Path, *, num_shards: int | None = None, backend: str = "sequential",
              strict: bool = False, progress: bool = False, ray_address: str | None = None,
@@ -178,8 +166,8 @@ def add_data(store_dir: str | Path, data: str | Path, *, num_shards: int | None 
                            [(i, shard_of[i], position + p, y) for p, (i, y) in
                             enumerate(zip(new.ids, new.labels.tolist(), strict=True))])
             for k, (model, shard_path, sha) in models.items():
-                _shard_record(store, db, k, shard_path, sha, len(ids_of[k]), ids_digest(ids_of[k]),
-                              model.privacy, model.val_acc, model.train_s)
+                _live_shard(store, db, k, shard_path, sha, examples=len(ids_of[k]), ids_sha256=ids_digest(ids_of[k]),
+                            generation=1, privacy=model.privacy, val_acc=model.val_acc, train_s=model.train_s)
             db.executemany("INSERT INTO shards (shard, status, examples, generation) VALUES (?, 'empty', 0, 0)",
                            [(first + j,) for j in range(n_new) if j not in groups])
             _register_features(store, db, written)
@@ -412,8 +400,8 @@ def import_shard(store_dir: str | Path, package: str | Path) -> dict[str, Any]:
             if ids is not None:  # label -1: an imported example's label is not known here (its features neither)
                 db.executemany("INSERT INTO examples (id, shard, position, label) VALUES (?, ?, ?, -1)",
                                [(i, k, position + p) for p, i in enumerate(ids)])
-            _shard_record(store, db, k, path, delta_sha, shard["examples"], shard["ids_sha256"], shard["privacy"],
-                          None, None)
+            _live_shard(store, db, k, path, delta_sha, examples=shard["examples"], ids_sha256=shard["ids_sha256"],
+                        generation=1, privacy=shard["privacy"], val_acc=None, train_s=None)
             origins = {str(j): v for j, v in store.origins().items()}
             origins[str(k)] = {"kind": "imported", "request": store.request, "ids": ids is not None,
                                "package_sha256": delta_sha}
