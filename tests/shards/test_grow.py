@@ -161,10 +161,12 @@ def test_cli_add_export_import(store, other, tmp_path, capsys):
 # -- packages ---------------------------------------------------------------------------------------------------------
 @pytest.fixture()
 def other(data, tmp_path) -> Path:
-    """A second store of the same setting (w0, options, classes) on other data."""
+    """A second store of the same setting (w0, options, classes) on other data, tested on other examples too (a
+    shard trained on a store's test examples is refused)."""
     d = _write(tmp_path / "other.txt", OTHER)
+    t = _write(tmp_path / "other-test.txt", [f"{i % 3} a test line {i} of the other store" for i in range(24)])
     root = tmp_path / "other-store"
-    train_store(_cfg((d, data[1])), root, 2, progress=False)
+    train_store(_cfg((d, t)), root, 2, progress=False)
     return root
 
 
@@ -193,6 +195,25 @@ def test_export_then_import_round_trips_bitwise(store, other, tmp_path):
     # the forgotten example cannot come back in another copy of that shard
     with pytest.raises(StoreError, match="forgotten here"):
         import_shard(other, pkg)
+
+
+def test_import_refuses_a_shard_trained_on_the_stores_held_out_examples(store, data, tmp_path, capsys):
+    """Like `add`, `import` never lets the store train on an example it is evaluated on: a donor shard trained on
+    this store's validation examples (same content, the donor's own `train:` ids) is refused whole, with the fix."""
+    with ShardStore(store) as st:
+        train_ids = {i for (i,) in st.db.execute("SELECT id FROM examples")}
+    by_id = {read_text_file(_write(tmp_path / "one.txt", [line]), split="train", num_classes=3).ids[0]: line
+             for line in LINES}
+    held = [line for i, line in by_id.items() if i not in train_ids]  # the store's validation split
+    assert held
+    donor = tmp_path / "donor"
+    train_store(_cfg((_write(tmp_path / "donor.txt", OTHER[:30] + held), data[1])), donor, 1, progress=False)
+    with ShardStore(donor) as st:
+        assert {i for i in st.live_ids(0) if by_id.get(i) in held}  # the donor trained on some of them
+    export_shard(donor, 0, tmp_path / "pkg")
+    err = _refused(["shards", "import", str(tmp_path / "pkg"), "--store", str(store)], capsys)
+    assert "validation or test split" in err and "nothing was imported" in err and "export the shard again" in err
+    assert [r["shard"] for r in status(store)["shards"]] == [0, 1, 2] and verify(store)["ok"]
 
 
 def _refused(args: list[str], capsys) -> str:

@@ -10,7 +10,8 @@ shard for shard, the models of a store trained on A ∪ B with that assignment (
 **A package** (``export``) is a folder: ``delta.safetensors`` (the shard file, byte for byte), ``ids.json`` (its
 example ids, unless ``--no-ids``: then only their count and SHA-256) and ``manifest.json`` (w0's fingerprint, the
 training setting, the classes, the privacy record and the SHA-256 of every file). No pickle. ``import`` accepts it
-into another store only if w0, setting and classes match and every hash holds; an imported shard has no training
+into another store only if w0, setting and classes match, every hash holds and (ids disclosed) none of its examples
+is one ``add`` would skip; an imported shard has no training
 features here, so it is never retrained: forgetting one of its examples drops it, and a shard whose ids were not
 disclosed can only be dropped as a whole (:func:`drop_shard`).
 
@@ -27,13 +28,14 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from taft._version import __version__ as taft_version
 from taft.checkpoint import CheckpointError, delta_metadata, fingerprints, fsync_dir, fsync_file, read_delta
 from taft.config import ConfigError, TrainConfig
-from taft.data.examples import split_digests
+from taft.data.examples import check_digests, split_digests
 from taft.data.shards import shard_jobs
 from taft.shards.common import (
     _RUN_ONLY,
@@ -73,11 +75,7 @@ def _classes(store: ShardStore, splits=None) -> dict[str, Any]:
     if known is not None:
         return known
     cfg = _store_config(store)
-    if splits is None:
-        from taft.data.text import load_text_dataset
-
-        splits = load_text_dataset(cfg.data, cfg.test_file, root=cfg.data_root, seed=cfg.seed,
-                                   num_classes=cfg.num_classes)
+    splits = splits if splits is not None else _store_splits(store)
     from taft.data.text import SENTENCE_TASKS
     from taft.train.pipeline import class_name_list
 
@@ -86,6 +84,33 @@ def _classes(store: ShardStore, splits=None) -> dict[str, Any]:
         or (list(splits.train.class_names) if splits.train.class_names else None)
     return {"num_classes": splits.train.num_classes, "names": names,
             "labels": list(splits.train.class_names) if splits.train.class_names else None}
+
+
+def _store_splits(store: ShardStore):
+    """The store's text data (train, validation, test) read again, without loading its model."""
+    from taft.data.text import load_text_dataset
+
+    cfg = _store_config(store)
+    return load_text_dataset(cfg.data, cfg.test_file, root=cfg.data_root, seed=cfg.seed, num_classes=cfg.num_classes)
+
+
+def _refusal(store: ShardStore, splits) -> Callable[[str], str | None]:
+    """Why the store must not train on the example with id ``i``: ``in_store`` (it holds it: shards are disjoint),
+    ``forgotten`` (recognized by its tombstone: it never comes back) or ``held_out`` (in its validation or test split,
+    by content whatever the split's id prefix: they measure the store), else None. ``splits``: the store's data,
+    checked here against the content hashes it was made with (held-out ids from other files would let test examples
+    in)."""
+    check_digests(store.get_meta("data_digest"), splits, ["val", "test"], what=f"the store {store.root}",
+                  spec=_store_config(store).data)
+    in_store = {i for (i,) in store.db.execute("SELECT id FROM examples WHERE forgotten_in IS NULL")}
+    stones = set(store.forgotten_ids())
+    held_out = {i.split(":", 1)[-1] for ds in (splits.val, splits.test) if ds is not None for i in ds.ids}
+
+    def why(i: str) -> str | None:
+        return ("in_store" if i in in_store else "forgotten" if store.tombstone(i) in stones
+                else "held_out" if i.split(":", 1)[-1] in held_out else None)
+
+    return why
 
 
 def _sources(store: ShardStore) -> list[dict[str, Any]]:
@@ -208,15 +233,11 @@ def _new_examples(store: ShardStore, base: ShardTrainer, path: Path, classes: di
     if ds.num_classes != classes["num_classes"]:
         raise StoreError(f"--data {path} has {ds.num_classes} classes, the store {classes['num_classes']}; add "
                          f"examples of the store's classes only")
-    in_store = {i for (i,) in store.db.execute("SELECT id FROM examples WHERE forgotten_in IS NULL")}
-    stones = set(store.forgotten_ids())
-    splits = base.prep.splits  # (held out: by content, whatever the split's id prefix)
-    held_out = {i.split(":", 1)[-1] for ds_ in (splits.val, splits.test) if ds_ is not None for i in ds_.ids}
+    refusal = _refusal(store, base.prep.splits)
     keep = []
     skipped = {"in_store": 0, "forgotten": 0, "held_out": 0}
     for p, i in enumerate(ds.ids):  # (ids are unique in a file: the k-th repeat of a sentence is its own example)
-        why = ("in_store" if i in in_store else "forgotten" if store.tombstone(i) in stones
-               else "held_out" if i.split(":", 1)[-1] in held_out else None)
+        why = refusal(i)
         if why:
             skipped[why] += 1
         else:
@@ -360,29 +381,28 @@ def read_package(package: str | Path) -> tuple[dict[str, Any], list[str] | None,
 def import_shard(store_dir: str | Path, package: str | Path) -> dict[str, Any]:
     """Accept a package (:func:`export_shard`) as a new live shard of this store and recompose. Refused, with the
     reason, unless every hash holds and its classes, w0 and setting are this store's; a shard holding an example
-    that is in this store, or was forgotten here, is refused too (the shards would not be disjoint, or a forgotten
-    example would come back)."""
+    that is in this store, was forgotten here or is in its validation or test split is refused too (the shards would
+    not be disjoint, a forgotten example would come back, or the store would be measured on what it trained on)."""
     manifest, ids, pkg = read_package(package)
     with ShardStore(store_dir) as store, store.writing("import", {"package": str(pkg), "ids": manifest["ids"]}):
         if store.get_meta("config") is None:
             raise StoreError(f"the store {store.root} was never completely created; run `taft shards train` first")
         _begin(store)
-        _check_compatible(store, manifest, pkg)
+        splits = _store_splits(store) if ids is not None else None
+        _check_compatible(store, manifest, pkg, splits)
         delta_sha = manifest["files"]["delta.safetensors"]
         dup = [r["shard"] for r in store.shard_rows() if r["sha256"] == delta_sha]
         if dup:
             raise StoreError(f"{pkg} is already in this store (shard {dup[0]}); nothing was imported")
-        if ids is not None:
-            in_store = {i for (i,) in store.db.execute("SELECT id FROM examples WHERE forgotten_in IS NULL")}
-            stones = set(store.forgotten_ids())
-            both = sum(i in in_store for i in ids)
-            gone = sum(store.tombstone(i) in stones for i in ids)
-            if both or gone:
-                raise StoreError(
-                    f"{pkg}: its shard was trained on " + " and ".join(
-                        x for x in (f"{both} example(s) this store already holds (shards must be disjoint)" if both
-                                    else "", f"{gone} example(s) forgotten here (they must not come back)" if gone
-                                    else "") if x)
+        if ids is not None:  # the examples `add` would skip refuse the whole shard (it cannot be split here)
+            refusal = _refusal(store, splits)
+            found = {why: 0 for why in _IMPORT_REFUSALS}
+            for i in ids:
+                if (why := refusal(i)) is not None:
+                    found[why] += 1
+            if any(found.values()):
+                raise StoreError(f"{pkg}: its shard was trained on " + " and ".join(
+                    f"{n} {_IMPORT_REFUSALS[why]}" for why, n in found.items() if n)
                     + "; nothing was imported. Ask the exporter to forget them and export the shard again")
         k = _next_shard(store)
         path = store.shard_file(k, 1)
@@ -417,8 +437,14 @@ def import_shard(store_dir: str | Path, package: str | Path) -> dict[str, Any]:
         return out
 
 
-def _check_compatible(store: ShardStore, manifest: dict[str, Any], pkg: Path) -> None:
-    mine = _classes(store)
+_IMPORT_REFUSALS = {"in_store": "example(s) this store already holds (shards must be disjoint)",
+                    "forgotten": "example(s) forgotten here (they must not come back)",
+                    "held_out": "example(s) of this store's validation or test split (they measure it: it must "
+                                "never train on them)"}
+
+
+def _check_compatible(store: ShardStore, manifest: dict[str, Any], pkg: Path, splits=None) -> None:
+    mine = _classes(store, splits)
     theirs = manifest.get("classes") or {}
     if theirs.get("num_classes") != mine["num_classes"] or theirs.get("names") != mine["names"]:
         raise StoreError(f"{pkg}: its classes ({theirs.get('num_classes')}: {theirs.get('names')}) are not this "
