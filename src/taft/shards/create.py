@@ -12,6 +12,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from torch import Tensor
+
 from taft.checkpoint import delta_metadata, fingerprints, read_delta, write_delta
 from taft.config import ConfigError, TrainConfig
 from taft.data.examples import split_digests
@@ -62,9 +64,7 @@ def _train_jobs(store: ShardStore, trainer: ShardTrainer, jobs: list[tuple[int, 
     """Train ``jobs`` (shard, live ids) with ``backend`` and register each shard as it finishes."""
     if not jobs:
         return
-    meta = (loaded.meta if loaded is not None and loaded.meta else None) or delta_metadata(trainer.template)
-    if loaded is not None:
-        loaded.meta = meta
+    meta = _shard_meta(trainer, loaded)
     gens = {k: (store.shard_row(k)["generation"] or 0) + 1 for k, _ in jobs}
     paths = {k: store.shard_file(k, gens[k]) for k, _ in jobs}
     ids_of = dict(jobs)
@@ -82,8 +82,22 @@ def _train_jobs(store: ShardStore, trainer: ShardTrainer, jobs: list[tuple[int, 
     for model in models:
         sha = _write_shard(paths[model.shard], model, meta, ids_of[model.shard])
         _register_shard(store, model, paths[model.shard], sha, ids_of[model.shard], gens[model.shard])
-        if loaded is not None:  # the Δw just written (the file's metadata as read_delta gives it: read once)
-            loaded.deltas[(store.rel(paths[model.shard]), sha)] = (model.delta, read_delta(paths[model.shard])[1])
+        _keep_delta(store, loaded, paths[model.shard], sha, model.delta)
+
+
+def _shard_meta(trainer: ShardTrainer, loaded: Loaded | None = None) -> dict[str, str]:
+    """The metadata every shard file of the store carries (w0's fingerprints: hashing w0 once per process when
+    ``loaded``)."""
+    meta = (loaded.meta if loaded is not None and loaded.meta else None) or delta_metadata(trainer.template)
+    if loaded is not None:
+        loaded.meta = meta
+    return meta
+
+
+def _keep_delta(store: ShardStore, loaded: Loaded | None, path: Path, sha: str, delta: dict[str, Tensor]) -> None:
+    """A long-lived process keeps the Δw it just wrote (the file's metadata as read_delta gives it: read once)."""
+    if loaded is not None:
+        loaded.deltas[(store.rel(path), sha)] = (delta, read_delta(path)[1])
 
 
 def _ray_task(cfg, clf, features, labels, val_features, val_labels, shard, ids, path, meta):

@@ -33,23 +33,24 @@ from pathlib import Path
 from typing import Any
 
 from taft._version import __version__ as taft_version
-from taft.checkpoint import CheckpointError, delta_metadata, fingerprints, fsync_dir, fsync_file, read_delta
+from taft.checkpoint import CheckpointError, fsync_dir, fsync_file, read_delta
 from taft.config import ConfigError, TrainConfig
 from taft.data.examples import check_digests, split_digests
 from taft.data.shards import shard_jobs
 from taft.shards.common import (
     _RUN_ONLY,
+    Loaded,
     _live_shard,
     _register_features,
     _store_config,
+    _trainer_for,
     _withdraw_composed,
     _write_shard_features,
-    check_data,
     ids_digest,
     load_shard,
 )
 from taft.shards.composition import _begin, _compose, _remove_composed
-from taft.shards.create import BACKENDS, _train_ray, _write_shard, check_num_shards
+from taft.shards.create import BACKENDS, _keep_delta, _shard_meta, _train_ray, _write_shard, check_num_shards
 from taft.shards.store import ShardStore, StoreError, atomic_tmp, publish
 from taft.shards.training import ShardTrainer, check_backend
 from taft.train.cache import FeatureCache
@@ -132,13 +133,14 @@ def _next_shard(store: ShardStore) -> int:
 # -- add ----------------------------------------------------------------------------------------------------------
 def add_data(store_dir: str | Path, data: str | Path, *, num_shards: int | None = None, backend: str = "sequential",
              strict: bool = False, progress: bool = False, ray_address: str | None = None,
-             chunk: int | None = None) -> dict[str, Any]:
+             chunk: int | None = None, loaded: Loaded | None = None) -> dict[str, Any]:
     """Train new shards on the examples of ``data`` (a .txt/.csv/.jsonl file, every row a training example) that the
     store has not seen, from its w0 and configuration, and recompose (the store's weights rule; size at first).
 
     ``num_shards``: how many new shards (default: as many as keep the store's mean live shard size). Examples
     already in the store, in its validation or test split, or forgotten earlier are skipped and counted
-    (``strict``: refused instead)."""
+    (``strict``: refused instead). ``loaded``: w0, the validation features and the shards a long-lived process
+    keeps (:class:`ShardSession`); the new shards' Δw and features join them."""
     if backend not in BACKENDS:
         raise ConfigError(f"--backend {backend}: use one of {', '.join(BACKENDS)}")
     path = Path(data).expanduser().absolute()
@@ -150,14 +152,13 @@ def add_data(store_dir: str | Path, data: str | Path, *, num_shards: int | None 
         if store.get_meta("config") is None:
             raise StoreError(f"the store {store.root} was never completely created; run `taft shards train` again "
                              f"with the same options first")
-        _begin(store)
+        _begin(store, loaded)
         cfg = _store_config(store)
         check_backend(cfg, backend)
-        base = ShardTrainer.from_config(cfg, progress=progress, features=FeatureCache([], ids=[]), labels={})
-        check_data(store, base, ["val"])
-        if fingerprints(base.template)["all"] != store.get_meta("base_fingerprint"):
-            raise StoreError(f"the model {cfg.model!r} loaded here differs from the one the store {store.root} was "
-                             f"trained from (w0 fingerprint); load the same weights")
+        # w0, the validation features and the data pipeline (its train features are the new examples'), checked
+        # against the store once per process
+        base = (loaded.trainer if loaded is not None and loaded.trainer is not None
+                else _trainer_for(store, cfg, progress, features=FeatureCache([], ids=[]), loaded=loaded))
         classes = _classes(store, base.prep.splits)
         new, skipped = _new_examples(store, base, path, classes)
         if strict and any(skipped.values()):
@@ -179,7 +180,8 @@ def add_data(store_dir: str | Path, data: str | Path, *, num_shards: int | None 
         groups = dict(shard_jobs(new.ids, n_new, cfg.seed))
         jobs = [(first + j, groups[j]) for j in sorted(groups)]
         written = _write_shard_features(store, feats, dict(jobs), {})
-        models = _train_new(store, trainer, jobs, backend, progress=progress, ray_address=ray_address, chunk=chunk)
+        models = _train_new(store, trainer, jobs, backend, progress=progress, ray_address=ray_address, chunk=chunk,
+                            loaded=loaded)
         train_s = time.perf_counter() - t0
         ids_of = dict(jobs)
         position = store.db.execute("SELECT COALESCE(MAX(position), -1) + 1 FROM examples").fetchone()[0]
@@ -203,7 +205,11 @@ def add_data(store_dir: str | Path, data: str | Path, *, num_shards: int | None 
             store.set_meta(db, "classes", classes)
             store.set_meta(db, "dirty", True)
             store.record(db, "added", {"examples": len(new), "shards": [k for k, _ in jobs], "skipped": skipped})
-        composed = _compose(store)
+        if loaded is not None:
+            loaded.keep_features(store, {k: feats.subset(list(ids)) for k, ids in jobs})
+            for model, shard_path, sha in models.values():
+                _keep_delta(store, loaded, shard_path, sha, model.delta)
+        composed = _compose(store, loaded=loaded)
         out = {"added": len(new), "skipped": skipped, "shards": [k for k, _ in jobs],
                "empty_shards": [first + j for j in range(n_new) if j not in groups], "train_s": train_s,
                "composed": composed}
@@ -253,10 +259,11 @@ def _default_shards(store: ShardStore, examples: int) -> int:
 
 
 def _train_new(store: ShardStore, trainer: ShardTrainer, jobs: list[tuple[int, list[str]]], backend: str, *,
-               progress: bool, ray_address: str | None, chunk: int | None) -> dict[int, tuple[Any, Path, str]]:
+               progress: bool, ray_address: str | None, chunk: int | None,
+               loaded: Loaded | None = None) -> dict[int, tuple[Any, Path, str]]:
     """Train ``jobs`` and write each shard's file (pending: nothing is registered here). Returns
     ``{shard: (model, path, sha256)}``."""
-    meta = delta_metadata(trainer.template)
+    meta = _shard_meta(trainer, loaded)
     paths = {k: store.shard_file(k, 1) for k, _ in jobs}
     ids_of = dict(jobs)
     store.add_pending(*paths.values(), *(atomic_tmp(p) for p in paths.values()))
@@ -378,16 +385,17 @@ def read_package(package: str | Path) -> tuple[dict[str, Any], list[str] | None,
     return manifest, ids, pkg
 
 
-def import_shard(store_dir: str | Path, package: str | Path) -> dict[str, Any]:
+def import_shard(store_dir: str | Path, package: str | Path, *, loaded: Loaded | None = None) -> dict[str, Any]:
     """Accept a package (:func:`export_shard`) as a new live shard of this store and recompose. Refused, with the
     reason, unless every hash holds and its classes, w0 and setting are this store's; a shard holding an example
     that is in this store, was forgotten here or is in its validation or test split is refused too (the shards would
-    not be disjoint, a forgotten example would come back, or the store would be measured on what it trained on)."""
+    not be disjoint, a forgotten example would come back, or the store would be measured on what it trained on).
+    ``loaded``: what a long-lived process keeps (:class:`ShardSession`)."""
     manifest, ids, pkg = read_package(package)
     with ShardStore(store_dir) as store, store.writing("import", {"package": str(pkg), "ids": manifest["ids"]}):
         if store.get_meta("config") is None:
             raise StoreError(f"the store {store.root} was never completely created; run `taft shards train` first")
-        _begin(store)
+        _begin(store, loaded)
         splits = _store_splits(store) if ids is not None else None
         _check_compatible(store, manifest, pkg, splits)
         delta_sha = manifest["files"]["delta.safetensors"]
@@ -429,7 +437,7 @@ def import_shard(store_dir: str | Path, package: str | Path) -> dict[str, Any]:
             store.set_meta(db, "data_sources", [*_sources(store), source])
             store.set_meta(db, "dirty", True)
             store.record(db, "imported", {"shard": k, "examples": shard["examples"], "ids": manifest["ids"]})
-        composed = _compose(store)
+        composed = _compose(store, loaded=loaded)
         out = {"shard": k, "examples": shard["examples"], "ids": manifest["ids"], "privacy": shard["privacy"],
                "composed": composed}
         with store.transaction() as db:
