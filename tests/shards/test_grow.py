@@ -335,6 +335,39 @@ def test_every_request_makes_a_shard_live_through_one_helper(grown, other, tmp_p
         assert st.shard_row(1)["generation"] == 2 and st.shard_row(3)["generation"] == 1
 
 
+def test_verify_cross_checks_the_data_sources(grown, other, tmp_path):
+    """verify proves the recorded data sources against the manifest: each has its content hash, its examples and
+    request, every shard one source, an imported shard the package's file; a changed list is reported with the fix."""
+    export_shard(grown, 3, tmp_path / "pkg")
+    import_shard(other, tmp_path / "pkg")
+
+    def report(root: Path, edit) -> list[str]:
+        with ShardStore(root) as st:
+            sources = st.get_meta("data_sources")
+            with st.transaction() as db:
+                st.set_meta(db, "data_sources", edit(json.loads(json.dumps(sources))))
+        problems = verify(root)["problems"]
+        with ShardStore(root) as st, st.transaction() as db:
+            st.set_meta(db, "data_sources", sources)
+        assert all("restore the store from a backup" in p and "\n" not in p for p in problems), problems
+        return problems
+
+    def set_key(n: int, key: str, value):
+        return lambda sources: [*sources[:n], {**sources[n], key: value}, *sources[n + 1:]]
+
+    assert [s["kind"] for s in status(grown)["data_sources"]] == ["train", "add"]
+    assert any("has no content hash (train)" in p
+               for p in report(grown, lambda ss: [ss[0], {k: v for k, v in ss[1].items() if k != "train"}]))
+    assert any("do not hash to the digest" in p for p in report(grown, set_key(1, "train", "0" * 64)))
+    assert any("records 46 examples" in p for p in report(grown, set_key(1, "examples", 46)))
+    assert any("no matching record" in p for p in report(grown, set_key(1, "request", 1)))
+    assert any("not the store's training data digest" in p for p in report(grown, set_key(0, "train", "1" * 64)))
+    assert any("[3, 4] come from no recorded data source" in p for p in report(grown, lambda ss: ss[:1]))
+    assert any("listed by data sources 0 and 1" in p for p in report(grown, set_key(1, "shards", [2, 3, 4])))
+    assert any("not the package" in p for p in report(other, set_key(1, "package_sha256", "2" * 64)))
+    assert verify(grown)["ok"] and verify(other)["ok"]
+
+
 # -- privacy ----------------------------------------------------------------------------------------------------------
 def test_private_store_restates_its_guarantee_and_a_plain_shard_makes_it_non_private(data, tmp_path, capsys):
     cfg = _cfg(data, dp_epsilon=8.0, dp_delta=1e-3, epochs=1)

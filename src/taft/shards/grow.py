@@ -28,8 +28,9 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from taft._version import __version__ as taft_version
@@ -186,7 +187,7 @@ def add_data(store_dir: str | Path, data: str | Path, *, num_shards: int | None 
         ids_of = dict(jobs)
         position = store.db.execute("SELECT COALESCE(MAX(position), -1) + 1 FROM examples").fetchone()[0]
         shard_of = {i: k for k, ids in jobs for i in ids}
-        source = {"kind": "add", "data": str(path), "train": split_digests(_as_splits(new))["train"],
+        source = {"kind": "add", "data": str(path), "train": source_digest(new.ids),
                   "examples": len(new), "shards": [first + j for j in range(n_new)], "request": store.request}
         with store.transaction() as db:
             db.executemany("INSERT INTO examples (id, shard, position, label) VALUES (?, ?, ?, ?)",
@@ -218,10 +219,12 @@ def add_data(store_dir: str | Path, data: str | Path, *, num_shards: int | None 
         return out
 
 
-def _as_splits(ds):
+def source_digest(ids: Sequence[str]) -> str:
+    """The content hash a data source records (meta ``data_sources``): the training-split digest
+    (:func:`split_digests`) of its examples' ids in file order; ``verify`` recomputes it while they are all live."""
     from taft.data.examples import DatasetSplits
 
-    return DatasetSplits(ds, None, None)
+    return split_digests(DatasetSplits(SimpleNamespace(ids=list(ids)), None, None))["train"]
 
 
 def _skip_text(skipped: dict[str, int]) -> str:
