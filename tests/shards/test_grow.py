@@ -161,10 +161,12 @@ def test_cli_add_export_import(store, other, tmp_path, capsys):
 # -- packages ---------------------------------------------------------------------------------------------------------
 @pytest.fixture()
 def other(data, tmp_path) -> Path:
-    """A second store of the same setting (w0, options, classes) on other data."""
+    """A second store of the same setting (w0, options, classes) on other data, tested on other examples too (a
+    shard trained on a store's test examples is refused)."""
     d = _write(tmp_path / "other.txt", OTHER)
+    t = _write(tmp_path / "other-test.txt", [f"{i % 3} a test line {i} of the other store" for i in range(24)])
     root = tmp_path / "other-store"
-    train_store(_cfg((d, data[1])), root, 2, progress=False)
+    train_store(_cfg((d, t)), root, 2, progress=False)
     return root
 
 
@@ -193,6 +195,25 @@ def test_export_then_import_round_trips_bitwise(store, other, tmp_path):
     # the forgotten example cannot come back in another copy of that shard
     with pytest.raises(StoreError, match="forgotten here"):
         import_shard(other, pkg)
+
+
+def test_import_refuses_a_shard_trained_on_the_stores_held_out_examples(store, data, tmp_path, capsys):
+    """Like `add`, `import` never lets the store train on an example it is evaluated on: a donor shard trained on
+    this store's validation examples (same content, the donor's own `train:` ids) is refused whole, with the fix."""
+    with ShardStore(store) as st:
+        train_ids = {i for (i,) in st.db.execute("SELECT id FROM examples")}
+    by_id = {read_text_file(_write(tmp_path / "one.txt", [line]), split="train", num_classes=3).ids[0]: line
+             for line in LINES}
+    held = [line for i, line in by_id.items() if i not in train_ids]  # the store's validation split
+    assert held
+    donor = tmp_path / "donor"
+    train_store(_cfg((_write(tmp_path / "donor.txt", OTHER[:30] + held), data[1])), donor, 1, progress=False)
+    with ShardStore(donor) as st:
+        assert {i for i in st.live_ids(0) if by_id.get(i) in held}  # the donor trained on some of them
+    export_shard(donor, 0, tmp_path / "pkg")
+    err = _refused(["shards", "import", str(tmp_path / "pkg"), "--store", str(store)], capsys)
+    assert "validation or test split" in err and "nothing was imported" in err and "export the shard again" in err
+    assert [r["shard"] for r in status(store)["shards"]] == [0, 1, 2] and verify(store)["ok"]
 
 
 def _refused(args: list[str], capsys) -> str:
@@ -275,6 +296,76 @@ def test_a_shard_without_ids_can_only_be_dropped_whole(store, other, tmp_path, c
     with ShardStore(other) as b:
         assert b.shard_row(2)["status"] == "dropped" and not (other / "shards" / "shard-0002-g1.safetensors").exists()
     assert verify(other)["ok"]
+
+
+# -- one way to make a shard live -------------------------------------------------------------------------------------
+def test_every_request_makes_a_shard_live_through_one_helper(grown, other, tmp_path):
+    """train, a forget's retrain, add and import make a shard live (its row and its `shard` audit record) through
+    one helper, so no request writes a row that verify and the privacy history read differently."""
+    import ast
+    import re
+
+    import taft.shards
+
+    writers = set()
+    for path in sorted(Path(taft.shards.__file__).parent.glob("*.py")):
+        for fn in ast.walk(ast.parse(path.read_text())):
+            if isinstance(fn, ast.FunctionDef):
+                writers |= {f"{path.stem}.{fn.name}" for node in ast.walk(fn)
+                            if isinstance(node, ast.Constant) and isinstance(node.value, str)
+                            and re.search(r"\b(INSERT|UPDATE)\b.*\bshards\b.*'live'", node.value, re.S)}
+    assert writers == {"common._live_shard"}
+    with ShardStore(grown) as st:
+        victim = st.live_ids(1)[0]
+    forget(grown, [victim], retrain=True)  # shard 1's generation 2
+    export_shard(grown, 3, tmp_path / "pkg")
+    import_shard(other, tmp_path / "pkg")
+    for root in (grown, other):
+        with ShardStore(root) as st:
+            records = {}
+            for a in st.audit_rows():
+                if a["outcome"] == "shard":
+                    records[json.loads(a["detail"])["shard"]] = (a["request"], json.loads(a["detail"]))
+            for r in st.shard_rows():
+                request, rec = records[r["shard"]]
+                assert r["trained_in"] == request and rec == {
+                    "shard": r["shard"], "file": r["file"], "sha256": r["sha256"], "examples": r["examples"],
+                    "generation": r["generation"], "privacy": json.loads(r["privacy"]) if r["privacy"] else None}
+    with ShardStore(grown) as st:
+        assert st.shard_row(1)["generation"] == 2 and st.shard_row(3)["generation"] == 1
+
+
+def test_verify_cross_checks_the_data_sources(grown, other, tmp_path):
+    """verify proves the recorded data sources against the manifest: each has its content hash, its examples and
+    request, every shard one source, an imported shard the package's file; a changed list is reported with the fix."""
+    export_shard(grown, 3, tmp_path / "pkg")
+    import_shard(other, tmp_path / "pkg")
+
+    def report(root: Path, edit) -> list[str]:
+        with ShardStore(root) as st:
+            sources = st.get_meta("data_sources")
+            with st.transaction() as db:
+                st.set_meta(db, "data_sources", edit(json.loads(json.dumps(sources))))
+        problems = verify(root)["problems"]
+        with ShardStore(root) as st, st.transaction() as db:
+            st.set_meta(db, "data_sources", sources)
+        assert all("restore the store from a backup" in p and "\n" not in p for p in problems), problems
+        return problems
+
+    def set_key(n: int, key: str, value):
+        return lambda sources: [*sources[:n], {**sources[n], key: value}, *sources[n + 1:]]
+
+    assert [s["kind"] for s in status(grown)["data_sources"]] == ["train", "add"]
+    assert any("has no content hash (train)" in p
+               for p in report(grown, lambda ss: [ss[0], {k: v for k, v in ss[1].items() if k != "train"}]))
+    assert any("do not hash to the digest" in p for p in report(grown, set_key(1, "train", "0" * 64)))
+    assert any("records 46 examples" in p for p in report(grown, set_key(1, "examples", 46)))
+    assert any("no matching record" in p for p in report(grown, set_key(1, "request", 1)))
+    assert any("not the store's training data digest" in p for p in report(grown, set_key(0, "train", "1" * 64)))
+    assert any("[3, 4] come from no recorded data source" in p for p in report(grown, lambda ss: ss[:1]))
+    assert any("listed by data sources 0 and 1" in p for p in report(grown, set_key(1, "shards", [2, 3, 4])))
+    assert any("not the package" in p for p in report(other, set_key(1, "package_sha256", "2" * 64)))
+    assert verify(grown)["ok"] and verify(other)["ok"]
 
 
 # -- privacy ----------------------------------------------------------------------------------------------------------

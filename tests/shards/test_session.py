@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from taft.checkpoint import read_delta
-from taft.shards import ShardSession, ShardStore, ShardTrainer, forget, verify
+from taft.shards import ShardSession, ShardStore, ShardTrainer, forget, train_store, verify
 from taft.shards.common import _read_features
 from taft.train.cache import FeatureCache
 
@@ -69,6 +69,44 @@ def test_session_does_not_rebuild_w0_or_reread_shards(store, monkeypatch):
     session.forget([_ids(store, 2)[0]], retrain=True)
     # only the retrained shard's new file is read (once, for its metadata), and the composed folder's check in verify
     assert reads == ["shard-0002-g2.safetensors"], reads
+
+
+def test_session_add_and_import_then_forget_equal_one_shot_requests_bitwise(store, data, tmp_path, monkeypatch):
+    """Growth in a session: its new shards and features are kept in memory, w0 is not rebuilt, and the store ends
+    bitwise as the one-shot requests leave it, through a forget of an added and of an imported example."""
+    from taft.shards.grow import add_data, export_shard, import_shard
+
+    from .helpers import _cfg
+    from .test_grow import NEW, OTHER, _write
+
+    other = tmp_path / "other"
+    shutil.copytree(store, other)
+    new = _write(tmp_path / "new.txt", NEW)
+    donor = tmp_path / "donor"
+    train_store(_cfg((_write(tmp_path / "donor.txt", OTHER), data[1])), donor, 2, progress=False)
+    export_shard(donor, 1, tmp_path / "pkg")
+    session = ShardSession(store)
+    with monkeypatch.context() as m:
+        m.setattr(ShardTrainer, "from_config", classmethod(lambda cls, *a, **k: pytest.fail("rebuilt w0")))
+        assert session.add(new, num_shards=2)["shards"] == [3, 4]
+        with ShardStore(store) as st:  # the new shards' Δw and features are in memory
+            feats, rows = st.feature_rows(), {r["shard"]: r for r in st.shard_rows()}
+        assert {(feats[k]["file"], feats[k]["sha256"]) for k in (3, 4)} <= set(session.loaded.features)
+        assert {(rows[k]["file"], rows[k]["sha256"]) for k in (3, 4)} <= set(session.loaded.deltas)
+        added = _ids(store, 4)[0]
+        session.forget([added], retrain=True)
+        assert session.import_shard(tmp_path / "pkg")["shard"] == 5
+        imported = _ids(store, 5)[0]
+        session.forget([imported])
+    add_data(other, new, num_shards=2)
+    forget(other, [added], retrain=True)
+    import_shard(other, tmp_path / "pkg")
+    forget(other, [imported])
+    assert _same(_state(store), _state(other))
+    with ShardStore(store) as st:
+        live = {(r["file"], r["sha256"]) for r in st.shard_rows() if r["status"] == "live"}
+    assert set(session.loaded.deltas) <= live  # nothing stale kept
+    assert verify(store)["ok"]
 
 
 def test_session_reads_again_what_another_process_changed(store, tmp_path):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -89,6 +90,20 @@ def _write_shard_features(store: ShardStore, features: FeatureCache, ids_of: dic
         publish(tmp, paths[k])
         out[k] = (paths[k], sha256_file(paths[k]), gens[k])
     return out
+
+
+def _live_shard(store: ShardStore, db, shard: int, path: Path, sha: str, *, examples: int, ids_sha256: str,
+                generation: int, privacy: dict | None, val_acc: float | None, train_s: float | None) -> None:
+    """Inside the caller's transaction: shard ``shard`` is live with the file ``path`` (written, settled here) and
+    its ``shard`` audit row, the one ``verify`` and the privacy history read. Every column of the row is written, so
+    a shard that awaited training (``train``, a forget's retrain) and a new one (``add``, ``import``) end alike."""
+    db.execute("INSERT OR REPLACE INTO shards (shard, status, file, sha256, examples, generation, val_acc, train_s, "
+               "trained_in, ids_sha256, privacy) VALUES (?, 'live', ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+               (shard, store.rel(path), sha, examples, generation, val_acc, train_s, store.request, ids_sha256,
+                json.dumps(privacy) if privacy else None))
+    store.settle(db, path, atomic_tmp(path))
+    store.record(db, "shard", {"shard": shard, "file": store.rel(path), "sha256": sha, "examples": examples,
+                               "generation": generation, "privacy": privacy})
 
 
 def _register_features(store: ShardStore, db, written: dict[int, tuple[Path, str, int]]) -> None:

@@ -6,12 +6,13 @@ w0, compose them) or resume one; the shard-training backends (sequential, batche
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from torch import Tensor
 
 from taft.checkpoint import delta_metadata, fingerprints, read_delta, write_delta
 from taft.config import ConfigError, TrainConfig
@@ -19,6 +20,7 @@ from taft.data.examples import split_digests
 from taft.data.shards import assign_shards, shard_jobs
 from taft.shards.common import (
     Loaded,
+    _live_shard,
     _register_features,
     _same_setting,
     _store_config,
@@ -46,19 +48,14 @@ def _write_shard(path: Path, model: ShardModel, meta: dict[str, str], ids: Seque
 
 def _register_shard(store: ShardStore, model: ShardModel, path: Path, sha: str, ids: Sequence[str],
                     generation: int) -> None:
-    """The shard's file is in place: make it live in one transaction (with its audit row)."""
+    """The shard's file is in place: make it live in its own transaction (one per shard, so a long run keeps what
+    it trained), the composition marked out of date."""
     if sha256_file(path) != sha:
         raise StoreError(f"{path} changed while it was registered (SHA-256 differs); run the request again")
     with store.transaction() as db:
-        privacy = json.dumps(model.privacy) if model.privacy else None
-        db.execute("UPDATE shards SET status = 'live', file = ?, sha256 = ?, examples = ?, generation = ?, "
-                   "val_acc = ?, train_s = ?, trained_in = ?, ids_sha256 = ?, privacy = ? WHERE shard = ?",
-                   (store.rel(path), sha, len(ids), generation, model.val_acc, model.train_s, store.request,
-                    ids_digest(ids), privacy, model.shard))
-        store.settle(db, path, atomic_tmp(path))
+        _live_shard(store, db, model.shard, path, sha, examples=len(ids), ids_sha256=ids_digest(ids),
+                    generation=generation, privacy=model.privacy, val_acc=model.val_acc, train_s=model.train_s)
         store.set_meta(db, "dirty", True)  # the composition no longer matches the live shards
-        store.record(db, "shard", {"shard": model.shard, "file": store.rel(path), "sha256": sha, "examples": len(ids),
-                                   "generation": generation, "privacy": model.privacy})
 
 
 def _train_jobs(store: ShardStore, trainer: ShardTrainer, jobs: list[tuple[int, list[str]]], backend: str,
@@ -67,9 +64,7 @@ def _train_jobs(store: ShardStore, trainer: ShardTrainer, jobs: list[tuple[int, 
     """Train ``jobs`` (shard, live ids) with ``backend`` and register each shard as it finishes."""
     if not jobs:
         return
-    meta = (loaded.meta if loaded is not None and loaded.meta else None) or delta_metadata(trainer.template)
-    if loaded is not None:
-        loaded.meta = meta
+    meta = _shard_meta(trainer, loaded)
     gens = {k: (store.shard_row(k)["generation"] or 0) + 1 for k, _ in jobs}
     paths = {k: store.shard_file(k, gens[k]) for k, _ in jobs}
     ids_of = dict(jobs)
@@ -87,8 +82,22 @@ def _train_jobs(store: ShardStore, trainer: ShardTrainer, jobs: list[tuple[int, 
     for model in models:
         sha = _write_shard(paths[model.shard], model, meta, ids_of[model.shard])
         _register_shard(store, model, paths[model.shard], sha, ids_of[model.shard], gens[model.shard])
-        if loaded is not None:  # the Δw just written (the file's metadata as read_delta gives it: read once)
-            loaded.deltas[(store.rel(paths[model.shard]), sha)] = (model.delta, read_delta(paths[model.shard])[1])
+        _keep_delta(store, loaded, paths[model.shard], sha, model.delta)
+
+
+def _shard_meta(trainer: ShardTrainer, loaded: Loaded | None = None) -> dict[str, str]:
+    """The metadata every shard file of the store carries (w0's fingerprints: hashing w0 once per process when
+    ``loaded``)."""
+    meta = (loaded.meta if loaded is not None and loaded.meta else None) or delta_metadata(trainer.template)
+    if loaded is not None:
+        loaded.meta = meta
+    return meta
+
+
+def _keep_delta(store: ShardStore, loaded: Loaded | None, path: Path, sha: str, delta: dict[str, Tensor]) -> None:
+    """A long-lived process keeps the Δw it just wrote (the file's metadata as read_delta gives it: read once)."""
+    if loaded is not None:
+        loaded.deltas[(store.rel(path), sha)] = (delta, read_delta(path)[1])
 
 
 def _ray_task(cfg, clf, features, labels, val_features, val_labels, shard, ids, path, meta):

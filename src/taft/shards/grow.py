@@ -10,7 +10,8 @@ shard for shard, the models of a store trained on A ∪ B with that assignment (
 **A package** (``export``) is a folder: ``delta.safetensors`` (the shard file, byte for byte), ``ids.json`` (its
 example ids, unless ``--no-ids``: then only their count and SHA-256) and ``manifest.json`` (w0's fingerprint, the
 training setting, the classes, the privacy record and the SHA-256 of every file). No pickle. ``import`` accepts it
-into another store only if w0, setting and classes match and every hash holds; an imported shard has no training
+into another store only if w0, setting and classes match, every hash holds and (ids disclosed) none of its examples
+is one ``add`` would skip; an imported shard has no training
 features here, so it is never retrained: forgetting one of its examples drops it, and a shard whose ids were not
 disclosed can only be dropped as a whole (:func:`drop_shard`).
 
@@ -27,26 +28,30 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from taft._version import __version__ as taft_version
-from taft.checkpoint import CheckpointError, delta_metadata, fingerprints, fsync_dir, fsync_file, read_delta
+from taft.checkpoint import CheckpointError, fsync_dir, fsync_file, read_delta
 from taft.config import ConfigError, TrainConfig
-from taft.data.examples import split_digests
+from taft.data.examples import check_digests, split_digests
 from taft.data.shards import shard_jobs
 from taft.shards.common import (
     _RUN_ONLY,
+    Loaded,
+    _live_shard,
     _register_features,
     _store_config,
+    _trainer_for,
     _withdraw_composed,
     _write_shard_features,
-    check_data,
     ids_digest,
     load_shard,
 )
 from taft.shards.composition import _begin, _compose, _remove_composed
-from taft.shards.create import BACKENDS, _train_ray, _write_shard, check_num_shards
+from taft.shards.create import BACKENDS, _keep_delta, _shard_meta, _train_ray, _write_shard, check_num_shards
 from taft.shards.store import ShardStore, StoreError, atomic_tmp, publish
 from taft.shards.training import ShardTrainer, check_backend
 from taft.train.cache import FeatureCache
@@ -72,11 +77,7 @@ def _classes(store: ShardStore, splits=None) -> dict[str, Any]:
     if known is not None:
         return known
     cfg = _store_config(store)
-    if splits is None:
-        from taft.data.text import load_text_dataset
-
-        splits = load_text_dataset(cfg.data, cfg.test_file, root=cfg.data_root, seed=cfg.seed,
-                                   num_classes=cfg.num_classes)
+    splits = splits if splits is not None else _store_splits(store)
     from taft.data.text import SENTENCE_TASKS
     from taft.train.pipeline import class_name_list
 
@@ -85,6 +86,33 @@ def _classes(store: ShardStore, splits=None) -> dict[str, Any]:
         or (list(splits.train.class_names) if splits.train.class_names else None)
     return {"num_classes": splits.train.num_classes, "names": names,
             "labels": list(splits.train.class_names) if splits.train.class_names else None}
+
+
+def _store_splits(store: ShardStore):
+    """The store's text data (train, validation, test) read again, without loading its model."""
+    from taft.data.text import load_text_dataset
+
+    cfg = _store_config(store)
+    return load_text_dataset(cfg.data, cfg.test_file, root=cfg.data_root, seed=cfg.seed, num_classes=cfg.num_classes)
+
+
+def _refusal(store: ShardStore, splits) -> Callable[[str], str | None]:
+    """Why the store must not train on the example with id ``i``: ``in_store`` (it holds it: shards are disjoint),
+    ``forgotten`` (recognized by its tombstone: it never comes back) or ``held_out`` (in its validation or test split,
+    by content whatever the split's id prefix: they measure the store), else None. ``splits``: the store's data,
+    checked here against the content hashes it was made with (held-out ids from other files would let test examples
+    in)."""
+    check_digests(store.get_meta("data_digest"), splits, ["val", "test"], what=f"the store {store.root}",
+                  spec=_store_config(store).data)
+    in_store = {i for (i,) in store.db.execute("SELECT id FROM examples WHERE forgotten_in IS NULL")}
+    stones = set(store.forgotten_ids())
+    held_out = {i.split(":", 1)[-1] for ds in (splits.val, splits.test) if ds is not None for i in ds.ids}
+
+    def why(i: str) -> str | None:
+        return ("in_store" if i in in_store else "forgotten" if store.tombstone(i) in stones
+                else "held_out" if i.split(":", 1)[-1] in held_out else None)
+
+    return why
 
 
 def _sources(store: ShardStore) -> list[dict[str, Any]]:
@@ -103,29 +131,17 @@ def _next_shard(store: ShardStore) -> int:
     return max((r["shard"] for r in store.shard_rows()), default=-1) + 1
 
 
-def _shard_record(store: ShardStore, db, k: int, path: Path, sha: str, examples: int, ids_sha: str,
-                  privacy: dict | None, val_acc: float | None, train_s: float | None) -> None:
-    """Inside the request's transaction: shard ``k`` is live with ``path``, and its ``shard`` audit row (the one
-    ``verify`` and the privacy history read)."""
-    db.execute("INSERT INTO shards (shard, status, file, sha256, examples, generation, val_acc, train_s, trained_in, "
-               "ids_sha256, privacy) VALUES (?, 'live', ?, ?, ?, 1, ?, ?, ?, ?, ?)",
-               (k, store.rel(path), sha, examples, val_acc, train_s, store.request, ids_sha,
-                json.dumps(privacy) if privacy else None))
-    store.settle(db, path, atomic_tmp(path))
-    store.record(db, "shard", {"shard": k, "file": store.rel(path), "sha256": sha, "examples": examples,
-                               "generation": 1, "privacy": privacy})
-
-
 # -- add ----------------------------------------------------------------------------------------------------------
 def add_data(store_dir: str | Path, data: str | Path, *, num_shards: int | None = None, backend: str = "sequential",
              strict: bool = False, progress: bool = False, ray_address: str | None = None,
-             chunk: int | None = None) -> dict[str, Any]:
+             chunk: int | None = None, loaded: Loaded | None = None) -> dict[str, Any]:
     """Train new shards on the examples of ``data`` (a .txt/.csv/.jsonl file, every row a training example) that the
     store has not seen, from its w0 and configuration, and recompose (the store's weights rule; size at first).
 
     ``num_shards``: how many new shards (default: as many as keep the store's mean live shard size). Examples
     already in the store, in its validation or test split, or forgotten earlier are skipped and counted
-    (``strict``: refused instead)."""
+    (``strict``: refused instead). ``loaded``: w0, the validation features and the shards a long-lived process
+    keeps (:class:`ShardSession`); the new shards' Δw and features join them."""
     if backend not in BACKENDS:
         raise ConfigError(f"--backend {backend}: use one of {', '.join(BACKENDS)}")
     path = Path(data).expanduser().absolute()
@@ -137,14 +153,13 @@ def add_data(store_dir: str | Path, data: str | Path, *, num_shards: int | None 
         if store.get_meta("config") is None:
             raise StoreError(f"the store {store.root} was never completely created; run `taft shards train` again "
                              f"with the same options first")
-        _begin(store)
+        _begin(store, loaded)
         cfg = _store_config(store)
         check_backend(cfg, backend)
-        base = ShardTrainer.from_config(cfg, progress=progress, features=FeatureCache([], ids=[]), labels={})
-        check_data(store, base, ["val"])
-        if fingerprints(base.template)["all"] != store.get_meta("base_fingerprint"):
-            raise StoreError(f"the model {cfg.model!r} loaded here differs from the one the store {store.root} was "
-                             f"trained from (w0 fingerprint); load the same weights")
+        # w0, the validation features and the data pipeline (its train features are the new examples'), checked
+        # against the store once per process
+        base = (loaded.trainer if loaded is not None and loaded.trainer is not None
+                else _trainer_for(store, cfg, progress, features=FeatureCache([], ids=[]), loaded=loaded))
         classes = _classes(store, base.prep.splits)
         new, skipped = _new_examples(store, base, path, classes)
         if strict and any(skipped.values()):
@@ -166,20 +181,21 @@ def add_data(store_dir: str | Path, data: str | Path, *, num_shards: int | None 
         groups = dict(shard_jobs(new.ids, n_new, cfg.seed))
         jobs = [(first + j, groups[j]) for j in sorted(groups)]
         written = _write_shard_features(store, feats, dict(jobs), {})
-        models = _train_new(store, trainer, jobs, backend, progress=progress, ray_address=ray_address, chunk=chunk)
+        models = _train_new(store, trainer, jobs, backend, progress=progress, ray_address=ray_address, chunk=chunk,
+                            loaded=loaded)
         train_s = time.perf_counter() - t0
         ids_of = dict(jobs)
         position = store.db.execute("SELECT COALESCE(MAX(position), -1) + 1 FROM examples").fetchone()[0]
         shard_of = {i: k for k, ids in jobs for i in ids}
-        source = {"kind": "add", "data": str(path), "train": split_digests(_as_splits(new))["train"],
+        source = {"kind": "add", "data": str(path), "train": source_digest(new.ids),
                   "examples": len(new), "shards": [first + j for j in range(n_new)], "request": store.request}
         with store.transaction() as db:
             db.executemany("INSERT INTO examples (id, shard, position, label) VALUES (?, ?, ?, ?)",
                            [(i, shard_of[i], position + p, y) for p, (i, y) in
                             enumerate(zip(new.ids, new.labels.tolist(), strict=True))])
             for k, (model, shard_path, sha) in models.items():
-                _shard_record(store, db, k, shard_path, sha, len(ids_of[k]), ids_digest(ids_of[k]),
-                              model.privacy, model.val_acc, model.train_s)
+                _live_shard(store, db, k, shard_path, sha, examples=len(ids_of[k]), ids_sha256=ids_digest(ids_of[k]),
+                            generation=1, privacy=model.privacy, val_acc=model.val_acc, train_s=model.train_s)
             db.executemany("INSERT INTO shards (shard, status, examples, generation) VALUES (?, 'empty', 0, 0)",
                            [(first + j,) for j in range(n_new) if j not in groups])
             _register_features(store, db, written)
@@ -190,7 +206,11 @@ def add_data(store_dir: str | Path, data: str | Path, *, num_shards: int | None 
             store.set_meta(db, "classes", classes)
             store.set_meta(db, "dirty", True)
             store.record(db, "added", {"examples": len(new), "shards": [k for k, _ in jobs], "skipped": skipped})
-        composed = _compose(store)
+        if loaded is not None:
+            loaded.keep_features(store, {k: feats.subset(list(ids)) for k, ids in jobs})
+            for model, shard_path, sha in models.values():
+                _keep_delta(store, loaded, shard_path, sha, model.delta)
+        composed = _compose(store, loaded=loaded)
         out = {"added": len(new), "skipped": skipped, "shards": [k for k, _ in jobs],
                "empty_shards": [first + j for j in range(n_new) if j not in groups], "train_s": train_s,
                "composed": composed}
@@ -199,10 +219,12 @@ def add_data(store_dir: str | Path, data: str | Path, *, num_shards: int | None 
         return out
 
 
-def _as_splits(ds):
+def source_digest(ids: Sequence[str]) -> str:
+    """The content hash a data source records (meta ``data_sources``): the training-split digest
+    (:func:`split_digests`) of its examples' ids in file order; ``verify`` recomputes it while they are all live."""
     from taft.data.examples import DatasetSplits
 
-    return DatasetSplits(ds, None, None)
+    return split_digests(DatasetSplits(SimpleNamespace(ids=list(ids)), None, None))["train"]
 
 
 def _skip_text(skipped: dict[str, int]) -> str:
@@ -220,15 +242,11 @@ def _new_examples(store: ShardStore, base: ShardTrainer, path: Path, classes: di
     if ds.num_classes != classes["num_classes"]:
         raise StoreError(f"--data {path} has {ds.num_classes} classes, the store {classes['num_classes']}; add "
                          f"examples of the store's classes only")
-    in_store = {i for (i,) in store.db.execute("SELECT id FROM examples WHERE forgotten_in IS NULL")}
-    stones = set(store.forgotten_ids())
-    splits = base.prep.splits  # (held out: by content, whatever the split's id prefix)
-    held_out = {i.split(":", 1)[-1] for ds_ in (splits.val, splits.test) if ds_ is not None for i in ds_.ids}
+    refusal = _refusal(store, base.prep.splits)
     keep = []
     skipped = {"in_store": 0, "forgotten": 0, "held_out": 0}
     for p, i in enumerate(ds.ids):  # (ids are unique in a file: the k-th repeat of a sentence is its own example)
-        why = ("in_store" if i in in_store else "forgotten" if store.tombstone(i) in stones
-               else "held_out" if i.split(":", 1)[-1] in held_out else None)
+        why = refusal(i)
         if why:
             skipped[why] += 1
         else:
@@ -244,10 +262,11 @@ def _default_shards(store: ShardStore, examples: int) -> int:
 
 
 def _train_new(store: ShardStore, trainer: ShardTrainer, jobs: list[tuple[int, list[str]]], backend: str, *,
-               progress: bool, ray_address: str | None, chunk: int | None) -> dict[int, tuple[Any, Path, str]]:
+               progress: bool, ray_address: str | None, chunk: int | None,
+               loaded: Loaded | None = None) -> dict[int, tuple[Any, Path, str]]:
     """Train ``jobs`` and write each shard's file (pending: nothing is registered here). Returns
     ``{shard: (model, path, sha256)}``."""
-    meta = delta_metadata(trainer.template)
+    meta = _shard_meta(trainer, loaded)
     paths = {k: store.shard_file(k, 1) for k, _ in jobs}
     ids_of = dict(jobs)
     store.add_pending(*paths.values(), *(atomic_tmp(p) for p in paths.values()))
@@ -369,32 +388,32 @@ def read_package(package: str | Path) -> tuple[dict[str, Any], list[str] | None,
     return manifest, ids, pkg
 
 
-def import_shard(store_dir: str | Path, package: str | Path) -> dict[str, Any]:
+def import_shard(store_dir: str | Path, package: str | Path, *, loaded: Loaded | None = None) -> dict[str, Any]:
     """Accept a package (:func:`export_shard`) as a new live shard of this store and recompose. Refused, with the
     reason, unless every hash holds and its classes, w0 and setting are this store's; a shard holding an example
-    that is in this store, or was forgotten here, is refused too (the shards would not be disjoint, or a forgotten
-    example would come back)."""
+    that is in this store, was forgotten here or is in its validation or test split is refused too (the shards would
+    not be disjoint, a forgotten example would come back, or the store would be measured on what it trained on).
+    ``loaded``: what a long-lived process keeps (:class:`ShardSession`)."""
     manifest, ids, pkg = read_package(package)
     with ShardStore(store_dir) as store, store.writing("import", {"package": str(pkg), "ids": manifest["ids"]}):
         if store.get_meta("config") is None:
             raise StoreError(f"the store {store.root} was never completely created; run `taft shards train` first")
-        _begin(store)
-        _check_compatible(store, manifest, pkg)
+        _begin(store, loaded)
+        splits = _store_splits(store) if ids is not None else None
+        _check_compatible(store, manifest, pkg, splits)
         delta_sha = manifest["files"]["delta.safetensors"]
         dup = [r["shard"] for r in store.shard_rows() if r["sha256"] == delta_sha]
         if dup:
             raise StoreError(f"{pkg} is already in this store (shard {dup[0]}); nothing was imported")
-        if ids is not None:
-            in_store = {i for (i,) in store.db.execute("SELECT id FROM examples WHERE forgotten_in IS NULL")}
-            stones = set(store.forgotten_ids())
-            both = sum(i in in_store for i in ids)
-            gone = sum(store.tombstone(i) in stones for i in ids)
-            if both or gone:
-                raise StoreError(
-                    f"{pkg}: its shard was trained on " + " and ".join(
-                        x for x in (f"{both} example(s) this store already holds (shards must be disjoint)" if both
-                                    else "", f"{gone} example(s) forgotten here (they must not come back)" if gone
-                                    else "") if x)
+        if ids is not None:  # the examples `add` would skip refuse the whole shard (it cannot be split here)
+            refusal = _refusal(store, splits)
+            found = {why: 0 for why in _IMPORT_REFUSALS}
+            for i in ids:
+                if (why := refusal(i)) is not None:
+                    found[why] += 1
+            if any(found.values()):
+                raise StoreError(f"{pkg}: its shard was trained on " + " and ".join(
+                    f"{n} {_IMPORT_REFUSALS[why]}" for why, n in found.items() if n)
                     + "; nothing was imported. Ask the exporter to forget them and export the shard again")
         k = _next_shard(store)
         path = store.shard_file(k, 1)
@@ -412,8 +431,8 @@ def import_shard(store_dir: str | Path, package: str | Path) -> dict[str, Any]:
             if ids is not None:  # label -1: an imported example's label is not known here (its features neither)
                 db.executemany("INSERT INTO examples (id, shard, position, label) VALUES (?, ?, ?, -1)",
                                [(i, k, position + p) for p, i in enumerate(ids)])
-            _shard_record(store, db, k, path, delta_sha, shard["examples"], shard["ids_sha256"], shard["privacy"],
-                          None, None)
+            _live_shard(store, db, k, path, delta_sha, examples=shard["examples"], ids_sha256=shard["ids_sha256"],
+                        generation=1, privacy=shard["privacy"], val_acc=None, train_s=None)
             origins = {str(j): v for j, v in store.origins().items()}
             origins[str(k)] = {"kind": "imported", "request": store.request, "ids": ids is not None,
                                "package_sha256": delta_sha}
@@ -421,7 +440,7 @@ def import_shard(store_dir: str | Path, package: str | Path) -> dict[str, Any]:
             store.set_meta(db, "data_sources", [*_sources(store), source])
             store.set_meta(db, "dirty", True)
             store.record(db, "imported", {"shard": k, "examples": shard["examples"], "ids": manifest["ids"]})
-        composed = _compose(store)
+        composed = _compose(store, loaded=loaded)
         out = {"shard": k, "examples": shard["examples"], "ids": manifest["ids"], "privacy": shard["privacy"],
                "composed": composed}
         with store.transaction() as db:
@@ -429,8 +448,14 @@ def import_shard(store_dir: str | Path, package: str | Path) -> dict[str, Any]:
         return out
 
 
-def _check_compatible(store: ShardStore, manifest: dict[str, Any], pkg: Path) -> None:
-    mine = _classes(store)
+_IMPORT_REFUSALS = {"in_store": "example(s) this store already holds (shards must be disjoint)",
+                    "forgotten": "example(s) forgotten here (they must not come back)",
+                    "held_out": "example(s) of this store's validation or test split (they measure it: it must "
+                                "never train on them)"}
+
+
+def _check_compatible(store: ShardStore, manifest: dict[str, Any], pkg: Path, splits=None) -> None:
+    mine = _classes(store, splits)
     theirs = manifest.get("classes") or {}
     if theirs.get("num_classes") != mine["num_classes"] or theirs.get("names") != mine["names"]:
         raise StoreError(f"{pkg}: its classes ({theirs.get('num_classes')}: {theirs.get('names')}) are not this "

@@ -18,6 +18,7 @@ from typing import Any
 
 from taft.shards.common import Loaded, _store_config, _trainer_for, load_shard
 from taft.shards.composition import compose
+from taft.shards.grow import add_data, import_shard
 from taft.shards.removal import forget
 from taft.shards.store import ShardStore
 
@@ -26,6 +27,7 @@ class ShardSession:
     """Open ``store_dir`` for a long-lived process; ``warm`` loads w0, the features and every live shard now.
 
     >>> session = ShardSession("stores/trec")              # doctest: +SKIP
+    >>> session.add("new-examples.txt")                     # doctest: +SKIP
     >>> session.forget(["3f2a…"], retrain=True)            # doctest: +SKIP
     """
 
@@ -55,6 +57,23 @@ class ShardSession:
         """:func:`taft.shards.forget` with what this process has loaded."""
         try:
             return forget(self.root, ids, retrain=retrain, progress=self.progress, loaded=self.loaded)
+        finally:
+            self._prune()
+
+    def add(self, data: str | Path, *, num_shards: int | None = None, backend: str = "sequential",
+            strict: bool = False) -> dict[str, Any]:
+        """:func:`taft.shards.grow.add_data` with w0 and the validation features in memory; the new shards' Δw and
+        features are kept."""
+        try:
+            return add_data(self.root, data, num_shards=num_shards, backend=backend, strict=strict,
+                            progress=self.progress, loaded=self.loaded)
+        finally:
+            self._prune()
+
+    def import_shard(self, package: str | Path) -> dict[str, Any]:
+        """:func:`taft.shards.grow.import_shard`, recomposing from the shards in memory."""
+        try:
+            return import_shard(self.root, package, loaded=self.loaded)
         finally:
             self._prune()
 

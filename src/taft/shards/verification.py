@@ -12,6 +12,7 @@ import torch
 from taft.delta import weighted_average
 from taft.shards.common import _read_features, _stray_files, ids_digest, load_shard
 from taft.shards.composition import _begin, _weights, read_composed
+from taft.shards.grow import source_digest
 from taft.shards.store import TOMBSTONE, ShardStore, StoreError
 
 
@@ -73,6 +74,7 @@ def verify(store_dir: str | Path) -> dict[str, Any]:
         elif store.composed_dir.exists():
             problems.append("composed/ exists although no shard is live")
         problems += _check_audit(store, audit, forgotten)
+        problems += _check_sources(store, rows, audit)
         report = {"ok": not problems, "problems": problems,
                   "checked": {"shards": len(rows), "live": len(live), "forgotten": len(forgotten),
                               "audit_rows": len(audit), "composed": want}}
@@ -141,3 +143,64 @@ def _check_audit(store: ShardStore, audit: list[dict], forgotten: set[str]) -> l
     if logged - forgotten:
         problems.append(f"{len(logged - forgotten)} id(s) logged as forgotten are live in the manifest")
     return problems
+
+
+_SOURCE_HASHES = {"train": ("train",), "add": ("train",), "import": ("package_sha256", "ids_sha256")}
+
+
+def _check_sources(store: ShardStore, rows: list[dict[str, Any]], audit: list[dict]) -> list[str]:
+    """The data sources a grown store records (meta ``data_sources``: its first training set, every ``add`` and
+    ``import``): each carries its content hash and agrees with the manifest — every shard comes from exactly one
+    source, a source's example count is its shards' rows (forgotten ones included), its request logged it, an added
+    set's ids still hash to its digest while all are live, and a live imported shard is still the package's file."""
+    sources = store.get_meta("data_sources")
+    if sources is None:
+        return []  # never grown: its one training set is the data digest, checked whenever the data is read
+    fix = "the manifest was changed outside taft; restore the store from a backup"
+    by_shard = {r["shard"]: r for r in rows}
+    logged = {(a["request"], a["outcome"]): json.loads(a["detail"]) for a in audit
+              if a["outcome"] in ("added", "imported")}
+    problems, owner = [], {}
+    for n, src in enumerate(sources):
+        kind, shards = src.get("kind"), src.get("shards") or []
+        what = f"data source {n} ({kind}{' of ' + str(src['data']) if src.get('data') else ''})"
+        if kind not in _SOURCE_HASHES:
+            problems.append(f"{what}: unknown kind; {fix}")
+            continue
+        missing = [h for h in _SOURCE_HASHES[kind] if not _is_sha256(src.get(h))]
+        if missing:
+            problems.append(f"{what} has no content hash ({', '.join(missing)}); {fix}")
+        for k in shards:
+            if k in owner:
+                problems.append(f"shard {k} is listed by data sources {owner[k]} and {n}; {fix}")
+            elif k not in by_shard:
+                problems.append(f"{what} lists shard {k}, which the store does not have; {fix}")
+            owner.setdefault(k, n)
+        marks = ",".join("?" * len(shards))
+        ids = [i for (i,) in store.db.execute(f"SELECT id FROM examples WHERE shard IN ({marks}) ORDER BY position",
+                                              shards)]
+        if (kind != "import" or src.get("ids") == "disclosed") and len(ids) != src.get("examples"):
+            problems.append(f"{what} records {src.get('examples')} examples, its shards {shards} hold {len(ids)}; "
+                            f"{fix}")
+        if kind == "train" and src.get("train") != (store.get_meta("data_digest") or {}).get("train"):
+            problems.append(f"{what}: its content hash is not the store's training data digest; {fix}")
+        if kind == "add" and not any(i.startswith(TOMBSTONE) for i in ids) and source_digest(ids) != src.get("train"):
+            problems.append(f"{what}: its examples' ids do not hash to the digest it recorded; {fix}")
+        if kind in ("add", "import"):
+            record = logged.get((src.get("request"), "added" if kind == "add" else "imported"))
+            if record is None or record.get("examples") != src.get("examples"):
+                problems.append(f"{what} has no matching record of its request {src.get('request')} in the audit "
+                                f"log; {fix}")
+        row = by_shard.get(shards[0]) if kind == "import" and shards else None
+        if row is not None and row["status"] == "live" and (row["sha256"] != src.get("package_sha256")
+                                                            or row["ids_sha256"] != src.get("ids_sha256")):
+            problems.append(f"shard {row['shard']} is not the package {what} recorded (SHA-256 of its file or "
+                            f"ids); {fix}")
+    unlisted = sorted(set(by_shard) - set(owner))
+    if unlisted:
+        problems.append(f"shard(s) {unlisted} come from no recorded data source; {fix}")
+    return problems
+
+
+def _is_sha256(value: object) -> bool:
+    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
