@@ -72,4 +72,5 @@ def test_shard_defaults_benchmark_small(tmp_path):
         means = {lr: sum(r["val"][c["rule"]] for r in mine if r["lr"] == lr) / 2 for lr in (1e-3, 1e-2)}
         assert c["chosen_lr"] == max(sorted(means), key=lambda lr: means[lr]), name
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-    assert again.returncode == 0 and len((tmp_path / "shard_defaults-small" / "rows.jsonl").read_text().splitlines()) == 8
+    rows_file = tmp_path / "shard_defaults-small" / "rows.jsonl"
+    assert again.returncode == 0 and len(rows_file.read_text().splitlines()) == 8
