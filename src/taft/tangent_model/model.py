@@ -1,12 +1,10 @@
 """``TangentModel``: the first-order Taylor expansion of a pretrained model around w0.
 
-``f_lin(x; w0 + Δw) = f(x; w0) + J(x; w0)·Δw``, computed in one forward pass of closed-form rules.
+``f_lin(x; w0 + Δw) = f(x; w0) + J(x; w0)·Δw``, computed in one forward pass of closed-form rules, stage by stage.
+The weights it runs at (w0, Δw and their I/O) are :class:`~taft.tangent_model.weights.TangentWeights`.
 """
 
 from __future__ import annotations
-
-import copy
-from collections.abc import Mapping
 
 import torch
 from torch import Tensor, nn
@@ -15,20 +13,19 @@ import taft.models  # noqa: F401  (registers the built-in families and their rul
 import taft.rules  # noqa: F401  (registers the closed-form rules)
 from taft.engine.context import NonLinearContext, TangentContext
 from taft.engine.dual import Dual
-from taft.engine.family import Family, Stage, State, family_for, is_under
+from taft.engine.family import State, is_under
 from taft.errors import UnsupportedError
-from taft.scope import Scope, ScopeError, resolve_scope
-
-CLS_NAME = "taft.cls"
-
-
-def _key(name: str) -> str:
-    # ParameterDict keys cannot contain '.'; ':' never occurs in torch parameter names.
-    return name.replace(".", ":")
+from taft.scope import Scope
+from taft.tangent_model.weights import CLS_NAME, TangentWeights
 
 
-class TangentModel(nn.Module):
+class TangentModel(TangentWeights):
     """Wrap ``model`` so that only Δw (initialized to exactly 0) is trained, in the model's tangent space.
+
+    This class runs the network in stages with the tangent rules (:meth:`prefix`, :meth:`advance`, :meth:`suffix`,
+    :meth:`forward`); the weights it runs at — w0 and Δw, :meth:`delta_dict`, :meth:`w0_dict`, :meth:`load_delta`,
+    :meth:`base_params`, moves between devices and dtypes — come from its base class
+    :class:`~taft.tangent_model.weights.TangentWeights`, under the same names (``delta.*``, ``w0.*``).
 
     Args:
         model: any ``nn.Module``. Known families (HF BERT/RoBERTa/ViT/CLIP vision, timm ViT, open_clip ViT and
@@ -74,7 +71,6 @@ class TangentModel(nn.Module):
         master_dtype: torch.dtype | None = None,
         output: str = "full",
     ) -> None:
-        super().__init__()
         if output not in ("full", "linear-part"):
             raise ValueError(f"TangentModel(output={output!r}): expected 'full' or 'linear-part'")
         if output == "linear-part" and not linear:
@@ -82,120 +78,22 @@ class TangentModel(nn.Module):
                              "part J·Δw; a non-linear model's output is f(x; w0 + Δw)")
         if backward not in ("vjp", "tangent"):
             raise ValueError(f"TangentModel(backward={backward!r}): expected 'vjp' or 'tangent'")
-        if master_dtype is not None and not master_dtype.is_floating_point:
-            raise ValueError(f"TangentModel(master_dtype={master_dtype}): expected a floating dtype such as "
-                             "torch.float32")
-        self.master_dtype = master_dtype
-        # Not a registered submodule: ``tm.parameters()`` is Δw only (what optimizers, Opacus and checkpoints see)
-        # and ``state_dict`` holds Δw and w0; ``.to()`` / ``.train()`` still reach the base (see ``_apply``).
-        object.__setattr__(self, "base", model)
-        self.family: Family = family_for(model)
-        self.scope = Scope.parse(scope)
-        self.reinit = reinit
-        self.linearize_cls = linearize_cls
+        super().__init__(model, scope, reinit=reinit, linearize_cls=linearize_cls, seed=seed,
+                         master_dtype=master_dtype)
         self.backward = backward
         self.force_fallback = force_fallback
         self.linear = linear
         self.output = output
-        self.seed = seed
         self.fallback_modules: list[str] = []
 
         self._stages = self.family.stages()
-        named = list(model.named_parameters())
-        all_names = [n for n, _ in named]
-        used = [n for n in all_names if any(is_under(n, s.prefixes) for s in self._stages)]
-        frozen = frozenset(n for n, p in named if not p.requires_grad)
-        if len(frozen) == len(all_names):  # frozen wholesale (a common habit before wrapping): no information
-            frozen = frozenset()
-        self.linearized: list[str] = resolve_scope(self.scope, self.family, used, frozen)
-        lin_stages = [i for i, s in enumerate(self._stages) if any(is_under(n, s.prefixes) for n in self.linearized)]
+        lin_stages = [i for i, s in enumerate(self._stages)
+                      if any(is_under(n, s.prefixes) for n in self.linearized if n != CLS_NAME)]
         self.start = lin_stages[0]
-        lin_blocks = [i for i in lin_stages if self._stages[i].block]
-        reinit_blocks = [b for b in self.family.blocks() if any(is_under(n, b.prefixes) for n in self.linearized)]
-
-        w0 = self._initial_w0(model, reinit_blocks)
-        self.cls_stage: int | None = None
-        if linearize_cls:
-            if not lin_blocks:
-                raise ScopeError(
-                    f"linearize_cls=True needs a linearized block among the stages of the model's family "
-                    f"({self.family.arch}: none in scope {self.scope}); widen the scope, or use linearize_cls=False "
-                    "for models without a family"
-                )
-            self.cls_stage = lin_blocks[0]
-            w0[CLS_NAME] = self.family.cls_init().to(next(model.parameters()))
-            self.linearized.append(CLS_NAME)
-        self.w0 = nn.Module()
-        for n, t in w0.items():
-            self.w0.register_buffer(_key(n), t)
-        self.delta = nn.ParameterDict({_key(n): nn.Parameter(torch.zeros_like(w0[n], dtype=master_dtype))
-                                       for n in self.linearized})
-        # every value a forward uses that is not the base model's own parameter: a w0 buffer (w0 + Δw when
-        # non-linear); modules holding none of them run as themselves
-        self._replaced = frozenset(w0)
-
-    def _initial_w0(self, model: nn.Module, reinit_blocks: list[Stage]) -> dict[str, Tensor]:
-        """Frozen copies of the base values of linearized (and re-initialized: ``reinit_blocks``) parameters."""
-        params = dict(model.named_parameters())
-        w0: dict[str, Tensor] = {}
-        if self.reinit:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(self.seed)
-                for block in reinit_blocks:
-                    for prefix in block.prefixes:
-                        fresh = copy.deepcopy(model.get_submodule(prefix))
-                        self.family.reinit_module(fresh)
-                        for n, p in fresh.named_parameters():
-                            w0[f"{prefix}.{n}"] = p.detach().clone()
-        for n in self.linearized:
-            w0.setdefault(n, params[n].detach().clone())
-        return w0
-
-    # -- Δw as a name -> tensor dict --------------------------------------------------------------------
-    def delta_dict(self) -> dict[str, Tensor]:
-        """Δw keyed by the original parameter names (the trainable tensors themselves, not copies)."""
-        return {n: self.delta[_key(n)] for n in self.linearized}
-
-    def w0_dict(self) -> dict[str, Tensor]:
-        return {n: getattr(self.w0, _key(n)) for n in self.linearized}
-
-    @torch.no_grad()
-    def load_delta(self, delta: Mapping[str, Tensor]) -> None:
-        """Copy ``delta`` into Δw after checking names, shapes, dtype, device and finiteness."""
-        expected, given = set(self.linearized), set(delta)
-        if expected != given:
-            missing, extra = sorted(expected - given), sorted(given - expected)
-            raise ValueError(f"load_delta: names differ from the linearized scope; missing={missing} extra={extra}")
-        for n in self.linearized:
-            tgt, src = self.delta[_key(n)], delta[n]
-            if src.shape != tgt.shape:
-                raise ValueError(f"load_delta: {n!r} has shape {tuple(src.shape)}, expected {tuple(tgt.shape)}")
-            if src.dtype != tgt.dtype:
-                raise ValueError(
-                    f"load_delta: {n!r} has dtype {src.dtype}, the model is {tgt.dtype}; "
-                    f"convert one of them (tensor.to({tgt.dtype}) or model.to({src.dtype}))"
-                )
-            if src.device != tgt.device:
-                raise ValueError(f"load_delta: {n!r} is on {src.device}, the model on {tgt.device}; move it first")
-            if not torch.isfinite(src).all():
-                raise ValueError(f"load_delta: {n!r} contains NaN or inf; refusing to load it")
-        for n in self.linearized:
-            self.delta[_key(n)].copy_(delta[n])
+        # the fresh CLS token (if any) enters at the first linearized block (TangentWeights checked that there is one)
+        self.cls_stage: int | None = next(i for i in lin_stages if self._stages[i].block) if linearize_cls else None
 
     # -- forward ----------------------------------------------------------------------------------------
-    def base_params(self) -> dict[str, Tensor]:
-        """Every parameter at w0 (re-initialized values included, the fresh CLS token too), detached."""
-        params = {n: p.detach() for n, p in self.base.named_parameters()}
-        params.update({k.replace(":", "."): t for k, t in self.w0.named_buffers(recurse=False)})
-        return params
-
-    def _compute_deltas(self, params: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        """Δw in the dtype the forward runs in (a differentiable cast of the master copy when their dtypes differ)."""
-        out = self.delta_dict()
-        if self.master_dtype is not None:
-            out = {n: d if d.dtype == params[n].dtype else d.to(params[n].dtype) for n, d in out.items()}
-        return out
-
     def _context(self, with_deltas: bool = True) -> TangentContext:
         params = self.base_params()
         replaced = self._replaced
@@ -279,23 +177,6 @@ class TangentModel(nn.Module):
 
     def forward(self, *args, **kwargs) -> Tensor:
         return self.suffix(self.prefix(*args, **kwargs))
-
-    def _apply(self, fn, recurse=True):
-        self.base._apply(fn, recurse)
-        if self.master_dtype is None:
-            return super()._apply(fn, recurse)
-        master = {k: (p.data, None if p.grad is None else p.grad.data) for k, p in self.delta.items()}
-        super()._apply(fn, recurse)
-        for k, p in self.delta.items():  # the master copy goes where fn sends it, in its own dtype, values intact
-            data, grad = master[k]
-            p.data = data.to(device=p.device)
-            if grad is not None:
-                p.grad = grad.to(device=p.device)
-        return self
-
-    def train(self, mode: bool = True):
-        self.base.train(mode)
-        return super().train(mode)
 
     def extra_repr(self) -> str:
         return (
