@@ -80,3 +80,27 @@ def test_cli_store_defaults_train_a_step_budget(data, tmp_path):
 
     da, db = read_delta(fa)[0], read_delta(fb)[0]
     assert any(not torch.equal(da[n], db[n]) for n in da), "the budget changed nothing: vacuous"
+
+
+def test_cli_store_default_lr_is_the_validation_choice_for_taft_only(data, tmp_path):
+    """`taft shards train` gives a TAFT store lr 3e-3 (and --help says so) (benchmarks/results/shard_defaults.md); a typed --lr or one in
+    --config wins; an NLFT store keeps the library's default."""
+    d, t = data
+    common = ["shards", "train", "--shards", "2", "--model", "tiny-bert", "--data", str(d), "--test-file", str(t),
+              "--head-init", "random", "--epochs", "1", "--batch-size", "16", "--threads", "1", "--min-steps", "1"]
+    (tmp_path / "c.yaml").write_text("lr: 0.01\n")
+    runs = {"default": [], "typed": ["--lr", "1e-3"], "file": ["--config", str(tmp_path / "c.yaml")],
+            "nlft": ["--method", "nlft"]}
+    for name, more in runs.items():
+        assert main([*common, *more, "--store", str(tmp_path / name)]) == 0, name
+    lrs = {}
+    for name in runs:
+        with ShardStore(tmp_path / name) as st:
+            lrs[name] = st.get_meta("config")["lr"]
+    assert lrs == {"default": 3e-3, "typed": 1e-3, "file": 0.01, "nlft": 1e-3}  # nlft: the library default
+    from typer.testing import CliRunner
+
+    from taft.cli import app
+
+    shown = CliRunner().invoke(app, ["shards", "train", "--help"], env={"COLUMNS": "300"}).output
+    assert "(default: 0.003 for taft, else by method)" in shown and "(default: 100)" in shown
