@@ -83,8 +83,8 @@ def test_cli_store_defaults_train_a_step_budget(data, tmp_path):
 
 
 def test_cli_store_default_lr_is_the_validation_choice_for_taft_only(data, tmp_path):
-    """`taft shards train` gives a TAFT store lr 3e-3 (and --help says so) (benchmarks/results/shard_defaults.md); a typed --lr or one in
-    --config wins; an NLFT store keeps the library's default."""
+    """`taft shards train` gives a TAFT store lr 3e-3 (benchmarks/results/shard_defaults.md) and --help says so; a
+    typed --lr or one in --config wins; an NLFT store keeps the library's default."""
     d, t = data
     common = ["shards", "train", "--shards", "2", "--model", "tiny-bert", "--data", str(d), "--test-file", str(t),
               "--head-init", "random", "--epochs", "1", "--batch-size", "16", "--threads", "1", "--min-steps", "1"]
