@@ -16,19 +16,17 @@ import dataclasses
 import datetime
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 from taft.config import TrainConfig
 from taft.data.shards import shard_jobs
-from taft.delta import weighted_average
-from taft.shards.training import ShardTrainer, accuracy, vote_counts
+from taft.shards.training import ShardTrainer
 from taft.train.rundir import write_json
 
 sys.path.insert(0, str(Path(__file__).parent))
-from shards import _device  # noqa: E402
+from shards import _device, train_and_validate  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -47,19 +45,10 @@ def run(args) -> dict:
         for min_steps in args.min_steps:
             for method in ("taft", "nlft"):
                 c = dataclasses.replace(cfg, method=method, min_steps=min_steps)
-                tr = ShardTrainer(c, base.clf, base.features, base.labels, val_features=base.val_features,
-                                  val_labels=base.val_labels)
-                tr.validate_shards = False
-                t0 = time.perf_counter()
-                models = tr.train_batched(jobs)
-                secs = time.perf_counter() - t0
-                per = tr.logits([m.delta for m in models], tr.val_features)
-                comp = tr.logits([weighted_average([m.delta for m in models], sizes)], tr.val_features)[0]
+                _, secs, val = train_and_validate(base, c, jobs)
                 row = {"min_steps": min_steps, "method": method, "steps": c.epochs_for(int(min(sizes))) *
-                       -(-int(min(sizes)) // c.batch_size), "train_s": secs,
-                       "val_shard_mean": sum(accuracy(p, tr.val_labels) for p in per) / len(per),
-                       "val_composed": accuracy(comp, tr.val_labels),
-                       "val_vote": accuracy(vote_counts(per), tr.val_labels)}
+                       -(-int(min(sizes)) // c.batch_size), "train_s": secs, "val_shard_mean": val["shard_mean"],
+                       "val_composed": val["composed"], "val_vote": val["vote"]}
                 rows.append(row)
                 print(json.dumps({"task": task, **row}), flush=True)
         out["tasks"][task] = {"shard_sizes": sizes, "rows": rows}

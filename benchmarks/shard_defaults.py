@@ -23,17 +23,15 @@ import json
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 from taft.config import TrainConfig
 from taft.data.shards import shard_jobs
-from taft.delta import weighted_average
-from taft.shards.training import ShardTrainer, accuracy, vote_counts
+from taft.shards.training import ShardTrainer
 from taft.train.rundir import write_json
 
 sys.path.insert(0, str(Path(__file__).parent))
-from shards import _device  # noqa: E402
+from shards import _device, train_and_validate  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 RULES = {"taft": {"TAFT (composed)": "composed"}, "nlft": {"Model Soup": "composed", "SISA (vote)": "vote"}}
@@ -57,19 +55,9 @@ def run(args, log: Path) -> None:
             jobs = shard_jobs(list(base.features.ids), k, cfg.seed)
             if k > args.proxy_above:
                 jobs = jobs[: args.proxy_shards]
-            sizes = [float(len(ids)) for _, ids in jobs]
-            c = dataclasses.replace(cfg, method=method, lr=lr)
-            tr = ShardTrainer(c, base.clf, base.features, base.labels, val_features=base.val_features,
-                              val_labels=base.val_labels)
-            tr.validate_shards = False
-            t0 = time.perf_counter()
-            models = tr.train_batched(jobs)
-            secs = time.perf_counter() - t0
-            per = tr.logits([m.delta for m in models], tr.val_features)
-            comp = tr.logits([weighted_average([m.delta for m in models], sizes)], tr.val_features)[0]
+            _, secs, val = train_and_validate(base, dataclasses.replace(cfg, method=method, lr=lr), jobs)
             row = {"task": _name(task, args), "K": k, "shards_trained": len(jobs), "method": method, "lr": lr,
-                   "val": {"composed": accuracy(comp, tr.val_labels), "vote": accuracy(vote_counts(per), tr.val_labels),
-                           "shard_mean": statistics.fmean(accuracy(p, tr.val_labels) for p in per)},
+                   "val": val,
                    "train_s": secs, "device": _device(),
                    "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")}
             log.parent.mkdir(parents=True, exist_ok=True)

@@ -53,6 +53,22 @@ def _device() -> str:
     return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
+def train_and_validate(base: ShardTrainer, cfg: TrainConfig, jobs) -> tuple[list, float, dict[str, float]]:
+    """Train ``jobs`` (batched) with ``cfg`` from ``base``'s w0 and features; the shard models, the training time
+    and the validation accuracy of their composition (size weights), their vote and the mean shard model."""
+    tr = ShardTrainer(cfg, base.clf, base.features, base.labels, val_features=base.val_features,
+                      val_labels=base.val_labels)
+    tr.validate_shards = False
+    t0 = time.perf_counter()
+    models = tr.train_batched(jobs)
+    secs = time.perf_counter() - t0
+    sizes = [float(len(ids)) for _, ids in jobs]
+    per = tr.logits([m.delta for m in models], tr.val_features)
+    comp = tr.logits([weighted_average([m.delta for m in models], sizes)], tr.val_features)[0]
+    return models, secs, {"composed": accuracy(comp, tr.val_labels), "vote": accuracy(vote_counts(per), tr.val_labels),
+                          "shard_mean": statistics.fmean(accuracy(p, tr.val_labels) for p in per)}
+
+
 class Task:
     """One task's shared state: w0, the train/val/test features (computed once), and a trainer per method."""
 
