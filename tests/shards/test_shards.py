@@ -153,8 +153,9 @@ def test_forget_by_retrain_equals_training_from_scratch_on_the_rest(store, data)
         assert st.shard_row(2)["generation"] == 2
         from taft.train.cache import FeatureCache
 
-        files = sorted((st.root / "features").iterdir())
+        files = sorted(f for f in (st.root / "features").iterdir() if f.name != "val.safetensors")
         assert [st.rel(f) for f in files] == sorted(r["file"] for r in st.feature_rows().values())
+        assert st.get_meta("val_features")["file"] == "features/val.safetensors"  # the one other file there
         assert len(files) == K and "shard-0002-f2" in files[2].name  # only the forgotten example's shard rewritten
         assert all(victim not in FeatureCache.load(f).ids for f in files)  # no feature row of it remains
     assert not (store / "shards" / "shard-0002-g1.safetensors").exists()

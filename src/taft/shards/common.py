@@ -142,6 +142,49 @@ def _read_features(store: ShardStore, shards: Sequence[int] | None = None,
     return FeatureCache.concat(parts)
 
 
+# -- validation features: written once (validation examples are never training examples, so never forgotten) ----
+VAL_FEATURES = "features/val.safetensors"
+
+
+def _read_val_features(store: ShardStore) -> FeatureCache | None:
+    """The validation features the store kept, if its manifest lists them and the file matches its SHA-256 and the
+    store's feature setting; else None (a store made before they were kept, or a damaged file: the caller encodes
+    the validation split again, and ``verify`` reports the damage)."""
+    rec = store.get_meta("val_features")
+    if not rec:
+        return None
+    path = store.root / rec["file"]
+    try:
+        if sha256_file(path) != rec["sha256"]:
+            return None
+        return FeatureCache.load(path, expect_info=store.get_meta("features_info"))
+    except Exception:
+        return None
+
+
+def _write_val_features(store: ShardStore, trainer: ShardTrainer) -> tuple[Path, dict[str, Any]] | None:
+    """Write the trainer's validation features to the store's folder (pending until :func:`_register_val_features`
+    commits them); None when there is no validation split."""
+    if trainer.val_features is None or trainer.val_features.ids is None:
+        return None
+    path = store.root / VAL_FEATURES
+    store.add_pending(path, atomic_tmp(path))
+    tmp = atomic_tmp(path)
+    trainer.val_features.save(tmp)
+    publish(tmp, path)
+    return path, {"file": VAL_FEATURES, "sha256": sha256_file(path), "examples": len(trainer.val_features)}
+
+
+def _register_val_features(store: ShardStore, db, written: tuple[Path, dict[str, Any]] | None) -> None:
+    """Inside a transaction: the written validation features are now the store's."""
+    if written is None:
+        return
+    path, rec = written
+    store.set_meta(db, "val_features", rec)
+    store.settle(db, path, atomic_tmp(path))
+    store.record(db, "features", {"validation": rec})
+
+
 def _upgrade_features(store: ShardStore) -> None:
     """A store made before features were kept per shard (one ``features/train-gN`` file for all): split it into one
     file per shard, crash-safely (the old file stays the store's until one transaction switches over)."""
@@ -166,20 +209,26 @@ def _upgrade_features(store: ShardStore) -> None:
 
 
 def _trainer_for(store: ShardStore, cfg: TrainConfig, progress: bool, features: FeatureCache | None = None,
-                 loaded: Loaded | None = None) -> ShardTrainer:
+                 loaded: Loaded | None = None, write: bool = True) -> ShardTrainer:
     """A trainer over the store's own features (no forgotten row; ``features``: those features, already read and
-    checked by the caller), after checking w0 is the store's. ``loaded``: w0 and the validation features built
-    once per process."""
+    checked by the caller), after checking w0 is the store's. The validation features are the store's own when it
+    kept them; ``write`` (a writing request): features encoded here become the store's. ``loaded``: w0 and the
+    validation features built once per process."""
     feats = features if features is not None else _read_features(store, loaded=loaded)
     labels = dict(store.db.execute("SELECT id, label FROM examples WHERE forgotten_in IS NULL").fetchall())
     if loaded is not None and loaded.trainer is not None:
         t = loaded.trainer
         return ShardTrainer(cfg, t.clf, feats, labels, val_features=t.val_features, val_labels=t.val_labels)
-    trainer = ShardTrainer.from_config(cfg, progress=progress, features=feats, labels=labels)
+    kept = _read_val_features(store)
+    trainer = ShardTrainer.from_config(cfg, progress=progress, features=feats, labels=labels, val_features=kept)
     check_data(store, trainer, ["val"])
     if fingerprints(trainer.template)["all"] != store.get_meta("base_fingerprint"):
         raise StoreError(f"the model {cfg.model!r} loaded here differs from the one the store {store.root} was "
                          f"trained from (w0 fingerprint); load the same weights")
+    if write and trainer.val_features is not None and trainer.val_features is not kept:
+        written = _write_val_features(store, trainer)  # encoded here: kept for the next request (a store made
+        with store.transaction() as db:               # before they were kept, or whose file was damaged)
+            _register_val_features(store, db, written)
     if loaded is not None:
         loaded.trainer = trainer
     return trainer
@@ -217,6 +266,8 @@ def _stray_files(store: ShardStore) -> list[str]:
     known.update(r["file"] for r in store.feature_rows().values())
     if store.get_meta("features"):
         known.add(store.get_meta("features"))
+    if store.get_meta("val_features"):
+        known.add(store.get_meta("val_features")["file"])
     pending = {p for (p,) in store.db.execute("SELECT path FROM pending")}
     found = [store.rel(p) for d in (store.shards_dir, store.root / "features") if d.is_dir() for p in d.iterdir()]
     return sorted(f for f in found if f not in known and f not in pending)

@@ -22,10 +22,12 @@ from taft.shards.common import (
     Loaded,
     _live_shard,
     _register_features,
+    _register_val_features,
     _same_setting,
     _store_config,
     _trainer_for,
     _write_shard_features,
+    _write_val_features,
     ids_digest,
 )
 from taft.shards.composition import _begin, _compose
@@ -231,6 +233,7 @@ def _create(store: ShardStore, trainer: ShardTrainer, num_shards: int) -> None:
     for s in shards:
         counts[s] += 1
     written = _write_shard_features(store, trainer.features, dict(shard_jobs(ids, num_shards, cfg.seed)), {})
+    val_written = _write_val_features(store, trainer)
     with store.transaction() as db:
         db.executemany("INSERT INTO examples (id, shard, position, label) VALUES (?, ?, ?, ?)",
                        [(i, s, p, trainer.labels[i]) for p, (i, s) in enumerate(zip(ids, shards, strict=True))])
@@ -244,3 +247,4 @@ def _create(store: ShardStore, trainer: ShardTrainer, num_shards: int) -> None:
                            ("data_digest", split_digests(trainer.prep.splits, trainer.prep.data_fingerprint))):
             store.set_meta(db, key, value)
         _register_features(store, db, written)
+        _register_val_features(store, db, val_written)

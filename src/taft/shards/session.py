@@ -48,7 +48,7 @@ class ShardSession:
                 return  # an interrupted creation: the first request reports it
             # w0, the validation features and every shard's features (none yet in a store of the old one-file
             # layout: its next request splits it)
-            _trainer_for(store, _store_config(store), self.progress, loaded=self.loaded)
+            _trainer_for(store, _store_config(store), self.progress, loaded=self.loaded, write=False)
             for row in store.shard_rows():
                 if row["status"] == "live":
                     load_shard(store, row, self.loaded)

@@ -89,9 +89,10 @@ class ShardTrainer:
 
     @classmethod
     def from_config(cls, cfg: TrainConfig, *, progress: bool = False, features: FeatureCache | None = None,
-                    labels: dict[str, int] | None = None) -> ShardTrainer:
+                    labels: dict[str, int] | None = None, val_features: FeatureCache | None = None) -> ShardTrainer:
         """Build w0 and the validation features from ``cfg``; the training features too unless given (a store's
-        ``features`` and ``labels``, which hold no forgotten example)."""
+        ``features`` and ``labels``, which hold no forgotten example). ``val_features``: the validation features a
+        store kept, used only if they hold exactly the validation examples ``cfg`` selects (else encoded again)."""
         check_shard_config(cfg)
         device = resolve_device(cfg.device)
         if cfg.threads:
@@ -104,11 +105,14 @@ class ShardTrainer:
             train_ds = splits.train.subset(range(min(len(splits.train), cfg.max_train or len(splits.train))))
             features = prep.cache_for(template, train_ds, "train", progress, None, "")
             labels = dict(zip(train_ds.ids, train_ds.labels.tolist(), strict=True))
-        val_features = val_labels = None
+        val_labels = None
         if splits.val is not None and len(splits.val):
             val_ds = splits.val.subset(range(min(len(splits.val), cfg.max_eval or len(splits.val))))
-            val_features = prep.cache_for(template, val_ds, "val", progress, None, "")
+            if val_features is None or val_features.ids != list(val_ds.ids):
+                val_features = prep.cache_for(template, val_ds, "val", progress, None, "")
             val_labels = val_ds.labels
+        else:
+            val_features = None
         trainer = cls(cfg, prep.clf, features, labels, val_features=val_features, val_labels=val_labels)
         trainer.prep = prep
         return trainer

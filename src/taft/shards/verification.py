@@ -14,6 +14,8 @@ from taft.shards.common import _read_features, _stray_files, ids_digest, load_sh
 from taft.shards.composition import _begin, _weights, read_composed
 from taft.shards.grow import source_digest
 from taft.shards.store import TOMBSTONE, ShardStore, StoreError
+from taft.train.cache import FeatureCache
+from taft.train.rundir import sha256_file
 
 
 def verify(store_dir: str | Path) -> dict[str, Any]:
@@ -66,6 +68,7 @@ def verify(store_dir: str | Path) -> dict[str, Any]:
         for f in _stray_files(store):
             problems.append(f"{f} is in the store but not in the manifest (a foreign or leftover file)")
         problems += _check_features(store, rows)
+        problems += _check_val_features(store)
         composed = store.get_meta("composed")
         exclude = set(store.get_meta("exclude", []))
         want = [r["shard"] for r in live if r["shard"] not in exclude]
@@ -101,6 +104,27 @@ def _check_features(store: ShardStore, rows: list[dict[str, Any]]) -> list[str]:
             except StoreError as e:
                 problems.append(str(e))
     return problems
+
+
+def _check_val_features(store: ShardStore) -> list[str]:
+    """The validation features the manifest lists (if any) match their SHA-256 and count and can be read."""
+    rec = store.get_meta("val_features")
+    if not rec:
+        return []
+    path = store.root / rec["file"]
+    fix = ("the store encodes the validation split again meanwhile (no answer changes), and its next `taft shards "
+           "train --store` or `forget` writes them anew")
+    try:
+        if sha256_file(path) != rec["sha256"]:
+            return [f"{rec['file']} (the validation features) does not match the SHA-256 in the manifest; {fix}"]
+        if len(FeatureCache.load(path, expect_info=store.get_meta("features_info"))) != rec["examples"]:
+            return [f"{rec['file']} (the validation features) does not hold the {rec['examples']} examples the "
+                    f"manifest records; {fix}"]
+    except FileNotFoundError:
+        return [f"{rec['file']} (the validation features) is missing; {fix}"]
+    except Exception as e:
+        return [f"{rec['file']} (the validation features) cannot be read ({e}); {fix}"]
+    return []
 
 
 def _check_composed(store: ShardStore, composed: dict | None, want: list[int], loaded: dict) -> list[str]:
