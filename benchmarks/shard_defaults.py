@@ -41,7 +41,7 @@ def _rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
 
 
-def run(args, log: Path) -> None:
+def run(args, log: Path, command: str) -> None:
     done = {(r["task"], r["K"], r["method"], r["lr"]) for r in _rows(log)}
     for task in args.tasks:
         todo = [(k, m, lr) for k in args.ks for m in args.methods for lr in args.lrs
@@ -58,7 +58,7 @@ def run(args, log: Path) -> None:
             _, secs, val = train_and_validate(base, dataclasses.replace(cfg, method=method, lr=lr), jobs)
             row = {"task": _name(task, args), "K": k, "shards_trained": len(jobs), "method": method, "lr": lr,
                    "val": val,
-                   "train_s": secs, "device": _device(),
+                   "train_s": secs, "device": _device(), "command": command,
                    "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")}
             log.parent.mkdir(parents=True, exist_ok=True)
             with log.open("a") as f:
@@ -91,11 +91,13 @@ def choose(rows: list[dict]) -> dict:
 def report(log: Path, out: Path, stem: str, command: str) -> None:
     rows = _rows(log)
     chosen = choose(rows)
-    meta = {"command": command, "devices": sorted({r["device"] for r in rows}),
+    commands = list(dict.fromkeys(r.get("command", "(not recorded)") for r in rows))
+    meta = {"command": command, "row_commands": commands, "devices": sorted({r["device"] for r in rows}),
             "dates": sorted({r["date"][:10] for r in rows}), "rows": len(rows)}
     write_json(out / f"{stem}.json", {"meta": meta, "chosen": chosen, "rows": rows})
     lines = ["# Default learning rate of `taft shards train`, chosen on validation", "",
-             f"`{command}` ({', '.join(meta['devices'])}; {', '.join(meta['dates'])}). Store defaults (zero-shot head, "
+             f"Report: `{command}` ({', '.join(meta['devices'])}; {', '.join(meta['dates'])}). The rows came from "
+             + "; ".join(f"`{c}`" for c in commands) + ". Store defaults (zero-shot head, "
              "min_steps 100, seed 0); validation split only (%). K = 50 rows train the first shards of the 50-shard "
              "split (a proxy: the rows say how many shards were trained).", "",
              "| task | K (shards trained) | method | lr | composed | vote | shard models (mean) | train s |",
@@ -149,7 +151,7 @@ def main() -> None:
         args.head_init, args.test_file, args.tasks = "random", str(work / "d.test.txt"), [str(work / "d.txt")]
     log = args.out / stem / "rows.jsonl"
     if not args.report:
-        run(args, log)
+        run(args, log, command)
     report(log, args.out, stem, command)
 
 
