@@ -1,0 +1,154 @@
+"""Does a starting head fitted on *validation* examples make composed TAFT pay? (exploratory, validation only)
+
+    python benchmarks/shard_head.py --threads 1                 # → results/shard_head.{json,md}
+    python benchmarks/shard_head.py --report
+
+A store's w0 must not depend on its training examples (a forget would leave them in every shard's starting point),
+so stores start from the zero-shot head. Validation examples are never training examples: a linear probe fitted
+on them is as forgettable-safe as the class names. This measures what that head is worth to each method.
+
+The validation split is cut in two halves by a seeded permutation: the probe is fitted on half A (the library's
+probe: 30 epochs, lr 1e-2, on the frozen features), every model is scored on half B only. For each task, store
+size K (proxies: the first ``--proxy-shards`` shards of the K-shard split, as in ``shard_defaults.py``), method,
+head (zero-shot, or the half-A probe) and learning rate of the grid, the shards train from that w0 with the store
+defaults (``min_steps`` 100, seed 0) and are scored on half B: composed (TAFT, Model Soup) and vote (SISA). The
+test split is never read. Rows go to ``results/shard_head/rows.jsonl`` as they finish (resumable).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from taft.config import TrainConfig
+from taft.data.shards import shard_jobs
+from taft.shards.training import ShardTrainer
+from taft.train.baselines import make_tangent_model, probe_head
+from taft.train.rundir import write_json
+
+sys.path.insert(0, str(Path(__file__).parent))
+from shards import _device, train_and_validate  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+RULES = {"taft": {"TAFT (composed)": "composed"}, "nlft": {"Model Soup": "composed", "SISA (vote)": "vote"}}
+
+
+def _rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def halves(base: ShardTrainer, seed: int) -> tuple[list[str], list[str]]:
+    """The validation ids cut in two by a seeded permutation: (probe half A, scoring half B)."""
+    ids = list(base.val_features.ids)
+    perm = torch.randperm(len(ids), generator=torch.Generator().manual_seed(seed)).tolist()
+    cut = len(ids) // 2
+    return [ids[i] for i in sorted(perm[:cut])], [ids[i] for i in sorted(perm[cut:])]
+
+
+def with_head(base: ShardTrainer, head: str, a: list[str], b: list[str]) -> ShardTrainer:
+    """A trainer from ``base``'s w0 with the given starting head, validating on half B only."""
+    pos = {i: n for n, i in enumerate(base.val_features.ids)}
+    clf = base.clf
+    if head == "val-probe":
+        import copy
+
+        clf = copy.deepcopy(base.clf)
+        fc = make_tangent_model(dataclasses.replace(base.cfg, method="fc"), clf).eval()
+        feats = base.val_features.subset(a).advance(fc, base.template.start, batch_size=base.cfg.eval_batch_size)
+        probe_head(base.cfg, clf, feats, base.val_labels[[pos[i] for i in a]], "cpu")
+    return ShardTrainer(base.cfg, clf, base.features, base.labels, val_features=base.val_features.subset(b),
+                        val_labels=base.val_labels[[pos[i] for i in b]])
+
+
+def run(args, log: Path, command: str) -> None:
+    done = {(r["task"], r["K"], r["method"], r["head"], r["lr"]) for r in _rows(log)}
+    for task in args.tasks:
+        todo = [(k, m, h, lr) for k in args.ks for h in args.heads for m in args.methods for lr in args.lrs
+                if (task, k, m, h, lr) not in done]
+        if not todo:
+            continue
+        cfg = TrainConfig(model=args.model, data=task, head_init="zero-shot", min_steps=args.min_steps, seed=0,
+                          threads=args.threads)
+        base = ShardTrainer.from_config(cfg)
+        a, b = halves(base, args.split_seed)
+        trainers = {h: with_head(base, h, a, b) for h in args.heads}
+        for k, method, head, lr in todo:
+            jobs = shard_jobs(list(base.features.ids), k, cfg.seed)[: args.proxy_shards]
+            _, secs, val = train_and_validate(trainers[head], dataclasses.replace(cfg, method=method, lr=lr), jobs)
+            row = {"task": task, "K": k, "shards_trained": len(jobs), "method": method, "head": head, "lr": lr,
+                   "val_b": val, "val_b_examples": len(b), "probe_examples": len(a), "train_s": round(secs, 1),
+                   "device": _device(), "command": command,
+                   "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")}
+            log.parent.mkdir(parents=True, exist_ok=True)
+            with log.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            print(json.dumps(row), flush=True)
+
+
+def report(log: Path, out: Path) -> str:
+    rows = _rows(log)
+    devices, dates = ", ".join(sorted({r["device"] for r in rows})), ", ".join(sorted({r["date"][:10] for r in rows}))
+    lines = ["# A starting head fitted on validation half A, scored on half B (exploratory)", "",
+             "Validation half B accuracy (%), store defaults (min_steps 100, seed 0), the first shards of each K-shard "
+             "split (a proxy). Each method's best lr of the grid per cell. The rows came from "
+             + "; ".join(f"`{c}`" for c in dict.fromkeys(r["command"] for r in rows))
+             + f" ({devices}; {dates}).",
+             "",
+             "| task | K | head | TAFT (composed) | Model Soup | SISA (vote) | TAFT − best other |",
+             "|---|---|---|---|---|---|---|"]
+    best: dict = {}
+    for r in rows:
+        for name, rule in RULES[r["method"]].items():
+            key = (r["task"], r["K"], r["head"], name)
+            best[key] = max(best.get(key, (-1.0, None)), (r["val_b"][rule], r["lr"]))
+    cells = sorted({(r["task"], r["K"], r["head"]) for r in rows}, key=lambda c: (c[0], c[1], c[2] != "zero-shot"))
+    summary = []
+    for task, k, head in cells:
+        got = {name: best.get((task, k, head, name)) for name in ("TAFT (composed)", "Model Soup", "SISA (vote)")}
+        fmt = {n: "—" if v is None else f"{100 * v[0]:.1f} (lr {v[1]:g})" for n, v in got.items()}
+        gap = (100 * (got["TAFT (composed)"][0] - max(got["Model Soup"][0], got["SISA (vote)"][0]))
+               if all(got.values()) else None)
+        summary.append({"task": task, "K": k, "head": head, **{n: v[0] if v else None for n, v in got.items()},
+                        "taft_minus_best_other": gap})
+        lines.append(f"| {task} | {k} | {head} | {fmt['TAFT (composed)']} | {fmt['Model Soup']} | "
+                     f"{fmt['SISA (vote)']} | {'—' if gap is None else f'{gap:+.1f}'} |")
+    write_json(out / "shard_head.json", {"summary": summary, "rows": rows})
+    md = "\n".join(lines) + "\n"
+    (out / "shard_head.md").write_text(md)
+    return md
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tasks", default="trec,sst2,mr")
+    p.add_argument("--ks", default="10,50")
+    p.add_argument("--methods", default="taft,nlft")
+    p.add_argument("--heads", default="zero-shot,val-probe")
+    p.add_argument("--lrs", default="1e-3,3e-3")
+    p.add_argument("--proxy-shards", type=int, default=3)
+    p.add_argument("--min-steps", type=int, default=100)
+    p.add_argument("--split-seed", type=int, default=0)
+    p.add_argument("--model", default="minilm")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--report", action="store_true")
+    args = p.parse_args()
+    command = "python benchmarks/shard_head.py " + " ".join(sys.argv[1:])
+    for name in ("tasks", "methods", "heads"):
+        setattr(args, name, getattr(args, name).split(","))
+    args.ks = [int(k) for k in args.ks.split(",")]
+    args.lrs = [float(x) for x in args.lrs.split(",")]
+    log = args.out / "shard_head" / "rows.jsonl"
+    if not args.report:
+        run(args, log, command)
+    print(report(log, args.out))
+
+
+if __name__ == "__main__":
+    main()
