@@ -136,16 +136,25 @@ def run_group(bench: Bench, regime: str, k: int, method: str, seeds: list[int], 
 
 
 def _write_meta(log: Path, args) -> None:
-    # one meta file per task; each regime keeps the command, date and budget it ran with (regimes run separately)
+    # one meta file per task; each regime keeps every command that added rows to it, with its date, Ks and budget
     path = log.with_suffix(".meta.json")
     old = json.loads(path.read_text()) if path.is_file() and not args.force else {}
     runs = old.get("regimes", {r: {k: old[k] for k in ("date", "command", "epochs", "min_steps")}
                                for r in {row["regime"] for row in _lines(log)} - set(args.regimes)} if old else {})
     now = {"date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
            "command": "python benchmarks/shards_tuned.py " + " ".join(sys.argv[1:]),
-           "epochs": args.epochs, "min_steps": args.min_steps}
-    runs.update({r: now for r in args.regimes})
+           "ks": args.ks, "epochs": args.epochs, "min_steps": args.min_steps}
+    for r in args.regimes:
+        done = _runs(runs.get(r))
+        runs[r] = {"runs": [x for x in done if x["command"] != now["command"]] + [now]}
     write_json(path, {"device": _device(), "torch": torch.__version__, "seeds": args.seeds, **now, "regimes": runs})
+
+
+def _runs(entry: dict | None) -> list[dict]:
+    """The runs recorded for one regime (an older meta file kept only the last run, as a single entry)."""
+    if not entry:
+        return []
+    return entry.get("runs", [entry])
 
 
 def _append(path: Path, row: dict) -> None:
@@ -213,9 +222,12 @@ def report(tasks: list[str], out_dir: Path, stem: str, seeds: list[int]) -> None
         lines += [f"## {t}", "", f"seeds {m['seeds']}", ""]
         for regime, by_k in r["summary"].items():
             ks = sorted(by_k, key=int)
-            run = m.get("regimes", {}).get(regime, m)
-            lines += [f"**{REGIMES[regime][0]}** (lr grid {REGIMES[regime][2]}; `{run['command']}`, {run['date']}; "
-                      f"{run['epochs']} epochs per shard, min_steps {run['min_steps']})", "",
+            runs = _runs(m.get("regimes", {}).get(regime)) or [m]
+            budgets = {(x["epochs"], x["min_steps"]) for x in runs}
+            budget = (f"{runs[0]['epochs']} epochs per shard, min_steps {runs[0]['min_steps']}" if len(budgets) == 1
+                      else f"MIXED budgets {sorted(budgets, key=str)}: not comparable across K")
+            lines += [f"**{REGIMES[regime][0]}** (lr grid {REGIMES[regime][2]}; "
+                      + "; ".join(f"`{x['command']}`, {x['date']}" for x in runs) + f"; {budget})", "",
                       "| method | " + " | ".join(f"K = {k}" for k in ks) + " |", "|---|" + "---|" * len(ks)]
             for name in RULES:
                 cells = [by_k[k].get(name) for k in ks]
