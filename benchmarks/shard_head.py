@@ -1,6 +1,8 @@
-"""Does a starting head fitted on *validation* examples make composed TAFT pay? (exploratory, validation only)
+"""Levers for composed TAFT, each given to every method: a head fitted on *validation* examples, or the loss
+(exploratory, validation only).
 
     python benchmarks/shard_head.py --threads 1                 # → results/shard_head.{json,md}
+    python benchmarks/shard_head.py --variants zero-shot,ce --tasks trec --threads 1
     python benchmarks/shard_head.py --report
 
 A store's w0 must not depend on its training examples (a forget would leave them in every shard's starting point),
@@ -12,7 +14,9 @@ probe: 30 epochs, lr 1e-2, on the frozen features), every model is scored on hal
 size K (proxies: the first ``--proxy-shards`` shards of the K-shard split, as in ``shard_defaults.py``), method,
 head (zero-shot, or the half-A probe) and learning rate of the grid, the shards train from that w0 with the store
 defaults (``min_steps`` 100, seed 0) and are scored on half B: composed (TAFT, Model Soup) and vote (SISA). The
-test split is never read. Rows go to ``results/shard_head/rows.jsonl`` as they finish (resumable).
+test split is never read. Other variants (``--variants``) start from the zero-shot head and change one option for
+every method: ``ce`` (cross-entropy instead of the rescaled square loss). Rows go to
+``results/shard_head/rows.jsonl`` as they finish (resumable).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import dataclasses
 import datetime
 import json
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -36,6 +41,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from shards import _device, train_and_validate  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
+VARIANTS = {"zero-shot": {}, "val-probe": {}, "ce": {"loss": "ce"}}  # (options that move the features' start,
+# like a second block, need their own features: benchmarks/shards.py --conditions)
 RULES = {"taft": {"TAFT (composed)": "composed"}, "nlft": {"Model Soup": "composed", "SISA (vote)": "vote"}}
 
 
@@ -51,7 +58,7 @@ def halves(base: ShardTrainer, seed: int) -> tuple[list[str], list[str]]:
     return [ids[i] for i in sorted(perm[:cut])], [ids[i] for i in sorted(perm[cut:])]
 
 
-def with_head(base: ShardTrainer, head: str, a: list[str], b: list[str]) -> ShardTrainer:
+def with_head(base: ShardTrainer, head: str, a: list[str], b: list[str]) -> ShardTrainer:  # head: a variant
     """A trainer from ``base``'s w0 with the given starting head, validating on half B only."""
     pos = {i: n for n, i in enumerate(base.val_features.ids)}
     clf = base.clf
@@ -69,19 +76,21 @@ def with_head(base: ShardTrainer, head: str, a: list[str], b: list[str]) -> Shar
 def run(args, log: Path, command: str) -> None:
     done = {(r["task"], r["K"], r["method"], r["head"], r["lr"]) for r in _rows(log)}
     for task in args.tasks:
+        name = Path(task).stem if args.small else task
         todo = [(k, m, h, lr) for k in args.ks for h in args.heads for m in args.methods for lr in args.lrs
-                if (task, k, m, h, lr) not in done]
+                if (name, k, m, h, lr) not in done]
         if not todo:
             continue
-        cfg = TrainConfig(model=args.model, data=task, head_init="zero-shot", min_steps=args.min_steps, seed=0,
-                          threads=args.threads)
+        cfg = TrainConfig(model=args.model, data=task, head_init=args.head_init, test_file=args.test_file,
+                          min_steps=args.min_steps, epochs=args.epochs, seed=0, threads=args.threads)
         base = ShardTrainer.from_config(cfg)
         a, b = halves(base, args.split_seed)
         trainers = {h: with_head(base, h, a, b) for h in args.heads}
         for k, method, head, lr in todo:
             jobs = shard_jobs(list(base.features.ids), k, cfg.seed)[: args.proxy_shards]
-            _, secs, val = train_and_validate(trainers[head], dataclasses.replace(cfg, method=method, lr=lr), jobs)
-            row = {"task": task, "K": k, "shards_trained": len(jobs), "method": method, "head": head, "lr": lr,
+            scfg = dataclasses.replace(cfg, method=method, lr=lr, **VARIANTS[head])
+            _, secs, val = train_and_validate(trainers[head], scfg, jobs)
+            row = {"task": name, "K": k, "shards_trained": len(jobs), "method": method, "head": head, "lr": lr,
                    "val_b": val, "val_b_examples": len(b), "probe_examples": len(a), "train_s": round(secs, 1),
                    "device": _device(), "command": command,
                    "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")}
@@ -94,20 +103,25 @@ def run(args, log: Path, command: str) -> None:
 def report(log: Path, out: Path) -> str:
     rows = _rows(log)
     devices, dates = ", ".join(sorted({r["device"] for r in rows})), ", ".join(sorted({r["date"][:10] for r in rows}))
-    lines = ["# A starting head fitted on validation half A, scored on half B (exploratory)", "",
-             "Validation half B accuracy (%), store defaults (min_steps 100, seed 0), the first shards of each K-shard "
-             "split (a proxy). Each method's best lr of the grid per cell. The rows came from "
+    lines = ["# Levers for composed TAFT: a head fitted on validation half A, the loss; scored on half B (exploratory)",
+             "",
+             "Validation half B accuracy (%), store defaults (min_steps as each command says, 100 by default; seed "
+             "0), the first shards of each K-shard split (a proxy). Variants: zero-shot head (the store default), "
+             "val-probe (head probed on half A), ce (cross-entropy loss, zero-shot head). Each method's best lr of "
+             "the grid per cell. The rows came from "
              + "; ".join(f"`{c}`" for c in dict.fromkeys(r["command"] for r in rows))
              + f" ({devices}; {dates}).",
              "",
-             "| task | K | head | TAFT (composed) | Model Soup | SISA (vote) | TAFT − best other |",
+             "| task | K | variant | TAFT (composed) | Model Soup | SISA (vote) | TAFT − best other |",
              "|---|---|---|---|---|---|---|"]
     best: dict = {}
     for r in rows:
         for name, rule in RULES[r["method"]].items():
             key = (r["task"], r["K"], r["head"], name)
-            best[key] = max(best.get(key, (-1.0, None)), (r["val_b"][rule], r["lr"]))
-    cells = sorted({(r["task"], r["K"], r["head"]) for r in rows}, key=lambda c: (c[0], c[1], c[2] != "zero-shot"))
+            if key not in best or (r["val_b"][rule], -r["lr"]) > (best[key][0], -best[key][1]):  # ties: smaller lr
+                best[key] = (r["val_b"][rule], r["lr"])
+    order = list(VARIANTS)
+    cells = sorted({(r["task"], r["K"], r["head"]) for r in rows}, key=lambda c: (c[0], c[1], order.index(c[2])))
     summary = []
     for task, k, head in cells:
         got = {name: best.get((task, k, head, name)) for name in ("TAFT (composed)", "Model Soup", "SISA (vote)")}
@@ -129,7 +143,8 @@ def main() -> None:
     p.add_argument("--tasks", default="trec,sst2,mr")
     p.add_argument("--ks", default="10,50")
     p.add_argument("--methods", default="taft,nlft")
-    p.add_argument("--heads", default="zero-shot,val-probe")
+    p.add_argument("--variants", "--heads", dest="heads", default="zero-shot,val-probe",
+                   help=f"starting head or option per row: {', '.join(VARIANTS)}")
     p.add_argument("--lrs", default="1e-3,3e-3")
     p.add_argument("--proxy-shards", type=int, default=3)
     p.add_argument("--min-steps", type=int, default=100)
@@ -138,8 +153,19 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--report", action="store_true")
+    p.add_argument("--small", action="store_true", help="tiny random model on a generated task (CI smoke test)")
     args = p.parse_args()
     command = "python benchmarks/shard_head.py " + " ".join(sys.argv[1:])
+    args.head_init, args.test_file, args.epochs = "zero-shot", None, None
+    if args.small:
+        work = Path(tempfile.mkdtemp(prefix="taft-shard-head-"))
+        lines = [f"{(i + (i % 5 == 0)) % 3} sentence {i} is {['bad', 'fine', 'good'][i % 3]}" for i in range(150)]
+        (work / "d.txt").write_text("\n".join(lines) + "\n")
+        (work / "d.test.txt").write_text("\n".join(lines[:30]) + "\n")
+        args.model, args.head_init, args.test_file, args.tasks = "tiny-bert", "random", str(work / "d.test.txt"), \
+            str(work / "d.txt")
+        args.ks, args.lrs, args.min_steps, args.epochs, args.proxy_shards = "2,6", "1e-3,1e-2", 4, 1, 2
+        args.heads = "zero-shot,val-probe,ce"
     for name in ("tasks", "methods", "heads"):
         setattr(args, name, getattr(args, name).split(","))
     args.ks = [int(k) for k in args.ks.split(",")]

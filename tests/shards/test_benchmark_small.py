@@ -74,3 +74,25 @@ def test_shard_defaults_benchmark_small(tmp_path):
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     rows_file = tmp_path / "shard_defaults-small" / "rows.jsonl"
     assert again.returncode == 0 and len(rows_file.read_text().splitlines()) == 8
+
+
+def test_shard_head_benchmark_small(tmp_path):
+    """Every (K, variant, method, lr) row is trained once; each cell reports its method's best lr on half B (ties:
+    the smaller); a second run resumes (trains nothing)."""
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "shard_head.py"), "--small", "--threads", "1",
+           "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((tmp_path / "shard_head.json").read_text())
+    rows = res["rows"]
+    assert {(r["K"], r["head"], r["method"], r["lr"]) for r in rows} == {
+        (k, h, m, lr) for k in (2, 6) for h in ("zero-shot", "val-probe", "ce") for m in ("taft", "nlft")
+        for lr in (1e-3, 1e-2)} and len(rows) == 24
+    assert all(r["probe_examples"] > 0 and r["val_b_examples"] > 0 for r in rows)
+    for cell in res["summary"]:
+        for name, method, rule in (("TAFT (composed)", "taft", "composed"), ("SISA (vote)", "nlft", "vote")):
+            mine = [r["val_b"][rule] for r in rows if (r["K"], r["head"], r["method"]) == (cell["K"], cell["head"],
+                                                                                             method)]
+            assert cell[name] == max(mine), (cell, name)
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0 and len((tmp_path / "shard_head" / "rows.jsonl").read_text().splitlines()) == 24
