@@ -105,6 +105,20 @@ def test_grid_parsing_is_typed_and_strict():
 def test_default_grids_give_every_method_the_same_budget():
     sizes = {m: len(grid_points(g)) for m, g in DEFAULT_GRIDS.items()}
     assert len(set(sizes.values())) == 1, sizes
+    assert DEFAULT_GRIDS["taft"] == DEFAULT_GRIDS["nlft"]  # the headline comparison: the very same grid
+
+
+def test_single_model_defaults_are_the_validation_choice_of_the_committed_benchmark():
+    """TAFT-1's and NLFT-1's default lr are what benchmarks/single_defaults.py chose on validation (the same grid
+    for both, best mean over the five tasks), and lie inside the default search grid."""
+    res = json.loads((Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "single_defaults.json")
+                     .read_text())
+    for method in ("taft", "nlft"):
+        chosen = res["methods"][method]["chosen_lr"]
+        means = res["methods"][method]["mean_val"]
+        assert chosen == max(sorted(map(float, means)), key=lambda lr: (means[str(lr)], -lr)), method
+        assert TrainConfig(method=method).lr == chosen, method
+        assert chosen in DEFAULT_GRIDS[method]["lr"], method
 
 
 def test_cli_search_and_its_errors(tmp_path, capsys):
