@@ -104,11 +104,12 @@ def todo(args, rows: dict) -> list[tuple[str, str, float, int]]:
     need = [(t, m, lr, 0) for t in args.tasks for m in args.methods for lr in args.lrs if (t, m, lr, 0) not in rows]
     if need:
         return need
-    for m in args.methods:
+    for m in args.methods:  # every method's left-out points before any method's further seeds
         for t in args.tasks:
             lr, _ = choose(rows, [u for u in args.tasks if u != t], m, args.lrs)
             if rows[(t, m, lr, 0)].get("test") is None:
                 need.append((t, m, lr, 0))
+    for m in args.methods:
         lr, _ = choose(rows, args.tasks, m, args.lrs)
         need += [(t, m, lr, s) for t in args.tasks for s in args.seeds if (t, m, lr, s) not in rows
                  or rows[(t, m, lr, s)].get("test") is None]
@@ -193,15 +194,19 @@ def report(args, log: Path) -> str:
     for m in args.methods:
         d = out["methods"][m]
         cells, means = [], []
+        full = True
         for t in args.tasks:
-            accs = d["default_test"].get(t, [])
-            if accs and all(a is not None for a in accs):
+            accs = [a for a in d["default_test"].get(t, []) if a is not None]  # seeds not run yet: n says so
+            full = full and len(accs) == len(args.seeds)
+            if accs:
                 means.append(statistics.fmean(accs))
                 sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
-                cells.append(f"{100 * means[-1]:.2f} ± {100 * sd:.2f}")
+                n = "" if len(accs) == len(args.seeds) else f" (n={len(accs)})"
+                cells.append(f"{100 * means[-1]:.2f} ± {100 * sd:.2f}{n}")
             else:
                 cells.append("—")
-        avg = pct(statistics.fmean(means)) if len(means) == len(args.tasks) else "—"
+        avg = (pct(statistics.fmean(means)) + ("" if full else " (partial)")) if len(means) == len(args.tasks) \
+            else "—"
         lr = f"{d['chosen_lr']:g}" if d["chosen_lr"] is not None else "—"
         lines.append(f"| {METHODS[m]} | {lr} | " + " | ".join(cells) + f" | {avg} |")
     main = [r for r in _rows(log) if r.get("kind") == "main-job"]
