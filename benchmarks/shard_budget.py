@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import json
 import sys
 from pathlib import Path
@@ -26,15 +25,15 @@ from taft.shards.training import ShardTrainer
 from taft.train.rundir import write_json
 
 sys.path.insert(0, str(Path(__file__).parent))
-from shards import _device, train_and_validate  # noqa: E402
+from shards import _device, train_and_validate, utc_now  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 
 
 def run(args) -> dict:
-    out: dict = {"meta": {"device": _device(), "date": datetime.datetime.now(datetime.UTC).strftime(
-        "%Y-%m-%d %H:%M UTC"), "torch": torch.__version__, "command": "python benchmarks/shard_budget.py " +
-        " ".join(sys.argv[1:]), "K": args.k, "shards": args.shards, "lr": args.lr}, "tasks": {}}
+    command = "python benchmarks/shard_budget.py " + " ".join(sys.argv[1:])
+    out: dict = {"meta": {"device": _device(), "date": utc_now(), "torch": torch.__version__, "command": command,
+                          "K": args.k, "shards": args.shards, "lr": args.lr}, "tasks": {}}
     for task in args.tasks:
         cfg = TrainConfig(model=args.model, data=task, data_root=args.data_root, head_init=args.head_init,
                           test_file=args.test_file, seed=0, threads=args.threads, lr=args.lr)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import json
 import statistics
 import sys
@@ -31,18 +30,14 @@ from taft.shards.training import ShardTrainer
 from taft.train.rundir import write_json
 
 sys.path.insert(0, str(Path(__file__).parent))
-from shards import _device, train_and_validate  # noqa: E402
+from shards import _device, append_row, read_rows, train_and_validate, utc_now  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 RULES = {"taft": {"TAFT (composed)": "composed"}, "nlft": {"Model Soup": "composed", "SISA (vote)": "vote"}}
 
 
-def _rows(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
-
-
 def run(args, log: Path, command: str) -> None:
-    done = {(r["task"], r["K"], r["method"], r["lr"]) for r in _rows(log)}
+    done = {(r["task"], r["K"], r["method"], r["lr"]) for r in read_rows(log)}
     for task in args.tasks:
         todo = [(k, m, lr) for k in args.ks for m in args.methods for lr in args.lrs
                 if (_name(task, args), k, m, lr) not in done]
@@ -59,10 +54,8 @@ def run(args, log: Path, command: str) -> None:
             row = {"task": _name(task, args), "K": k, "shards_trained": len(jobs), "method": method, "lr": lr,
                    "val": val,
                    "train_s": secs, "device": _device(), "command": command,
-                   "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")}
-            log.parent.mkdir(parents=True, exist_ok=True)
-            with log.open("a") as f:
-                f.write(json.dumps(row) + "\n")
+                   "date": utc_now()}
+            append_row(log, row)
             print(json.dumps(row), flush=True)
 
 
@@ -89,7 +82,7 @@ def choose(rows: list[dict]) -> dict:
 
 
 def report(log: Path, out: Path, stem: str, command: str) -> None:
-    rows = _rows(log)
+    rows = read_rows(log)
     chosen = choose(rows)
     commands = list(dict.fromkeys(r.get("command", "(not recorded)") for r in rows))
     meta = {"command": command, "row_commands": commands, "devices": sorted({r["device"] for r in rows}),

@@ -15,15 +15,15 @@ size K (proxies: the first ``--proxy-shards`` shards of the K-shard split, as in
 head (zero-shot, or the half-A probe) and learning rate of the grid, the shards train from that w0 with the store
 defaults (``min_steps`` 100, seed 0) and are scored on half B: composed (TAFT, Model Soup) and vote (SISA). The
 test split is never read. Other variants (``--variants``) start from the zero-shot head and change one option for
-every method: ``ce`` (cross-entropy instead of the rescaled square loss). Rows go to
-``results/shard_head/rows.jsonl`` as they finish (resumable).
+every method: ``ce`` (cross-entropy instead of the rescaled square loss), ``rsl-m5`` (the rescaled square loss's
+target M = 5 instead of 15), ``last2`` (the last two blocks linearized / fine-tuned instead of one: its own prefix
+features). Rows go to ``results/shard_head/rows.jsonl`` as they finish (resumable).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import json
 import sys
 import tempfile
@@ -38,16 +38,12 @@ from taft.train.baselines import make_tangent_model, probe_head
 from taft.train.rundir import write_json
 
 sys.path.insert(0, str(Path(__file__).parent))
-from shards import _device, train_and_validate  # noqa: E402
+from shards import _device, append_row, read_rows, train_and_validate, utc_now  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
-VARIANTS = {"zero-shot": {}, "val-probe": {}, "ce": {"loss": "ce"}}  # (options that move the features' start,
-# like a second block, need their own features: benchmarks/shards.py --conditions)
+VARIANTS = {"zero-shot": {}, "val-probe": {}, "ce": {"loss": "ce"}, "rsl-m5": {"rsl_m": 5.0},
+            "last2": {"scope": "last:2"}}
 RULES = {"taft": {"TAFT (composed)": "composed"}, "nlft": {"Model Soup": "composed", "SISA (vote)": "vote"}}
-
-
-def _rows(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
 
 
 def halves(base: ShardTrainer, seed: int) -> tuple[list[str], list[str]]:
@@ -74,7 +70,7 @@ def with_head(base: ShardTrainer, head: str, a: list[str], b: list[str]) -> Shar
 
 
 def run(args, log: Path, command: str) -> None:
-    done = {(r["task"], r["K"], r["method"], r["head"], r["lr"]) for r in _rows(log)}
+    done = {(r["task"], r["K"], r["method"], r["head"], r["lr"]) for r in read_rows(log)}
     for task in args.tasks:
         name = Path(task).stem if args.small else task
         todo = [(k, m, h, lr) for k in args.ks for h in args.heads for m in args.methods for lr in args.lrs
@@ -85,29 +81,32 @@ def run(args, log: Path, command: str) -> None:
                           min_steps=args.min_steps, epochs=args.epochs, seed=0, threads=args.threads)
         base = ShardTrainer.from_config(cfg)
         a, b = halves(base, args.split_seed)
-        trainers = {h: with_head(base, h, a, b) for h in args.heads}
+        trainers = {}
+        for h in args.heads:  # a variant that changes the scope starts the frozen prefix elsewhere: its own features
+            scope = VARIANTS[h].get("scope")
+            own = base if scope is None else ShardTrainer.from_config(dataclasses.replace(cfg, scope=scope))
+            trainers[h] = with_head(own, h, a, b)
         for k, method, head, lr in todo:
             jobs = shard_jobs(list(base.features.ids), k, cfg.seed)[: args.proxy_shards]
             scfg = dataclasses.replace(cfg, method=method, lr=lr, **VARIANTS[head])
             _, secs, val = train_and_validate(trainers[head], scfg, jobs)
             row = {"task": name, "K": k, "shards_trained": len(jobs), "method": method, "head": head, "lr": lr,
-                   "val_b": val, "val_b_examples": len(b), "probe_examples": len(a), "train_s": round(secs, 1),
-                   "device": _device(), "command": command,
-                   "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")}
-            log.parent.mkdir(parents=True, exist_ok=True)
-            with log.open("a") as f:
-                f.write(json.dumps(row) + "\n")
+                   "scope": scfg.scope, "val_b": val, "val_b_examples": len(b), "probe_examples": len(a),
+                   "train_s": round(secs, 1), "device": _device(), "command": command,
+                   "date": utc_now()}
+            append_row(log, row)
             print(json.dumps(row), flush=True)
 
 
 def report(log: Path, out: Path) -> str:
-    rows = _rows(log)
+    rows = read_rows(log)
     devices, dates = ", ".join(sorted({r["device"] for r in rows})), ", ".join(sorted({r["date"][:10] for r in rows}))
     lines = ["# Levers for composed TAFT: a head fitted on validation half A, the loss; scored on half B (exploratory)",
              "",
              "Validation half B accuracy (%), store defaults (min_steps as each command says, 100 by default; seed "
              "0), the first shards of each K-shard split (a proxy). Variants: zero-shot head (the store default), "
-             "val-probe (head probed on half A), ce (cross-entropy loss, zero-shot head). Each method's best lr of "
+             "val-probe (head probed on half A), ce (cross-entropy loss), rsl-m5 (RSL target M = 5), last2 (two "
+             "blocks instead of one); all but val-probe from the zero-shot head. Each method's best lr of "
              "the grid per cell. The rows came from "
              + "; ".join(f"`{c}`" for c in dict.fromkeys(r["command"] for r in rows))
              + f" ({devices}; {dates}).",
@@ -165,7 +164,7 @@ def main() -> None:
         args.model, args.head_init, args.test_file, args.tasks = "tiny-bert", "random", str(work / "d.test.txt"), \
             str(work / "d.txt")
         args.ks, args.lrs, args.min_steps, args.epochs, args.proxy_shards = "2,6", "1e-3,1e-2", 4, 1, 2
-        args.heads = "zero-shot,val-probe,ce"
+        args.heads = ",".join(VARIANTS)
     for name in ("tasks", "methods", "heads"):
         setattr(args, name, getattr(args, name).split(","))
     args.ks = [int(k) for k in args.ks.split(",")]

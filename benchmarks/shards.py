@@ -53,6 +53,36 @@ def _device() -> str:
     return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
+def read_rows(path: Path) -> list[dict]:
+    """The rows of a resumable JSONL log (one JSON object a line), in order; a last line cut short by a killed
+    writer is skipped (that row is trained again), any other bad line is an error."""
+    if not path.is_file():
+        return []
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for n, line in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if n < len(lines) - 1:
+                raise
+    return rows
+
+
+def append_row(path: Path, row: dict) -> None:
+    """Append one row to a resumable JSONL log; a last line cut short by a killed writer is cut off first."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_file() and (data := path.read_bytes()) and not data.endswith(b"\n"):
+        os.truncate(path, data.rfind(b"\n") + 1)
+    with path.open("a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def utc_now() -> str:
+    """The date stamp of every results row and file."""
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+
 def train_and_validate(base: ShardTrainer, cfg: TrainConfig, jobs) -> tuple[list, float, dict[str, float]]:
     """Train ``jobs`` (batched) with ``cfg`` from ``base``'s w0 and features; the shard models, the training time
     and the validation accuracy of their composition (size weights), their vote and the mean shard model."""
@@ -491,7 +521,7 @@ def main() -> None:
                 continue
             else:
                 res = run_task(task, args)
-            date = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+            date = utc_now()
             if args.detail_only:
                 c = res["config"]
                 res.setdefault("meta", {"device": _device(), "date": date, "torch": torch.__version__,

@@ -21,7 +21,6 @@ else is the store's defaults. Validation examples are never training examples of
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import statistics
 import sys
@@ -38,7 +37,7 @@ from taft.shards.training import ShardTrainer, accuracy, vote_counts
 from taft.train.rundir import write_json
 
 sys.path.insert(0, str(Path(__file__).parent))
-from shards import _device  # noqa: E402
+from shards import _device, append_row, read_rows, utc_now  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 REGIMES = {
@@ -117,7 +116,7 @@ def run_group(bench: Bench, regime: str, k: int, method: str, seeds: list[int], 
         _append(log, {"regime": regime, "K": k, "method": method, "step": "select", "seed": seeds[0],
                       "candidates": cands, "chosen": chosen})
         done.add(key0)
-    chosen = next(r for r in _lines(log) if (r["regime"], r["K"], r["method"], r["step"]) == key0[:3] + ("select",))
+    chosen = next(r for r in read_rows(log) if (r["regime"], r["K"], r["method"], r["step"]) == key0[:3] + ("select",))
     for seed in seeds[1:]:
         for lr in sorted({c["lr"] for c in chosen["chosen"].values()}):
             key = (regime, k, method, f"seed-{seed}-lr-{lr}")
@@ -140,8 +139,8 @@ def _write_meta(log: Path, args) -> None:
     path = log.with_suffix(".meta.json")
     old = json.loads(path.read_text()) if path.is_file() and not args.force else {}
     runs = old.get("regimes", {r: {k: old[k] for k in ("date", "command", "epochs", "min_steps")}
-                               for r in {row["regime"] for row in _lines(log)} - set(args.regimes)} if old else {})
-    now = {"date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+                               for r in {row["regime"] for row in read_rows(log)} - set(args.regimes)} if old else {})
+    now = {"date": utc_now(),
            "command": "python benchmarks/shards_tuned.py " + " ".join(sys.argv[1:]),
            "ks": args.ks, "epochs": args.epochs, "min_steps": args.min_steps}
     for r in args.regimes:
@@ -158,13 +157,8 @@ def _runs(entry: dict | None) -> list[dict]:
 
 
 def _append(path: Path, row: dict) -> None:
-    with path.open("a") as f:
-        f.write(json.dumps(row) + "\n")
+    append_row(path, row)
     print(json.dumps({k: v for k, v in row.items() if k != "candidates"}), flush=True)
-
-
-def _lines(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
 
 def run_task(task: str, args) -> None:
@@ -173,7 +167,7 @@ def run_task(task: str, args) -> None:
     log.parent.mkdir(parents=True, exist_ok=True)
     if args.force and log.exists():
         log.unlink()
-    done = {(r["regime"], r["K"], r["method"], r["step"]) for r in _lines(log)}
+    done = {(r["regime"], r["K"], r["method"], r["step"]) for r in read_rows(log)}
     _write_meta(log, args)  # now and at the end: an interrupted run's rows still name their command
     bench = Bench(args, task)
     for regime in args.regimes:
@@ -208,7 +202,7 @@ def report(tasks: list[str], out_dir: Path, stem: str, seeds: list[int]) -> None
     for t in tasks:
         log = out_dir / "shards_tuned" / f"{t}.jsonl"
         if log.is_file():
-            per[t] = {"summary": summarize(_lines(log), seeds), "meta": json.loads(log.with_suffix(".meta.json")
+            per[t] = {"summary": summarize(read_rows(log), seeds), "meta": json.loads(log.with_suffix(".meta.json")
                                                                                     .read_text())}
     if not per:
         sys.exit("no results; run the benchmark first")

@@ -22,7 +22,6 @@ Rows are appended to ``results/single_defaults/rows.jsonl`` as they finish, so a
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import statistics
@@ -35,19 +34,14 @@ from taft.train.loop import train
 from taft.train.rundir import write_json
 
 sys.path.insert(0, str(Path(__file__).parent))
-from shards import _device  # noqa: E402
+from shards import _device, append_row, read_rows, utc_now  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 METHODS = {"taft": "TAFT-1", "nlft": "NLFT-1"}
 
 
-def _rows(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
-
-
 def _append(log: Path, row: dict) -> None:
-    with log.open("a") as f:
-        f.write(json.dumps(row) + "\n")
+    append_row(log, row)
     print(json.dumps(row), flush=True)
 
 
@@ -82,7 +76,7 @@ def table(args, log: Path) -> dict[tuple, dict]:
                 for s, acc in r.get("seed_tests", {}).items():
                     rows.setdefault((task, r["method"], r["lr"], int(s)),
                                     {**r, "seed": int(s), "test": acc, "val": None if s != "0" else r["val"]})
-    for r in _rows(log):
+    for r in read_rows(log):
         if r.get("kind") == "grid" and r["task"] in args.tasks and r["lr"] in args.lrs:
             rows[(r["task"], r["method"], r["lr"], r["seed"])] = r
     return rows
@@ -122,13 +116,13 @@ def _cfg(args, task: str, **kw) -> TrainConfig:
 
 
 def run(args, log: Path) -> None:
-    if args.main_job and not any(r.get("kind") == "main-job" for r in _rows(log)):
+    if args.main_job and not any(r.get("kind") == "main-job" for r in read_rows(log)):
         r = train(_cfg(args, args.main_task), progress=False)
         _append(log, {"kind": "main-job", "task": args.main_task, "config": "library defaults (TAFT-1, probe head)",
                       "before_training_s": round(r.cache_s, 1), "train_s": round(r.train_s, 1),
                       "total_s": round(r.total_s, 1), "val": r.val_acc, "test": r.test_acc,
                       "load_1min": round(os.getloadavg()[0], 2), "device": _device(),
-                      "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")})
+                      "date": utc_now()})
     caches: dict[str, dict] = {}
     while points := todo(args, table(args, log)):
         task, method, lr, seed = points[0]
@@ -137,12 +131,12 @@ def run(args, log: Path) -> None:
                       "val": r.val_acc, "test": r.test_acc, "train_s": round(r.train_s, 1),
                       "total_s": round(r.total_s, 1), "load_1min": round(os.getloadavg()[0], 2),
                       "source": "single_defaults", "device": _device(),
-                      "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")})
+                      "date": utc_now()})
 
 
 def report(args, log: Path) -> str:
     rows = table(args, log)
-    own = [r for r in _rows(log) if r.get("kind") == "grid"]
+    own = [r for r in read_rows(log) if r.get("kind") == "grid"]
     pct = lambda x: "—" if x is None else f"{100 * x:.2f}"  # noqa: E731
     meta = own[-1] if own else {}
     lines = [f"# TAFT-1 and NLFT-1 defaults: the same learning-rate grid, chosen on validation ({meta.get('device')})",
@@ -209,7 +203,7 @@ def report(args, log: Path) -> str:
             else "—"
         lr = f"{d['chosen_lr']:g}" if d["chosen_lr"] is not None else "—"
         lines.append(f"| {METHODS[m]} | {lr} | " + " | ".join(cells) + f" | {avg} |")
-    main = [r for r in _rows(log) if r.get("kind") == "main-job"]
+    main = [r for r in read_rows(log) if r.get("kind") == "main-job"]
     if main:
         r = main[-1]
         out["main_job"] = r

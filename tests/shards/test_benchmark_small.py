@@ -86,13 +86,21 @@ def test_shard_head_benchmark_small(tmp_path):
     res = json.loads((tmp_path / "shard_head.json").read_text())
     rows = res["rows"]
     assert {(r["K"], r["head"], r["method"], r["lr"]) for r in rows} == {
-        (k, h, m, lr) for k in (2, 6) for h in ("zero-shot", "val-probe", "ce") for m in ("taft", "nlft")
-        for lr in (1e-3, 1e-2)} and len(rows) == 24
+        (k, h, m, lr) for k in (2, 6) for h in ("zero-shot", "val-probe", "ce", "rsl-m5", "last2")
+        for m in ("taft", "nlft") for lr in (1e-3, 1e-2)} and len(rows) == 40
     assert all(r["probe_examples"] > 0 and r["val_b_examples"] > 0 for r in rows)
+    assert {r["head"] for r in rows if r["scope"] == "last:2"} == {"last2"}
     for cell in res["summary"]:
         for name, method, rule in (("TAFT (composed)", "taft", "composed"), ("SISA (vote)", "nlft", "vote")):
             mine = [r["val_b"][rule] for r in rows if (r["K"], r["head"], r["method"]) == (cell["K"], cell["head"],
                                                                                              method)]
             assert cell[name] == max(mine), (cell, name)
+    log = tmp_path / "shard_head" / "rows.jsonl"
+    kept = log.read_text().splitlines()
+    log.write_text("\n".join(kept[:-1]) + "\n" + kept[-1][:20])  # a writer killed mid-row: that row trains again
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-    assert again.returncode == 0 and len((tmp_path / "shard_head" / "rows.jsonl").read_text().splitlines()) == 24
+    assert again.returncode == 0, again.stderr[-3000:]
+    def key(lines):
+        return [tuple(json.loads(line)[n] for n in ("K", "head", "method", "lr")) for line in lines]
+
+    assert key(log.read_text().splitlines()) == key(kept)  # the cut row trained again, nothing else
