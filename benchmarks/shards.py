@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from taft.config import TrainConfig
+from taft.config import TrainConfig, store_config
 from taft.data.shards import shard_jobs
 from taft.delta import weighted_average
 from taft.shards.training import ShardTrainer, accuracy, vote_counts
@@ -174,7 +174,8 @@ def run_task(task: str, args) -> dict:
 
 def _details(t: Task | None, cfg: TrainConfig, task: str, taft: ShardTrainer | None, kmax: int, args) -> dict:
     key = f"forget_min_steps_{cfg.min_steps}" if cfg.min_steps else "forget"
-    out = {key: {**_forget_time(cfg, task, kmax, args), "epochs": cfg.epochs, "min_steps": cfg.min_steps}}
+    out = {key: {**_forget_time(cfg, task, kmax, args), "epochs": cfg.epochs, "min_steps": cfg.min_steps,
+                 "lr": cfg.lr}}
     if args.forget_only:
         return out
     out["timing"] = {**_timing(t, taft, kmax, args), "epochs": cfg.epochs}
@@ -190,9 +191,10 @@ def run_details(task: str, args) -> dict:
     done = args.out / "shards" / f"{task}.json"
     partial = args.out / "shards" / f"{task}.partial.json"
     out = json.loads((done if done.is_file() else partial).read_text())
-    cfg = TrainConfig(model=args.model, data=task, data_root=args.data_root, head_init=args.head_init,
-                      test_file=args.test_file, epochs=args.epochs, max_train=args.max_train, seed=0,
-                      threads=args.threads, min_steps=args.min_steps)
+    # the store's own defaults (taft shards train: lr 3e-3 for TAFT) for every option the command does not set
+    cfg = store_config(model=args.model, data=task, data_root=args.data_root, head_init=args.head_init,
+                       test_file=args.test_file, epochs=args.epochs, max_train=args.max_train, seed=0,
+                       threads=args.threads, min_steps=args.min_steps)
     t = None if args.forget_only else Task(cfg)
     out.update(_details(t, cfg, task, t.trainer("taft") if t else None, max(args.ks), args))
     return out
@@ -409,6 +411,7 @@ def _detail_lines(r: dict) -> list[str]:
 def _forget_lines(f: dict) -> list[str]:
     after = f["test_after_forget"]
     budget = f"min_steps {f['min_steps']}" if f.get("min_steps") else f"{f.get('epochs')} epochs"
+    budget += f", lr {f['lr']:g}" if "lr" in f else ""
     if "forget_session_median_s" in f:
         ph = f["session_phases_s"][0]
         forget = [

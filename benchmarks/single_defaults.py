@@ -3,7 +3,7 @@
     python benchmarks/single_defaults.py --threads 1          # → results/single_defaults.{json,md}
     python benchmarks/single_defaults.py --report             # the report from the rows written so far
 
-Both methods get the same learning-rate grid (default {3e-4, 1e-3, 3e-3}; everything else at the library defaults:
+Both methods get the same learning-rate grid (default {1e-4, 3e-4, 1e-3, 3e-3}; everything else at the library defaults:
 last block, probe head, 5 epochs, seed 0) on every visible task (MR, SST-2, SST-5, SUBJ, TREC). A method's
 default is the rate with the best **validation** accuracy averaged over the tasks (ties: the smaller rate).
 
@@ -222,7 +222,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tasks", default="trec,sst2,subj,sst5,mr")
     ap.add_argument("--methods", default="taft,nlft")
-    ap.add_argument("--lrs", default="3e-4,1e-3,3e-3")
+    ap.add_argument("--lrs", default="1e-4,3e-4,1e-3,3e-3")
     ap.add_argument("--seeds", default="0,1,2", help="seeds the chosen defaults are scored on")
     ap.add_argument("--data-root", default=None)
     ap.add_argument("--threads", type=int, default=None)

@@ -9,6 +9,7 @@ import warnings
 import typer
 from typer._click import exceptions as click_exc
 
+from taft.config import STORE_DEFAULTS, STORE_METHOD_DEFAULTS
 from taft.console import console
 from taft.errors import TaftError
 
@@ -195,12 +196,6 @@ shards_app = typer.Typer(no_args_is_help=True, help="Shard stores: train shards,
 app.add_typer(shards_app, name="shards")
 
 
-# A store's own defaults: a data-independent head (removal), and a step budget that does not shrink with the
-# shards (chosen on validation: benchmarks/results/shard_budget.md; --min-steps 1 turns it off). A TAFT store's
-# learning rate, chosen on validation over TREC, SST-2 and MR at K = 10 and 50 (benchmarks/results/shard_defaults.md:
-# 3e-3 above 1e-3 in 5 of 6 cells, level in the sixth); other methods keep their own default.
-SHARD_DEFAULTS = {"head_init": "zero-shot", "min_steps": 100}
-SHARD_METHOD_DEFAULTS = {"taft": {"lr": 3e-3}}
 
 
 def _option(name: str, annotation, default, help: str):
@@ -237,7 +232,7 @@ def _run_shards_train(cfg, store, shards, backend, ray_address, chunk, weights) 
 _config_command("train", __import__("taft.config", fromlist=["TrainConfig"]).TrainConfig, _run_shards_train,
                 "Split the training set into K disjoint shards, train one tangent model per shard from the same w0, "
                 "and compose them (resumes an interrupted store).", extra=_shards_train_options(), on=shards_app,
-                defaults=SHARD_DEFAULTS, method_defaults=SHARD_METHOD_DEFAULTS)
+                defaults=STORE_DEFAULTS, method_defaults=STORE_METHOD_DEFAULTS)
 
 
 def _shards_search_options() -> list:
@@ -270,7 +265,7 @@ def _run_shards_search(cfg, shards, grid, select, store, output, chunk) -> None:
 _config_command("search", __import__("taft.config", fromlist=["TrainConfig"]).TrainConfig, _run_shards_search,
                 "Choose a store's training setting on validation (the same grid for every method): the composed "
                 "model's or the vote's accuracy; optionally train the store with it.", extra=_shards_search_options(),
-                on=shards_app, defaults=SHARD_DEFAULTS, method_defaults=SHARD_METHOD_DEFAULTS)
+                on=shards_app, defaults=STORE_DEFAULTS, method_defaults=STORE_METHOD_DEFAULTS)
 
 
 @shards_app.command("compose")

@@ -432,3 +432,23 @@ class TrainConfig:
         if self.dtype != "float32":
             raise ConfigError(f"dp_epsilon: private training runs in float32 (the per-example gradients and their "
                               f"clipping are not checked in {self.dtype}); drop --dtype {self.dtype}")
+
+
+# A shard store's own defaults (`taft shards train`, `taft shards search`, :func:`store_config`): a data-independent
+# head (w0 must hold nothing a forget removes), and a step budget that does not shrink with the shards (chosen on
+# validation: benchmarks/results/shard_budget.md; min_steps 1 turns it off). A TAFT store's learning rate, chosen on
+# validation over TREC, SST-2 and MR at K = 10 and 50 (benchmarks/results/shard_defaults.md: 3e-3 above 1e-3 in 5 of
+# 6 cells, level in the sixth, above 1e-2 on average); other methods keep their own default.
+STORE_DEFAULTS: dict[str, Any] = {"head_init": "zero-shot", "min_steps": 100}
+STORE_METHOD_DEFAULTS: dict[str, dict[str, Any]] = {"taft": {"lr": 3e-3}}
+
+
+def store_config(**options: Any) -> TrainConfig:
+    """A :class:`TrainConfig` for a shard store: the options given, and for every other the store's default (what
+    ``taft shards train`` uses), else the library's.
+
+    >>> store_config(data="trec").lr, store_config(data="trec", lr=1e-3).lr, store_config(method="nlft").lr
+    (0.003, 0.001, 0.001)
+    """
+    method = options.get("method", TrainConfig.method)
+    return TrainConfig(**{**STORE_DEFAULTS, **STORE_METHOD_DEFAULTS.get(method, {}), **options})

@@ -11,7 +11,7 @@ import torch
 
 import taft.train.text as text_pipeline
 from taft.cli import main
-from taft.config import ConfigError
+from taft.config import ConfigError, TrainConfig, store_config
 from taft.shards import ShardStore
 from taft.shards.search import DEFAULT_STORE_GRID, search_store
 
@@ -98,6 +98,14 @@ def test_cli_store_default_lr_is_the_validation_choice_for_taft_only(data, tmp_p
         with ShardStore(tmp_path / name) as st:
             lrs[name] = st.get_meta("config")["lr"]
     assert lrs == {"default": 3e-3, "typed": 1e-3, "file": 0.01, "nlft": 1e-3}  # nlft: the library default
+    # the Python API's store_config gives the CLI's store, option for option
+    with ShardStore(tmp_path / "default") as st:
+        stored = st.get_meta("config")
+    api = dataclasses.asdict(store_config(model="tiny-bert", data=str(d), test_file=str(t), head_init="random",
+                                          epochs=1, batch_size=16, threads=1, min_steps=1))
+    assert {k: stored[k] for k in api} == api
+    assert (store_config().lr, store_config().min_steps, store_config().head_init) == (3e-3, 100, "zero-shot")
+    assert store_config(method="nlft").lr == TrainConfig(method="nlft").lr
     from typer.testing import CliRunner
 
     from taft.cli import app

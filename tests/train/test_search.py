@@ -110,15 +110,17 @@ def test_default_grids_give_every_method_the_same_budget():
 
 def test_single_model_defaults_are_the_validation_choice_of_the_committed_benchmark():
     """TAFT-1's and NLFT-1's default lr are what benchmarks/single_defaults.py chose on validation (the same grid
-    for both, best mean over the five tasks), and lie inside the default search grid."""
+    for both, best mean over the five tasks), inside that grid (not at its edge), which is the default search grid."""
     res = json.loads((Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "single_defaults.json")
                      .read_text())
+    assert sorted(res["grid"]) == DEFAULT_GRIDS["taft"]["lr"]
     for method in ("taft", "nlft"):
         chosen = res["methods"][method]["chosen_lr"]
         means = res["methods"][method]["mean_val"]
         assert chosen == max(sorted(map(float, means)), key=lambda lr: (means[str(lr)], -lr)), method
         assert TrainConfig(method=method).lr == chosen, method
         assert chosen in DEFAULT_GRIDS[method]["lr"], method
+        assert min(res["grid"]) < chosen < max(res["grid"]), method  # a default at the grid's edge: widen the grid
 
 
 def test_cli_search_and_its_errors(tmp_path, capsys):

@@ -1,10 +1,11 @@
 """Shard-parallel training, composition and exact unlearning over a crash-safe shard store.
 
->>> from taft.shards import train_store, compose, forget, verify   # doctest: +SKIP
->>> train_store(cfg, "store/", 10, backend="batched")            # doctest: +SKIP
+>>> from taft.shards import store_config, train_store, compose, forget, verify   # doctest: +SKIP
+>>> train_store(store_config(data="trec"), "store/", 10, backend="batched")   # doctest: +SKIP
 >>> forget("store/", ["3f2a…"], retrain=True)                      # doctest: +SKIP
 """
 
+from taft.config import store_config
 from taft.shards.composition import compose
 from taft.shards.create import train_store
 from taft.shards.removal import forget
@@ -15,4 +16,4 @@ from taft.shards.training import ShardTrainer
 from taft.shards.verification import verify
 
 __all__ = ["ShardSession", "ShardStore", "ShardTrainer", "StoreError", "compose", "evaluate_store", "forget", "status",
-           "train_store", "verify"]
+           "store_config", "train_store", "verify"]
