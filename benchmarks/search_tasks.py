@@ -106,8 +106,10 @@ def report(tasks: list[str]) -> str:
                 continue
             means.append(r["test_mean"])
             cells.append(f"{100 * r['test_mean']:.2f} ± {100 * r['test_std']:.2f}")
-        grid = "; ".join(f"{k} ∈ {{{', '.join(map(str, v))}}}" for k, v in DEFAULT_GRIDS.get(m, {}).items()) \
-            if m in DEFAULT_GRIDS else "—"
+        # the grid each task's run searched (its results file), which need not be today's DEFAULT_GRIDS
+        grids = {json.dumps(per[t]["methods"][m].get("grid"), sort_keys=True) for t in tasks if m in per[t]["methods"]}
+        grid = "; ".join("; ".join(f"{k} ∈ {{{', '.join(map(str, v))}}}" for k, v in json.loads(g).items())
+                         for g in sorted(grids) if g != "null") or "—"
         avg = f"{100 * statistics.fmean(means):.2f}" if len(means) == len(tasks) else "—"
         lines.append(f"| {LABELS.get(m, m)} | {grid} | " + " | ".join(cells) + f" | {avg} |")
     lines += ["", "Chosen settings (by validation accuracy at the selection seed):", "",

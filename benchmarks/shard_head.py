@@ -82,16 +82,17 @@ def run(args, log: Path, command: str) -> None:
         base = ShardTrainer.from_config(cfg)
         a, b = halves(base, args.split_seed)
         trainers = {}
-        for h in args.heads:  # a variant that changes the scope starts the frozen prefix elsewhere: its own features
+        for h in dict.fromkeys(h for _, _, h, _ in todo):  # a variant with a scope of its own: its own features
             scope = VARIANTS[h].get("scope")
             own = base if scope is None else ShardTrainer.from_config(dataclasses.replace(cfg, scope=scope))
             trainers[h] = with_head(own, h, a, b)
         for k, method, head, lr in todo:
             jobs = shard_jobs(list(base.features.ids), k, cfg.seed)[: args.proxy_shards]
             scfg = dataclasses.replace(cfg, method=method, lr=lr, **VARIANTS[head])
+            assert trainers[head].cfg.scope == scfg.scope, (head, trainers[head].cfg.scope)  # features of that scope
             _, secs, val = train_and_validate(trainers[head], scfg, jobs)
             row = {"task": name, "K": k, "shards_trained": len(jobs), "method": method, "head": head, "lr": lr,
-                   "scope": scfg.scope, "val_b": val, "val_b_examples": len(b), "probe_examples": len(a),
+                   "scope": trainers[head].cfg.scope, "val_b": val, "val_b_examples": len(b), "probe_examples": len(a),
                    "train_s": round(secs, 1), "device": _device(), "command": command,
                    "date": utc_now()}
             append_row(log, row)
@@ -167,6 +168,9 @@ def main() -> None:
         args.heads = ",".join(VARIANTS)
     for name in ("tasks", "methods", "heads"):
         setattr(args, name, getattr(args, name).split(","))
+    unknown = [h for h in args.heads if h not in VARIANTS] + [m for m in args.methods if m not in RULES]
+    if unknown:
+        p.error(f"unknown variant or method {unknown}; variants: {', '.join(VARIANTS)}; methods: {', '.join(RULES)}")
     args.ks = [int(k) for k in args.ks.split(",")]
     args.lrs = [float(x) for x in args.lrs.split(",")]
     log = args.out / "shard_head" / "rows.jsonl"

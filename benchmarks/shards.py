@@ -53,29 +53,54 @@ def _device() -> str:
     return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
-def read_rows(path: Path) -> list[dict]:
-    """The rows of a resumable JSONL log (one JSON object a line), in order; a last line cut short by a killed
-    writer is skipped (that row is trained again), any other bad line is an error."""
-    if not path.is_file():
-        return []
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
+def _parse_rows(path: Path, data: bytes) -> tuple[list[dict], int]:
+    """The rows of a JSONL log's bytes and the length of its whole part. Only a last line without its newline can
+    be a row cut short by a killed writer (it is dropped, that row runs again); a bad line that ends in a newline
+    is damage, not an interruption: an error naming the file and line."""
+    lines = data.split(b"\n")
+    whole, tail = lines[:-1], lines[-1]  # tail: what follows the last newline (b"" when the file ends in one)
     rows = []
-    for n, line in enumerate(lines):
+    for n, line in enumerate(whole, 1):
+        if not line.strip():
+            continue
         try:
             rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise SystemExit(f"benchmarks: error: {path}, line {n} is not a JSON row ({e}); move the file aside or "
+                             f"delete that line, then rerun (finished rows are kept)") from None
+    end = len(data) - len(tail)
+    if tail.strip():
+        try:
+            rows.append(json.loads(tail))
+            end = len(data)  # a whole row whose newline was not written yet
         except json.JSONDecodeError:
-            if n < len(lines) - 1:
-                raise
-    return rows
+            pass  # cut short: dropped
+    return rows, end
+
+
+def read_rows(path: Path) -> list[dict]:
+    """The rows of a resumable JSONL log (one JSON object a line), in order; see :func:`_parse_rows`."""
+    return _parse_rows(path, path.read_bytes())[0] if path.is_file() else []
 
 
 def append_row(path: Path, row: dict) -> None:
-    """Append one row to a resumable JSONL log; a last line cut short by a killed writer is cut off first."""
+    """Append one row to a resumable JSONL log, under an exclusive lock (runs of several tasks may share a log); a
+    last line cut short by a killed writer is cut off first, a whole last row missing its newline gets it."""
+    import fcntl
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    if path.is_file() and (data := path.read_bytes()) and not data.endswith(b"\n"):
-        os.truncate(path, data.rfind(b"\n") + 1)
-    with path.open("a") as f:
-        f.write(json.dumps(row) + "\n")
+    with path.open("a+b") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        f.seek(0)
+        data = f.read()
+        _, end = _parse_rows(path, data)
+        if end < len(data):
+            f.truncate(end)
+        elif data and not data.endswith(b"\n"):
+            f.write(b"\n")
+        f.write(json.dumps(row).encode() + b"\n")
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def utc_now() -> str:
@@ -102,8 +127,10 @@ def train_and_validate(base: ShardTrainer, cfg: TrainConfig, jobs) -> tuple[list
 class Task:
     """One task's shared state: w0, the train/val/test features (computed once), and a trainer per method."""
 
-    def __init__(self, cfg: TrainConfig):
-        self.cfg = cfg
+    def __init__(self, cfg: TrainConfig, defaults=TrainConfig):
+        # ``defaults(method=m)``: the configuration whose lr method m trains with unless a condition sets one
+        # (TrainConfig: the library's defaults; store_config: a store's), so NLFT never inherits TAFT's rate
+        self.cfg, self.defaults = cfg, defaults
         t0 = time.perf_counter()
         self.base = ShardTrainer.from_config(cfg)
         test = self.base.prep.splits.test
@@ -113,7 +140,7 @@ class Task:
         self.ids = list(self.base.features.ids)
 
     def trainer(self, method: str, **changes) -> ShardTrainer:
-        cfg = dataclasses.replace(self.cfg, method=method, **changes)
+        cfg = dataclasses.replace(self.cfg, method=method, **{"lr": self.defaults(method=method).lr, **changes})
         if changes.get("reinit") or changes.get("scope"):  # another w0 or another start stage: its own features
             tr = ShardTrainer.from_config(cfg)
         else:
@@ -195,7 +222,7 @@ def run_details(task: str, args) -> dict:
     cfg = store_config(model=args.model, data=task, data_root=args.data_root, head_init=args.head_init,
                        test_file=args.test_file, epochs=args.epochs, max_train=args.max_train, seed=0,
                        threads=args.threads, min_steps=args.min_steps)
-    t = None if args.forget_only else Task(cfg)
+    t = None if args.forget_only else Task(cfg, defaults=store_config)
     out.update(_details(t, cfg, task, t.trainer("taft") if t else None, max(args.ks), args))
     return out
 
@@ -327,7 +354,7 @@ def _timing(t: Task, taft: ShardTrainer, k: int, args) -> dict:
 
 
 CONDITIONS = {"ptf": ("PT=F (re-initialized block)", {"reinit": True}),
-              "lr": ("learning rate ×10 (1e-2)", {"lr": 1e-2}),
+              "lr": ("learning rate 1e-2", {"lr": 1e-2}),
               "last2": ("two blocks (last:2)", {"scope": "last:2"})}
 
 

@@ -43,6 +43,9 @@ from taft.shards.report import shard_logits
 from taft.shards.training import accuracy, vote_counts
 from taft.train.rundir import write_json
 
+sys.path.insert(0, str(Path(__file__).parent))
+from shards import append_row, read_rows  # noqa: E402
+
 RESULTS = Path(__file__).parent / "results"
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "sentence-tasks"
 METHODS = {"taft": "TAFT (composed)", "nlft": "Model Soup"}
@@ -109,7 +112,7 @@ def run_task(args, task: str) -> None:
     out = Path(args.out) / "shards_grow"
     out.mkdir(parents=True, exist_ok=True)
     log = out / f"{task}.jsonl"
-    done = {(r["method"], r["chunk"]) for r in map(json.loads, log.read_text().splitlines())} if log.exists() else set()
+    done = {(r["method"], r["chunk"]) for r in read_rows(log)}
     base, chunks, data_dir = prepare(args, task, work)
     for c in range(1, len(chunks) + 1):
         for method in ("taft", "nlft", "retrain"):
@@ -146,8 +149,7 @@ def run_task(args, task: str) -> None:
 
                 row["verify_ok"] = verify(store)["ok"]
             print(json.dumps(row), flush=True)
-            with open(log, "a") as f:
-                f.write(json.dumps(row) + "\n")
+            append_row(log, row)
 
 
 def report(args, tasks: list[str]) -> None:
@@ -155,7 +157,7 @@ def report(args, tasks: list[str]) -> None:
     suffix = "-small" if args.small else ""
     summary, md = {}, []
     for task in tasks:
-        rows = [json.loads(line) for line in (out / "shards_grow" / f"{task}.jsonl").read_text().splitlines()]
+        rows = read_rows(out / "shards_grow" / f"{task}.jsonl")
         by = {(r["method"], r["chunk"]): r for r in rows}
         chunks = sorted({r["chunk"] for r in rows})
         table = {"chunks": chunks,

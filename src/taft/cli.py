@@ -196,8 +196,6 @@ shards_app = typer.Typer(no_args_is_help=True, help="Shard stores: train shards,
 app.add_typer(shards_app, name="shards")
 
 
-
-
 def _option(name: str, annotation, default, help: str):
     """One extra keyword option of a config command (``_config_command(extra=...)``)."""
     import inspect

@@ -445,10 +445,12 @@ STORE_METHOD_DEFAULTS: dict[str, dict[str, Any]] = {"taft": {"lr": 3e-3}}
 
 def store_config(**options: Any) -> TrainConfig:
     """A :class:`TrainConfig` for a shard store: the options given, and for every other the store's default (what
-    ``taft shards train`` uses), else the library's.
+    ``taft shards train`` uses), else the library's. An option given as None counts as not given, as an untyped
+    flag does (``min_steps=1`` turns the step budget off).
 
     >>> store_config(data="trec").lr, store_config(data="trec", lr=1e-3).lr, store_config(method="nlft").lr
     (0.003, 0.001, 0.001)
     """
-    method = options.get("method", TrainConfig.method)
-    return TrainConfig(**{**STORE_DEFAULTS, **STORE_METHOD_DEFAULTS.get(method, {}), **options})
+    given = {k: v for k, v in options.items() if v is not None}
+    method = given.get("method", TrainConfig.method)
+    return TrainConfig(**{**STORE_DEFAULTS, **STORE_METHOD_DEFAULTS.get(method, {}), **given})

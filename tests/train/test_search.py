@@ -106,6 +106,8 @@ def test_default_grids_give_every_method_the_same_budget():
     sizes = {m: len(grid_points(g)) for m, g in DEFAULT_GRIDS.items()}
     assert len(set(sizes.values())) == 1, sizes
     assert DEFAULT_GRIDS["taft"] == DEFAULT_GRIDS["nlft"]  # the headline comparison: the very same grid
+    for method, grid in DEFAULT_GRIDS.items():  # every method's default lies strictly inside its grid
+        assert min(grid["lr"]) < TrainConfig(method=method).lr < max(grid["lr"]), method
 
 
 def test_single_model_defaults_are_the_validation_choice_of_the_committed_benchmark():
