@@ -215,8 +215,9 @@ def _details(t: Task | None, cfg: TrainConfig, task: str, taft: ShardTrainer | N
 def run_details(task: str, args) -> dict:
     """Only the forget / timing / conditions parts (``--detail-only``, e.g. with fewer ``--epochs``), merged into
     the task's existing result file."""
-    done = args.out / "shards" / f"{task}.json"
-    partial = args.out / "shards" / f"{task}.partial.json"
+    name = Path(task).stem  # (--small: task is a generated file)
+    done = args.out / "shards" / f"{name}.json"
+    partial = args.out / "shards" / f"{name}.partial.json"
     out = json.loads((done if done.is_file() else partial).read_text())
     # the store's own defaults (taft shards train: lr 3e-3 for TAFT) for every option the command does not set
     cfg = store_config(model=args.model, data=task, data_root=args.data_root, head_init=args.head_init,

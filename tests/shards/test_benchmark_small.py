@@ -27,6 +27,15 @@ def test_shards_benchmark_small(tmp_path):
     assert set(f["load_1min"]) == {"build", "session", "scratch", "store"}
     assert task["timing"]["batched_s"] > 0 and set(task["conditions"]) and task["drop_curve"]["dropped"][0] == 0
     assert (tmp_path / "shards-small.png").stat().st_size > 0 and (tmp_path / "shards-small.md").is_file()
+    # the forget timing alone, at a store's defaults (store_config: TAFT lr 3e-3), merged into the same file
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "shards.py"), "--small", "--out", str(tmp_path),
+                           "--detail-only", "--forget-only", "--timing-repeats", "1", "--min-steps", "4"],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    task = json.loads((tmp_path / "shards" / "d.json").read_text())
+    assert task["forget"] == f  # kept
+    assert task["forget_min_steps_4"]["lr"] == 3e-3 and task["forget_min_steps_4"]["verify_ok"]
+    assert "shards trained with min_steps 4, lr 0.003" in (tmp_path / "shards-small.md").read_text()
 
 
 def test_tuned_shards_benchmark_small(tmp_path):
