@@ -1,8 +1,8 @@
 """Composed TAFT vs Model Soup vs SISA under equal tuning: the same grid for every method, chosen on validation, at
 every K, 3 seeds.
 
-    python benchmarks/shards_tuned.py --tasks trec,sst2 --regimes pt-t,large-lr   # resumable (one JSONL per task)
-    python benchmarks/shards_tuned.py --report --tasks trec,sst2                  # markdown + JSON + plot
+    python benchmarks/shards_tuned.py --regimes pt-t,large-lr      # TREC, SST-2, MR; resumable (one JSONL per task)
+    python benchmarks/shards_tuned.py --report                     # markdown + JSON + plot
     python benchmarks/shards_tuned.py --small                                     # tiny random model (CI smoke test)
 
 Protocol, per task, regime and K (every shard from one w0, MiniLM's last block + head, the store's seeded split):
@@ -87,7 +87,7 @@ def _scores(tr: ShardTrainer, models, sizes, split: str) -> dict[str, float]:
 
 def run_group(bench: Bench, regime: str, k: int, method: str, seeds: list[int], done: set, log: Path) -> None:
     """Seed 0: the grid, selection on validation, test of the chosen points; then the chosen points at the other
-    seeds. One JSONL line per finished step (resumable)."""
+    seeds (``seeds[:1]``: only the first part). One JSONL line per finished step (resumable)."""
     _, _, lrs = REGIMES[regime]
     key0 = (regime, k, method, "select")
     rules = {r: rule for r, (m, rule) in RULES.items() if m == method}
@@ -171,9 +171,10 @@ def run_task(task: str, args) -> None:
     _write_meta(log, args)  # now and at the end: an interrupted run's rows still name their command
     bench = Bench(args, task)
     for regime in args.regimes:
-        for k in args.ks:
-            for method in ("taft", "nlft"):
-                run_group(bench, regime, k, method, args.seeds, done, log)
+        for k in args.ks:  # every method's seed-0 selection before any method's further seeds
+            for seeds in (args.seeds[:1], args.seeds):
+                for method in ("taft", "nlft"):
+                    run_group(bench, regime, k, method, seeds, done, log)
     _write_meta(log, args)
 
 
@@ -268,7 +269,7 @@ def _plot(per: dict, path: Path) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--tasks", default="trec,sst2")
+    p.add_argument("--tasks", default="trec,sst2,mr")
     p.add_argument("--regimes", default="pt-t,large-lr")
     p.add_argument("--ks", default="1,10,25,50")
     p.add_argument("--seeds", default="0,1,2")
