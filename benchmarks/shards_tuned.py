@@ -227,8 +227,8 @@ def report(tasks: list[str], out_dir: Path, stem: str, seeds: list[int]) -> None
             for name in RULES:
                 cells = [by_k[k].get(name) for k in ks]
                 lines.append(f"| {name} | " + " | ".join(
-                    f"{100 * c['mean']:.1f} ± {100 * c['std']:.1f}" + (f" (n={len(c['test'])})"
-                                                                       if len(c["test"]) != len(seeds) else "")
+                    f"{100 * c['mean']:.1f}" + (f" ± {100 * c['std']:.1f}" if len(c["test"]) > 1 else "")
+                    + (f" (n={len(c['test'])})" if len(c["test"]) != len(seeds) else "")
                     if c else "—" for c in cells) + " |")
             lines.append("| chosen lr (TAFT / Soup / SISA) | " + " | ".join(
                 " / ".join(f"{by_k[k][n]['lr']:g}" if n in by_k[k] else "—"
